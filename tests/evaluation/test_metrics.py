@@ -1,0 +1,165 @@
+"""Metrics against scikit-learn on random data, bootstrap behaviour, hybrid and ensemble by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mammogmic.evaluation import metrics as m
+
+sk_metrics = pytest.importorskip("sklearn.metrics")
+
+
+def _random_case(rng: np.random.Generator, n: int, ties: bool) -> tuple[np.ndarray, np.ndarray]:
+    while True:
+        y = rng.integers(0, 2, n)
+        if 0 < y.sum() < n:
+            break
+    s = rng.random(n) + 0.4 * y
+    if ties:
+        s = np.round(s, 1)
+    return y, s
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_areas_equal_sklearn(ties: bool) -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        y, s = _random_case(rng, int(rng.integers(2, 200)), ties)
+        precision, recall, _ = sk_metrics.precision_recall_curve(y, s)
+        assert m.auroc(y, s) == pytest.approx(sk_metrics.roc_auc_score(y, s), abs=1e-12)
+        assert m.auprc(y, s) == pytest.approx(sk_metrics.auc(recall, precision), abs=1e-12)
+        assert m.average_precision(y, s) == pytest.approx(sk_metrics.average_precision_score(y, s), abs=1e-12)
+
+
+def test_curves_equal_sklearn() -> None:
+    rng = np.random.default_rng(1)
+    y, s = _random_case(rng, 300, ties=True)
+    fpr, tpr, _ = m.roc_curve(y, s)
+    sk_fpr, sk_tpr, _ = sk_metrics.roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    recall, precision, _ = m.pr_curve(y, s)
+    sk_p, sk_r, _ = sk_metrics.precision_recall_curve(y, s)
+    np.testing.assert_allclose(recall, sk_r[::-1])
+    np.testing.assert_allclose(precision, sk_p[::-1])
+
+
+def test_hand_made_auroc_with_tie() -> None:
+    # Positives 0.9 and 0.5, negatives 0.5 and 0.1: pairs won 1 + 1 + 0.5 (tie) + 1 of 4.
+    assert m.auroc([1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1]) == pytest.approx(3.5 / 4)
+
+
+def test_single_class_gives_nan() -> None:
+    assert np.isnan(m.auroc([1, 1, 1], [0.1, 0.2, 0.3]))
+    res = m.bootstrap_metric([0] * 10, np.linspace(0, 1, 10))
+    assert np.isnan(res.ci["auroc"][0])
+
+
+def test_bad_labels_rejected() -> None:
+    with pytest.raises(ValueError, match="0 or 1"):
+        m.auroc([0, 2, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="differ in length"):
+        m.auroc([0, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="NaN"):
+        m.auroc([0, 1], [0.1, np.nan])
+
+
+def test_bootstrap_ci_contains_estimate_and_shrinks_with_n() -> None:
+    rng = np.random.default_rng(2)
+    widths = []
+    for n in (100, 2500):
+        y, s = _random_case(rng, n, ties=False)
+        res = m.bootstrap_metric(y, s, n_resamples=500, seed=3)
+        for key in m.METRICS:
+            low, high = res.ci[key]
+            assert low <= res.estimate[key] <= high
+        widths.append(res.ci["auroc"][1] - res.ci["auroc"][0])
+    assert widths[1] < widths[0] / 2  # width ~ 1/sqrt(n): 25x the rows → about 1/5 the width
+
+
+def test_bootstrap_matches_explicit_resampling() -> None:
+    rng = np.random.default_rng(4)
+    y, s = _random_case(rng, 40, ties=True)
+    res = m.bootstrap_metric(y, s, n_resamples=300, seed=11)
+    # Rebuild the same resamples with the same generator stream and score them with scikit-learn.
+    gen = np.random.default_rng(11)
+    idx = gen.integers(0, y.size, size=(300, y.size))
+    values = [sk_metrics.roc_auc_score(y[i], s[i]) for i in idx if 0 < y[i].sum() < y.size]
+    values = np.sort(values)
+    assert res.n_valid == len(values)
+    n = len(values)
+    assert res.ci["auroc"] == pytest.approx((values[int(0.025 * n)], values[int(0.975 * n)]))
+
+
+def test_bootstrap_skips_single_class_resamples() -> None:
+    y = np.array([1] + [0] * 9)
+    s = np.linspace(0, 1, 10)
+    res = m.bootstrap_metric(y, s, n_resamples=400, seed=0)
+    # P(no positive drawn) = 0.9^10 ≈ 0.349: about 140 ± 10 of 400 resamples must be skipped.
+    assert 110 < 400 - res.n_valid < 170
+
+
+def test_paired_difference() -> None:
+    rng = np.random.default_rng(5)
+    y, s = _random_case(rng, 400, ties=False)
+    noise = rng.random(400)
+    res = m.paired_auroc_difference(y, s, noise, n_resamples=500, seed=0)
+    assert res.difference == pytest.approx(m.auroc(y, s) - m.auroc(y, noise))
+    assert res.ci[0] <= res.difference <= res.ci[1]
+    assert res.ci[0] > 0 and res.p_value < 0.01
+    same = m.paired_auroc_difference(y, s, s, n_resamples=200, seed=0)
+    assert same.difference == 0 and same.ci == (0.0, 0.0)
+
+
+def test_sensitivity_specificity_by_hand() -> None:
+    rows = m.sensitivity_specificity([1, 1, 0, 0, 0], [0.9, 0.4, 0.6, 0.2, 0.1], [0.5])
+    assert rows[0]["sensitivity"] == pytest.approx(0.5)
+    assert rows[0]["specificity"] == pytest.approx(2 / 3)
+    assert (rows[0]["tp"], rows[0]["fp"], rows[0]["tn"], rows[0]["fn"]) == (1, 1, 2, 1)
+
+
+def test_hybrid_by_hand() -> None:
+    y = np.array([1, 1, 0, 0])
+    reader = np.array([1.0, 0.0, 0.0, 0.0])  # finds one cancer
+    model = np.array([0.2, 0.9, 0.1, 0.3])  # misranks the first cancer below a negative
+    per_reader, mean = m.hybrid_auroc(y, {"r1": reader}, model, lambdas=[0.0, 0.5, 1.0])
+    assert per_reader["r1"][1.0] == pytest.approx(0.75)  # 1 + 1 + 0.5 + 0.5 of 4 pairs
+    assert per_reader["r1"][0.0] == pytest.approx(0.75)  # 0.2 > 0.1 only; 0.9 beats both
+    # hybrid 0.6, 0.45, 0.05, 0.15: both cancers above both negatives.
+    assert per_reader["r1"][0.5] == pytest.approx(1.0)
+    assert mean[0.5] == pytest.approx(1.0)
+    _, mean2 = m.hybrid_auroc(y, {"a": reader, "b": model}, model, lambdas=[1.0])
+    assert mean2[1.0] == pytest.approx(0.75)
+
+
+def test_ensemble_grid_on_simplex() -> None:
+    grid = m.ensemble_weights_grid(3, 0.25)
+    assert grid.shape == (15, 3)  # C(4 + 2, 2)
+    np.testing.assert_allclose(grid.sum(axis=1), 1.0)
+    assert len({tuple(r) for r in grid}) == 15
+    with pytest.raises(ValueError):
+        m.ensemble_weights_grid(2, 0.3)
+
+
+def test_ensemble_weights_by_hand() -> None:
+    y = np.array([1, 1, 0, 0])
+    a = np.array([0.9, 0.1, 0.2, 0.0])  # orders cancer 1 right, cancer 2 wrong
+    b = np.array([0.0, 0.9, 0.1, 0.2])  # the opposite
+    res = m.fit_ensemble_weights(y, {"a": a, "b": b}, y, {"a": a, "b": b}, step=0.5)
+    # Only the equal mix (0.45, 0.5, 0.15, 0.1) separates the classes.
+    assert res.weights == [0.5, 0.5]
+    assert res.val_auroc == pytest.approx(1.0)
+    assert res.test_auroc == pytest.approx(1.0)
+    assert res.member_val_auroc["a"] == pytest.approx(0.75)  # 0.1 loses only to 0.2
+    one = m.fit_ensemble_weights(y, {"a": a, "good": y * 0.8 + 0.1}, step=0.5)
+    assert one.weights[1] >= 0.5 and one.val_auroc == pytest.approx(1.0)
+
+
+def test_column_metrics_dict_keys() -> None:
+    rng = np.random.default_rng(6)
+    y, s = _random_case(rng, 50, ties=False)
+    d = m.column_metrics(y, s, n_resamples=100, thresholds=[0.5]).to_dict()
+    assert {"auroc", "auroc_ci", "auprc", "average_precision", "n", "n_positive"} <= set(d)
+    assert d["n"] == 50 and d["n_positive"] == int(y.sum())
+    assert len(d["auroc_ci"]) == 2 and len(d["operating_points"]) == 1
