@@ -1,0 +1,555 @@
+"""Training configuration: typed, frozen, validated dataclasses loaded from YAML plus ``--set`` overrides.
+
+A :class:`TrainConfig` nests the model's :class:`~mammogmic.GMICConfig`, the loss's
+:class:`~mammogmic.training.loss.LossConfig` and four training sections (``optim``, ``data``, ``schedule``,
+``runtime``). Every invalid value raises :class:`~mammogmic.errors.ConfigError` whose message starts with the
+dotted field name (``optim.lr: must be > 0, got -1``), so a user can find the line in the YAML file.
+
+Layering (highest wins): dataclass defaults < YAML file < ``--set key.sub=value`` overrides. The resolved config
+is written to the run folder (``config.yaml``) and stored in every checkpoint (:meth:`TrainConfig.to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from mammogmic.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "RuntimeConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "list_presets",
+    "load_config",
+    "parse_override",
+    "preset_path",
+]
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+AmpMode = Literal["none", "bf16", "fp16"]
+LabelLevel = Literal["image", "breast"]
+ValMetric = Literal["malignant_auroc", "benign_auroc", "mean_auroc", "val_loss"]
+
+
+def _fail(path: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {message}" if path else message)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    Attributes:
+        name: ``adam`` (the paper) or ``adamw``.
+        lr: learning rate (the paper searched 10^[-5.5, -4]).
+        weight_decay: L2 (adam) or decoupled (adamw) weight decay.
+        betas: Adam betas.
+        eps: Adam epsilon.
+        scheduler: ``constant`` (the paper), ``cosine`` (decays to ``min_lr_ratio * lr`` over all steps) or
+            ``step`` (multiplies by ``gamma`` every ``step_epochs`` epochs).
+        warmup_steps: linear warm-up length in optimizer steps (0 = none).
+        min_lr_ratio: final lr / lr for the cosine schedule.
+        step_epochs: period of the step schedule.
+        gamma: factor of the step schedule.
+        grad_clip: max global gradient norm (``None`` = no clipping).
+    """
+
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    step_epochs: int = 10
+    gamma: float = 0.1
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("lr", self.lr)
+        _check_nonneg("weight_decay", self.weight_decay)
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                raise _fail(f"betas[{i}]", f"must be in [0, 1), got {b}")
+        _check_positive("eps", self.eps)
+        _check_nonneg("warmup_steps", self.warmup_steps)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise _fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check_positive("step_epochs", self.step_epochs)
+        _check_positive("gamma", self.gamma)
+        if self.grad_clip is not None:
+            _check_positive("grad_clip", self.grad_clip)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to train on and how images are fed.
+
+    Attributes:
+        manifest: path of the manifest CSV (relative paths resolve against the config file's folder).
+        out_shape: (height, width) of the network input after the best-center window and resize.
+        label_level: ``image`` (each view carries its own label) or ``breast`` (each view gets its breast's label).
+        balanced_sampling: each epoch uses all positive images plus an equal number of negatives drawn at random
+            (seeded by ``runtime.seed`` and the epoch), as in the paper.
+        positive_class: which label defines "positive" for balanced sampling (``malignant``, ``benign``, ``any``).
+        batch_size: images per optimizer micro-batch (per process under DDP).
+        eval_batch_size: images per evaluation batch.
+        augment: random window/size noise and flips during training.
+        max_crop_noise: maximal random shift (rows, cols) of the window in raw pixels when augmenting.
+        max_crop_size_noise: maximal random change of the window size in raw pixels when augmenting.
+        tta: number of random windows averaged at test time (1 = the deterministic window only).
+        train_split: value of the manifest ``split`` column used for training.
+        val_split: split used for validation / early stopping (empty = no validation).
+        test_split: split evaluated after training with the best checkpoint (empty = none).
+    """
+
+    manifest: str = ""
+    out_shape: tuple[int, int] = (2944, 1920)
+    label_level: LabelLevel = "image"
+    balanced_sampling: bool = False
+    positive_class: Literal["malignant", "benign", "any"] = "malignant"
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    augment: bool = True
+    max_crop_noise: tuple[int, int] = (100, 100)
+    max_crop_size_noise: int = 100
+    tta: int = 1
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+
+    def __post_init__(self) -> None:
+        for i, s in enumerate(self.out_shape):
+            if s < 32:
+                raise _fail(f"out_shape[{i}]", f"must be >= 32 pixels, got {s}")
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("eval_batch_size", self.eval_batch_size)
+        for i, s in enumerate(self.max_crop_noise):
+            _check_nonneg(f"max_crop_noise[{i}]", s)
+        _check_nonneg("max_crop_size_noise", self.max_crop_size_noise)
+        _check_positive("tta", self.tta)
+        if not self.train_split:
+            raise _fail("train_split", "must not be empty")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How long to train and how to pick the best model.
+
+    Attributes:
+        epochs: maximal number of epochs.
+        patience: stop after this many validations without improvement of ``val_metric`` (``None`` = never).
+        val_metric: validation metric used for early stopping and best-checkpoint selection.
+        val_every: validate every this many epochs.
+        max_steps_per_epoch: cap the optimizer steps of an epoch (``None`` = full epoch; handy for smoke runs).
+        checkpoint_every_steps: also write ``last.pt`` every this many optimizer steps (``None`` = per epoch only),
+            so that a killed run resumes mid-epoch.
+        log_every: write a per-step CSV/TensorBoard row every this many optimizer steps.
+        keep_top_k: keep this many best checkpoints (``top_k/``) for ensembling.
+    """
+
+    epochs: int = 40
+    patience: int | None = 10
+    val_metric: ValMetric = "malignant_auroc"
+    val_every: int = 1
+    max_steps_per_epoch: int | None = None
+    checkpoint_every_steps: int | None = None
+    log_every: int = 10
+    keep_top_k: int = 1
+
+    def __post_init__(self) -> None:
+        _check_positive("epochs", self.epochs)
+        if self.patience is not None:
+            _check_positive("patience", self.patience)
+        _check_positive("val_every", self.val_every)
+        if self.max_steps_per_epoch is not None:
+            _check_positive("max_steps_per_epoch", self.max_steps_per_epoch)
+        if self.checkpoint_every_steps is not None:
+            _check_positive("checkpoint_every_steps", self.checkpoint_every_steps)
+        _check_positive("log_every", self.log_every)
+        _check_positive("keep_top_k", self.keep_top_k)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the computation runs. Nothing here changes the model's mathematics (except AMP rounding).
+
+    Attributes:
+        device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        amp: autocast dtype: ``none``, ``bf16`` (GPU, or CPUs that support it) or ``fp16`` (GPU only, with a
+            gradient scaler).
+        grad_accum: micro-batches accumulated per optimizer step.
+        channels_last: use the channels-last memory format (faster convolutions on recent GPUs).
+        activation_checkpointing: recompute backbone activations in backward (less memory, ~30% slower).
+        num_workers: DataLoader worker processes.
+        seed: seed of every random choice (init, sampling, augmentation).
+        deterministic: request deterministic kernels (``torch.use_deterministic_algorithms``); needed for
+            bit-exact resume on GPU.
+        threads: CPU threads for torch (``None`` = torch's default).
+        freeze_batchnorm: keep batch-norm layers in eval mode while training (running statistics fixed); useful
+            for fine-tuning with tiny per-device batches, and it makes a DDP step equal a single-process step.
+    """
+
+    device: str = "auto"
+    amp: AmpMode = "none"
+    grad_accum: int = 1
+    channels_last: bool = False
+    activation_checkpointing: bool = False
+    num_workers: int = 0
+    seed: int = 0
+    deterministic: bool = False
+    threads: int | None = None
+    freeze_batchnorm: bool = False
+
+    def __post_init__(self) -> None:
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise _fail("device", f"must be auto, cpu, mps, cuda or cuda:N, got {dev!r}")
+        _check_positive("grad_accum", self.grad_accum)
+        _check_nonneg("num_workers", self.num_workers)
+        _check_nonneg("seed", self.seed)
+        if self.threads is not None:
+            _check_positive("threads", self.threads)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise _fail(name, f"must be > 0, got {value!r}")
+
+
+def _check_nonneg(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise _fail(name, f"must be >= 0, got {value!r}")
+
+
+def _model_config_cls() -> type:
+    from mammogmic.models import GMICConfig
+
+    return GMICConfig
+
+
+def _loss_config_cls() -> type:
+    from mammogmic.training.loss import LossConfig
+
+    return LossConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole training configuration (see the module docstring for the layering rules).
+
+    Attributes:
+        model: the GMIC architecture (:class:`mammogmic.GMICConfig`).
+        loss: the Eq. 13 loss settings (:class:`mammogmic.training.loss.LossConfig`).
+        optim: optimizer and learning-rate schedule.
+        data: manifest, input size, labels, sampling, augmentation.
+        schedule: epochs, early stopping, checkpoint and logging frequency.
+        runtime: device, mixed precision, accumulation, memory options, workers, seeding.
+    """
+
+    model: Any = field(default_factory=lambda: _model_config_cls()())
+    loss: Any = field(default_factory=lambda: _loss_config_cls()())
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if self.runtime.amp == "fp16" and self.runtime.device == "cpu":
+            raise _fail("runtime.amp", "fp16 autocast needs a GPU; use bf16 or none on CPU")
+        h, w = self.data.out_shape
+        crop = getattr(self.model, "crop_size", None)
+        if crop is not None and (crop[0] > h or crop[1] > w):
+            raise _fail("model.crop_size", f"{tuple(crop)} is larger than data.out_shape {(h, w)}")
+
+    # -- conversion -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python (YAML/JSON-safe) nested dict of every field."""
+        return {
+            "model": _plain(self.model.to_dict() if hasattr(self.model, "to_dict") else self.model),
+            "loss": _plain(self.loss),
+            "optim": _plain(self.optim),
+            "data": _plain(self.data),
+            "schedule": _plain(self.schedule),
+            "runtime": _plain(self.runtime),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Build and validate from a nested mapping; missing fields take their defaults.
+
+        Raises:
+            ConfigError: an unknown key or an invalid value; the message names the dotted field.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a mapping of sections, got {type(data).__name__}")
+        sections = {"model", "loss", "optim", "data", "schedule", "runtime"}
+        for key in data:
+            if key not in sections:
+                raise _unknown_key("", str(key), sections)
+        kwargs: dict[str, Any] = {}
+        model_cls = _model_config_cls()
+        if "model" in data:
+            kwargs["model"] = _build_foreign(model_cls, data["model"], "model")
+        if "loss" in data:
+            kwargs["loss"] = _build_foreign(_loss_config_cls(), data["loss"], "loss")
+        for name, sub_cls in (
+            ("optim", OptimConfig),
+            ("data", DataConfig),
+            ("schedule", ScheduleConfig),
+            ("runtime", RuntimeConfig),
+        ):
+            if name in data:
+                kwargs[name] = _build_dataclass(sub_cls, data[name], name)
+        try:
+            return cls(**kwargs)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:  # pragma: no cover - defensive
+            raise ConfigError(str(exc)) from exc
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        """Apply dotted overrides (``{"optim.lr": 1e-4}``) and re-validate."""
+        return TrainConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML text."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved config as YAML (atomically) and return the path."""
+        import os
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+# -- generic dataclass building with dotted error paths --------------------------------------------------
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _unknown_key(prefix: str, key: str, valid: Iterable[str]) -> ConfigError:
+    valid = sorted(valid)
+    where = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{where}: unknown field{hint} (valid: {', '.join(valid)})")
+
+
+def _build_foreign(cls: type, value: Any, prefix: str) -> Any:
+    """Build another module's config class; prefix its error messages with our section name."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise _fail(prefix, f"must be a mapping, got {type(value).__name__}")
+    if dataclasses.is_dataclass(cls):
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in value:
+            if key not in names:
+                raise _unknown_key(prefix, str(key), names)
+    try:
+        if dataclasses.is_dataclass(cls):
+            return _build_dataclass(cls, value, prefix)
+        return cls.from_dict(dict(value))  # type: ignore[attr-defined]
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(prefix + ".") else f"{prefix}.{msg}") from exc
+
+
+def _build_dataclass(cls: type, value: Any, prefix: str) -> Any:
+    if not isinstance(value, Mapping):
+        raise _fail(prefix, f"must be a mapping, got {type(value).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, raw in value.items():
+        if key not in fields:
+            raise _unknown_key(prefix, str(key), fields)
+        kwargs[key] = _coerce(raw, hints[key], f"{prefix}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(prefix + ".") else f"{prefix}.{msg}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check/convert one YAML value against a type annotation; raise ConfigError naming ``path``."""
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise _fail(path, f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _fail(path, "must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _fail(path, f"must be a list of {len(args)} values, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _fail(path, f"must have {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(path, f"must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise _fail(path, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise _fail(path, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _fail(path, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+# -- YAML + overrides ------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value`` (the value is read as YAML: ``1e-4``, ``true``, ``[512, 320]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY.SUB=VALUE")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty field name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
+    return key, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+    """Return a deep copy of ``data`` with dotted overrides applied (strings are parsed by parse_override)."""
+    import copy
+
+    out: dict[str, Any] = copy.deepcopy(dict(data))
+    items = (
+        list(overrides.items()) if isinstance(overrides, Mapping) else [parse_override(s) for s in overrides]
+    )
+    for key, value in items:
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def preset_path(name: str) -> Path:
+    """Path of a packaged preset (``gmic_resnet18``, ``tiny_cpu``...)."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    path = PRESET_DIR / f"{stem}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r} (available: {', '.join(list_presets())})")
+    return path
+
+
+def list_presets() -> list[str]:
+    """Names of the packaged presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()
+) -> TrainConfig:
+    """Load a config from a YAML path, a preset name or a mapping, then apply overrides.
+
+    A relative ``data.manifest`` in a YAML file is resolved against that file's folder.
+
+    Args:
+        source: YAML file path, packaged preset name (``tiny_cpu``), mapping, or ``None`` for the defaults.
+        overrides: ``["optim.lr=1e-4", ...]`` strings or a ``{"optim.lr": 1e-4}`` mapping.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown field or invalid value (the message names the field).
+    """
+    base_dir: Path | None = None
+    data: Any
+    if source is None:
+        data = {}
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file() and not path.suffix:
+            path = preset_path(str(source))
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read YAML: {exc}") from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        base_dir = path.parent
+    section = data.get("data")
+    manifest = section.get("manifest") if isinstance(section, Mapping) else None
+    if base_dir is not None and isinstance(manifest, str) and manifest and not Path(manifest).is_absolute():
+        data["data"] = {**section, "manifest": str((base_dir / manifest).resolve())}
+    # Overrides come from the command line: a relative manifest there stays relative to the working folder.
+    data = apply_overrides(data, overrides)
+    return TrainConfig.from_dict(data)
