@@ -1,0 +1,50 @@
+"""``mammogmic`` console script: one subcommand per module in :mod:`mammogmic.cli`.
+
+Each command module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets
+``func=run`` on the parser, where ``run(args) -> int`` returns the process exit code.
+Command modules are imported lazily only as far as building the parser, so heavy imports
+belong inside each ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# Order is the order shown by ``mammogmic --help``.
+COMMAND_MODULES: tuple[str, ...] = (
+    "mammogmic.cli.model_cmds",
+    "mammogmic.cli.eval_cmds",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mammogmic",
+        description="GMIC for screening mammography: data preparation, training, prediction, evaluation.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

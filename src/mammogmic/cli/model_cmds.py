@@ -1,0 +1,101 @@
+"""Model commands: ``smoke`` (one forward pass on a synthetic input) and ``convert`` (checkpoint formats)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "smoke",
+        help="run GMIC once on a synthetic input and print its outputs (no data or weights needed)",
+        description="Build a GMIC model (random weights, or --weights) and run one forward pass on a "
+        "synthetic image; print predictions, patch locations and timings as JSON.",
+    )
+    p.add_argument("--height", type=int, default=2944, help="input height (default 2944)")
+    p.add_argument("--width", type=int, default=1920, help="input width (default 1920)")
+    p.add_argument("--weights", type=Path, help="a mammogmic .safetensors model or an official .p file")
+    p.add_argument("--percent-t", type=float, default=0.02, help="t for an official .p file (default 0.02)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_smoke)
+
+    c = sub.add_parser(
+        "convert",
+        help="convert an official GMIC .p checkpoint to a mammogmic .safetensors model, or back",
+        description="Official .p -> .safetensors (with config and provenance), or .safetensors -> official .p "
+        "with --to-official. Never overwrites an existing file.",
+    )
+    c.add_argument("source", type=Path)
+    c.add_argument("dest", type=Path)
+    c.add_argument("--percent-t", type=float, default=0.02, help="t of the official model (1: 0.02, 2-3: 0.03, ...)")
+    c.add_argument("--to-official", action="store_true", help="write the official .p format instead")
+    c.set_defaults(func=run_convert)
+
+
+def _load(path: Path, percent_t: float):  # type: ignore[no-untyped-def]
+    from mammogmic import load_model, load_official_checkpoint
+
+    return load_official_checkpoint(path, percent_t=percent_t) if path.suffix == ".p" else load_model(path)
+
+
+def run_smoke(args: argparse.Namespace) -> int:
+    import torch
+
+    from mammogmic import GMIC
+    from mammogmic.errors import MammogmicError
+
+    torch.manual_seed(args.seed)
+    try:
+        model = _load(args.weights, args.percent_t) if args.weights else GMIC().eval()
+    except MammogmicError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(model, GMIC):
+        print("error: smoke needs a GMIC model", file=sys.stderr)
+        return 2
+    # A smooth synthetic "breast" on a zero background, standardised like a real input.
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, args.height), torch.linspace(0, 1, args.width), indexing="ij")
+    img = ((xx**2 + yy**2) < 0.8).float() * (1 + 0.1 * torch.randn(args.height, args.width))
+    x = ((img - img.mean()) / img.std().clamp_min(1e-5))[None, None]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model(x)
+    seconds = time.perf_counter() - start
+    report = {
+        "input_shape": list(x.shape),
+        "saliency_shape": list(out.saliency.shape),
+        "y_fusion": out.y_fusion[0].tolist(),
+        "y_global": out.y_global[0].tolist(),
+        "y_local": out.y_local[0].tolist(),
+        "patch_locations": out.patch_locations[0].tolist(),
+        "patch_attention": out.patch_attention[0].tolist(),
+        "forward_seconds": round(seconds, 3),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from mammogmic import GMIC, save_model
+    from mammogmic.errors import MammogmicError
+    from mammogmic.models import save_official_checkpoint
+
+    try:
+        model = _load(args.source, args.percent_t)
+        if args.dest.exists():
+            raise FileExistsError(f"{args.dest}: already exists; not overwriting")
+        if args.to_official:
+            if not isinstance(model, GMIC):
+                raise MammogmicError("only GMIC models have an official format")
+            save_official_checkpoint(model, args.dest)
+        else:
+            save_model(model, args.dest, metadata={"converted_from": str(args.source), "percent_t": args.percent_t})
+    except (MammogmicError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dest}")
+    return 0

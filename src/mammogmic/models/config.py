@@ -1,0 +1,158 @@
+"""Typed, validated model configurations."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mammogmic.errors import ConfigError
+
+GLOBAL_ARCHS = ("resnet22", "resnet18")
+LOCAL_ARCHS = ("resnet18", "resnet34", "resnet50")
+AGGREGATIONS = ("top_t", "gap", "gmp")
+PATCH_SELECTIONS = ("saliency", "random")
+ATTENTIONS = ("gated", "uniform")
+PREDICTIONS = ("fusion", "global", "local", "average")
+OVERLAPS = ("forbid", "official")
+
+
+def _choice(name: str, value: object, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(repr, options))}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _from_dict(cls: Any, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class GMICConfig:
+    """Architecture of a GMIC model. The defaults are the released GMIC-ResNet-18 (model 1).
+
+    Attributes:
+        in_channels: 1 (image) or 3 (image + benign and malignant heat maps).
+        global_arch: ``"resnet22"`` (paper, pre-activation) or ``"resnet18"`` (v1 blocks).
+        global_width: filters of the global network's first stage (16 in the paper).
+        local_arch: local network ``f_l``: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+        local_width: channels of the local network's first layer (64 in the paper); the patch feature width is
+            ``8 * local_width`` (ResNet-18/34) or ``32 * local_width`` (ResNet-50).
+        num_classes: saliency maps / outputs (2: benign, malignant).
+        aggregation: ``"top_t"`` (top-t% pooling), ``"gap"`` or ``"gmp"`` (its two special cases).
+        percent_t: t of top-t% pooling (released models: 0.02, 0.03, 0.03, 0.05, 0.10).
+        num_patches: K, patches retrieved per image.
+        crop_size: ``(height, width)`` of each patch in input pixels.
+        patch_selection: ``"saliency"`` (retrieve_roi) or ``"random"`` (ablation).
+        patch_overlap: ``"forbid"`` or ``"official"``; see :func:`mammogmic.models.roi.greedy_windows`.
+        attention: ``"gated"`` attention MIL or ``"uniform"`` weights (ablation).
+        attention_dim: M, hidden size of the gated attention.
+        prediction: which head is the model's prediction: ``"fusion"`` (paper), ``"global"``, ``"local"`` or
+            ``"average"`` of global and local.
+    """
+
+    in_channels: int = 1
+    global_arch: str = "resnet22"
+    global_width: int = 16
+    local_arch: str = "resnet18"
+    local_width: int = 64
+    num_classes: int = 2
+    aggregation: str = "top_t"
+    percent_t: float = 0.02
+    num_patches: int = 6
+    crop_size: tuple[int, int] = (256, 256)
+    patch_selection: str = "saliency"
+    patch_overlap: str = "forbid"
+    attention: str = "gated"
+    attention_dim: int = 128
+    prediction: str = "fusion"
+
+    def __post_init__(self) -> None:
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"in_channels: expected 1 or 3, got {self.in_channels!r}")
+        _choice("global_arch", self.global_arch, GLOBAL_ARCHS)
+        _choice("local_arch", self.local_arch, LOCAL_ARCHS)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("patch_selection", self.patch_selection, PATCH_SELECTIONS)
+        _choice("patch_overlap", self.patch_overlap, OVERLAPS)
+        _choice("attention", self.attention, ATTENTIONS)
+        _choice("prediction", self.prediction, PREDICTIONS)
+        for name in ("global_width", "local_width", "num_classes", "num_patches", "attention_dim"):
+            _positive_int(name, getattr(self, name))
+        if isinstance(self.percent_t, bool) or not isinstance(self.percent_t, (int, float)):
+            raise ConfigError(f"percent_t: expected a number in (0, 1], got {self.percent_t!r}")
+        if not 0.0 < self.percent_t <= 1.0:
+            raise ConfigError(f"percent_t: expected a number in (0, 1], got {self.percent_t!r}")
+        crop = self.crop_size
+        if not isinstance(crop, (tuple, list)) or len(crop) != 2:
+            raise ConfigError(f"crop_size: expected (height, width), got {crop!r}")
+        for value in crop:
+            _positive_int("crop_size", value)
+        object.__setattr__(self, "crop_size", tuple(crop))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["crop_size"] = list(self.crop_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GMICConfig:
+        return _from_dict(cls, data, "GMICConfig")
+
+    def replace(self, **changes: Any) -> GMICConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of a patch feature vector h~_k."""
+        return self.local_width * (32 if self.local_arch == "resnet50" else 8)
+
+    @property
+    def global_dim(self) -> int:
+        """Channels of ``h_g``."""
+        return self.global_width * (16 if self.global_arch == "resnet22" else 8)
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """The paper's ResNet-34 baseline: a ResNet on the full-resolution image, global pooling, sigmoid outputs.
+
+    Attributes:
+        arch: ``"resnet34"`` (paper), ``"resnet18"`` or ``"resnet50"``.
+        in_channels: input channels.
+        width: channels of the first layer (64 standard).
+        num_classes: outputs (2: benign, malignant).
+        pooling: ``"gap"`` (average) or ``"gmp"`` (max) over the last feature map.
+    """
+
+    arch: str = "resnet34"
+    in_channels: int = 1
+    width: int = 64
+    num_classes: int = 2
+    pooling: str = "gap"
+
+    def __post_init__(self) -> None:
+        _choice("arch", self.arch, LOCAL_ARCHS)
+        _choice("pooling", self.pooling, ("gap", "gmp"))
+        for name in ("in_channels", "width", "num_classes"):
+            _positive_int(name, getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BaselineConfig:
+        return _from_dict(cls, data, "BaselineConfig")

@@ -1,0 +1,213 @@
+"""GMIC: global network -> saliency -> top-t% -> retrieve_roi -> local network -> gated attention -> fusion.
+
+Shapes for the paper's setting (input 2944x1920, K=6, 256x256 patches, ResNet-18 local network)::
+
+    x            (N, 1, 2944, 1920)
+    h_g          (N, 256, 46, 30)      global network f_g (stride 64)
+    saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant
+    y_global     (N, 2)                top-t% pooling of each map
+    locations    (N, 6, 2)             upper-left (row, col) of each patch, input pixels
+    patches      (N, 6, 1, 256, 256)   cut from x at full resolution
+    h_crops      (N, 6, 512)           local network f_l + global average pooling
+    attention    (N, 6)                gated attention, sums to 1
+    z            (N, 512)              attention-weighted sum of h_crops
+    y_local      (N, 2)                sigmoid(W z)
+    y_fusion     (N, 2)                sigmoid(Linear([max-pool(h_g), z]))
+
+No gradient flows through patch *selection* (an argmax); gradients do flow into the patch pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mammogmic.models.config import BaselineConfig, GMICConfig
+from mammogmic.models.resnet import ResNet22, ResNetV1
+from mammogmic.models.roi import (
+    crop_patches,
+    greedy_windows,
+    grid_to_pixels,
+    normalize_saliency,
+    random_windows,
+    top_t_pool,
+    window_on_grid,
+)
+
+
+@dataclass
+class GMICOutput:
+    """Everything one forward pass produces. Probabilities have columns ``[benign, malignant]``."""
+
+    y_fusion: torch.Tensor  # (N, C)
+    y_global: torch.Tensor  # (N, C)
+    y_local: torch.Tensor  # (N, C)
+    prediction: torch.Tensor  # (N, C), the head chosen by GMICConfig.prediction
+    saliency: torch.Tensor  # (N, C, h, w) in [0, 1]
+    h_g: torch.Tensor  # (N, D_g, h, w)
+    patch_locations: torch.Tensor  # (N, K, 2) int64, upper-left (row, col) in input pixels
+    patches: torch.Tensor  # (N, K, crop_h, crop_w), first input channel
+    h_crops: torch.Tensor  # (N, K, D_l)
+    patch_attention: torch.Tensor  # (N, K), sums to 1
+    z: torch.Tensor  # (N, D_l)
+    logits_local: torch.Tensor  # (N, C)
+    logits_fusion: torch.Tensor  # (N, C)
+
+
+@dataclass
+class BaselineOutput:
+    """Output of the whole-image baseline: ``prediction`` (= ``y_fusion``) and its logits."""
+
+    prediction: torch.Tensor  # (N, C)
+    logits: torch.Tensor  # (N, C)
+    feature_map: torch.Tensor  # (N, D, h, w)
+
+    @property
+    def y_fusion(self) -> torch.Tensor:
+        return self.prediction
+
+
+class GatedAttention(nn.Module):
+    """Gated attention MIL pooling (Ilse et al. 2018), bias-free as in GMIC.
+
+    ``a_k = w^T (tanh(V h_k) * sigmoid(U h_k))``, ``alpha = softmax_k(a)``, ``z = sum_k alpha_k h_k``.
+    """
+
+    def __init__(self, dim: int, hidden: int, uniform: bool = False) -> None:
+        super().__init__()
+        self.V = nn.Linear(dim, hidden, bias=False)
+        self.U = nn.Linear(dim, hidden, bias=False)
+        self.w = nn.Linear(hidden, 1, bias=False)
+        self.uniform = uniform
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h``: (N, K, D) -> ``z`` (N, D), ``alpha`` (N, K)."""
+        if self.uniform:
+            alpha = h.new_full(h.shape[:2], 1.0 / h.shape[1])
+        else:
+            scores = self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h))).squeeze(-1)  # (N, K)
+            alpha = scores.softmax(dim=1)
+        z = torch.bmm(alpha.unsqueeze(1), h).squeeze(1)
+        return z, alpha
+
+
+class GMIC(nn.Module):
+    """Globally-aware Multiple Instance Classifier (Shen et al., MedIA 2021).
+
+    Args:
+        config: architecture; the default is the released GMIC-ResNet-18.
+
+    Example:
+        >>> model = GMIC(GMICConfig(global_width=4, local_width=8, crop_size=(32, 32))).eval()
+        >>> out = model(torch.randn(2, 1, 256, 192))
+        >>> out.saliency.shape, out.patch_locations.shape
+        (torch.Size([2, 2, 4, 3]), torch.Size([2, 6, 2]))
+    """
+
+    def __init__(self, config: GMICConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or GMICConfig()
+        self.config = cfg
+        if cfg.global_arch == "resnet22":
+            self.global_net: nn.Module = ResNet22(cfg.in_channels, cfg.global_width)
+        else:
+            self.global_net = ResNetV1("resnet18", cfg.in_channels, cfg.global_width)
+        self.saliency_head = nn.Conv2d(cfg.global_dim, cfg.num_classes, kernel_size=1, bias=False)
+        # The local network keeps the reference's 3-channel stem: a 1-channel patch is repeated (which also
+        # lets ImageNet weights load unchanged); a 3-channel input passes its own 3 channels.
+        self.local_net = ResNetV1(cfg.local_arch, 3, cfg.local_width)
+        self.attention = GatedAttention(
+            cfg.feature_dim, cfg.attention_dim, uniform=cfg.attention == "uniform"
+        )
+        self.local_classifier = nn.Linear(cfg.feature_dim, cfg.num_classes, bias=False)
+        self.fusion = nn.Linear(cfg.global_dim + cfg.feature_dim, cfg.num_classes)
+
+    # -- stages -------------------------------------------------------------------------------------------
+    def forward_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Global network: ``h_g`` (N, D_g, h, w), saliency (N, C, h, w), ``y_global`` (N, C)."""
+        h_g = self.global_net(x)
+        saliency = torch.sigmoid(self.saliency_head(h_g))
+        cfg = self.config
+        t = {"top_t": cfg.percent_t, "gap": 1.0, "gmp": 0.0}[cfg.aggregation]
+        y_global = saliency.flatten(2).amax(dim=2) if t == 0.0 else top_t_pool(saliency, t)
+        return h_g, saliency, y_global
+
+    def retrieve_rois(self, saliency: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
+        """Upper-left pixel positions (N, K, 2) of the K patches to read at full resolution."""
+        cfg = self.config
+        grid_hw = (saliency.shape[2], saliency.shape[3])
+        window = window_on_grid(cfg.crop_size, grid_hw, input_hw)
+        with torch.no_grad():
+            if cfg.patch_selection == "random":
+                grid_pos = random_windows(
+                    saliency.shape[0], grid_hw, window, cfg.num_patches, saliency.device
+                )
+            else:
+                grid_pos = greedy_windows(
+                    normalize_saliency(saliency), window, cfg.num_patches, cfg.patch_overlap
+                )
+        return grid_to_pixels(grid_pos, grid_hw, input_hw)
+
+    def forward_local(self, patches: torch.Tensor) -> torch.Tensor:
+        """Local network on (N, K, C, ch, cw) patches -> (N, K, D_l) feature vectors, one batched pass."""
+        n, k, c = patches.shape[:3]
+        flat = patches.reshape(n * k, c, *patches.shape[3:])
+        if c == 1:
+            flat = flat.expand(-1, 3, -1, -1)
+        features = self.local_net(flat).mean(dim=(2, 3))
+        return features.view(n, k, -1)
+
+    def forward(self, x: torch.Tensor) -> GMICOutput:
+        """Run GMIC on a batch ``x`` of standardised images ``(N, in_channels, H, W)``."""
+        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"expected input of shape (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        input_hw = (x.shape[2], x.shape[3])
+        h_g, saliency, y_global = self.forward_global(x)
+        locations = self.retrieve_rois(saliency, input_hw)
+        patches = crop_patches(x, locations, self.config.crop_size)  # (N, K, C, ch, cw)
+        h_crops = self.forward_local(patches)
+        z, alpha = self.attention(h_crops)
+        logits_local = self.local_classifier(z)
+        global_vec = h_g.flatten(2).amax(dim=2)  # (N, D_g)
+        logits_fusion = self.fusion(torch.cat([global_vec, z], dim=1))
+        y_local, y_fusion = torch.sigmoid(logits_local), torch.sigmoid(logits_fusion)
+        heads = {"fusion": y_fusion, "global": y_global, "local": y_local}
+        prediction = (
+            (y_global + y_local) / 2 if self.config.prediction == "average" else heads[self.config.prediction]
+        )
+        return GMICOutput(
+            y_fusion=y_fusion,
+            y_global=y_global,
+            y_local=y_local,
+            prediction=prediction,
+            saliency=saliency,
+            h_g=h_g,
+            patch_locations=locations,
+            patches=patches[:, :, 0],
+            h_crops=h_crops,
+            patch_attention=alpha,
+            z=z,
+            logits_local=logits_local,
+            logits_fusion=logits_fusion,
+        )
+
+
+class ResNetBaseline(nn.Module):
+    """The paper's ResNet-34 baseline: whole full-resolution image -> ResNet -> global pooling -> sigmoid."""
+
+    def __init__(self, config: BaselineConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or BaselineConfig()
+        self.config = cfg
+        self.backbone = ResNetV1(cfg.arch, cfg.in_channels, cfg.width)
+        self.classifier = nn.Linear(self.backbone.out_channels, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> BaselineOutput:
+        features = self.backbone(x)
+        pooled = features.mean(dim=(2, 3)) if self.config.pooling == "gap" else features.amax(dim=(2, 3))
+        logits = self.classifier(pooled)
+        return BaselineOutput(prediction=torch.sigmoid(logits), logits=logits, feature_map=features)

@@ -1,0 +1,187 @@
+"""ResNet backbones used by GMIC.
+
+* :class:`ResNet22` - the pre-activation ("v2") ResNet-22 global network of GMIC/DMV-CNN: a 7x7/2 stem,
+  a 3x3/2 max pool without padding, five stages of two :class:`PreActBlock` with strides 1, 2, 2, 2, 2 and
+  width doubling per stage, and a final BN + ReLU. Total stride 64: a 2944x1920 input gives a 46x30 map.
+* :class:`ResNetV1` - the classic post-activation ResNet-18/34 (:class:`BasicBlock`) and ResNet-50
+  (:class:`Bottleneck`, stride on the 3x3 conv) in the torchvision parameter layout, used as the local
+  network (and as the optional v1 global network and the paper's ResNet-34 baseline).
+
+Both return the last feature map (no pooling, no classifier).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus identity or 1x1 projection.
+
+    The projection (``downsample``, no BN) acts on the *pre-activated* input, as in the reference.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, project: bool = False) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = conv3x3(in_ch, out_ch, stride)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.conv2 = conv3x3(out_ch, out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = conv1x1(in_ch, out_ch, stride) if project else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(out)
+        out = self.conv1(out)
+        out = self.conv2(self.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class ResNet22(nn.Module):
+    """GMIC's global network ``f_g`` (ResNet-22, pre-activation blocks).
+
+    Args:
+        in_channels: input channels (1: image; 3: image + two heat maps).
+        width: filters of the stem and the first stage (16 in the paper); doubles per stage.
+        blocks: blocks per stage.
+        strides: stride of the first block of each stage.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        width: int = 16,
+        blocks: Sequence[int] = (2, 2, 2, 2, 2),
+        strides: Sequence[int] = (1, 2, 2, 2, 2),
+    ) -> None:
+        super().__init__()
+        if len(blocks) != len(strides):
+            raise ValueError(f"blocks {tuple(blocks)} and strides {tuple(strides)} differ in length")
+        self.stem_conv = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.stem_pool = nn.MaxPool2d(kernel_size=3, stride=2)
+        stages = []
+        in_ch = width
+        for i, (n_blocks, stride) in enumerate(zip(blocks, strides, strict=True)):
+            out_ch = width * 2**i
+            # Every stage's first block projects its shortcut (the reference does so even for stage 0).
+            layers = [PreActBlock(in_ch, out_ch, stride, project=True)]
+            layers += [PreActBlock(out_ch, out_ch) for _ in range(n_blocks - 1)]
+            stages.append(nn.Sequential(*layers))
+            in_ch = out_ch
+        self.stages = nn.ModuleList(stages)
+        self.final_bn = nn.BatchNorm2d(in_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.out_channels = in_ch
+        self.stride = 4 * 2 ** sum(s == 2 for s in strides)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_pool(self.stem_conv(x))
+        for stage in self.stages:
+            x = stage(x)
+        return self.relu(self.final_bn(x))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_ch: int, width: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_ch, width, stride)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_ch: int, width: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = conv1x1(in_ch, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, width * self.expansion)
+        self.bn3 = nn.BatchNorm2d(width * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+_V1_LAYOUTS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, ...]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+class ResNetV1(nn.Module):
+    """Post-activation ResNet in torchvision's layout (``conv1, bn1, layer1..4``), without pooling/head.
+
+    Args:
+        arch: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+        in_channels: input channels of ``conv1``.
+        width: channels of ``layer1`` (64 in the standard nets); doubles per layer.
+    """
+
+    def __init__(self, arch: str, in_channels: int = 3, width: int = 64) -> None:
+        super().__init__()
+        if arch not in _V1_LAYOUTS:
+            raise ValueError(f"unknown ResNet architecture {arch!r}; expected one of {sorted(_V1_LAYOUTS)}")
+        block, layers = _V1_LAYOUTS[arch]
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        in_ch = width
+        stages: list[nn.Sequential] = []
+        for i, n_blocks in enumerate(layers):
+            planes, stride = width * 2**i, (1 if i == 0 else 2)
+            downsample = None
+            if stride != 1 or in_ch != planes * block.expansion:
+                downsample = nn.Sequential(
+                    conv1x1(in_ch, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion)
+                )
+            blocks: list[nn.Module] = [block(in_ch, planes, stride, downsample)]
+            in_ch = planes * block.expansion
+            blocks += [block(in_ch, planes) for _ in range(n_blocks - 1)]
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.out_channels = in_ch
+        self.stride = 32
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))

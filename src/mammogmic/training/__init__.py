@@ -1,0 +1,1 @@
+"""Training: loss, loop, checkpoints, distributed, hyper-parameter search."""

@@ -1,0 +1,101 @@
+"""The GMIC training objective (paper Eq. 13).
+
+``L = sum_c [BCE(y_c, y_global_c) + BCE(y_c, y_local_c) + BCE(y_c, y_fusion_c)] + beta * L1(A)``
+
+* BCE terms are summed over classes (benign, malignant) and averaged over the images of the batch. Unknown
+  labels (NaN) contribute nothing; each term is normalised by the number of images with a known label.
+* ``L1(A)`` is the saliency maps' L1 norm. Since ``A = sigmoid(.) >= 0`` it is their sum. The released models'
+  beta values (3.3e-6 .. 2.3e-4) only make sense for a *sum over the positions* (2 x 46 x 30 for a full-size
+  input), so ``saliency_reduction="sum"`` (default) sums over classes and positions and averages over the
+  batch; ``"mean"`` averages over positions instead (multiply beta by ``C*h*w`` to compare).
+* Which heads are trained follows ``GMICConfig.prediction``: the global head is always trained (it selects
+  the patches), the local head unless the prediction is global-only, the fusion head only for ``"fusion"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mammogmic.errors import ConfigError
+from mammogmic.models.gmic import GMICOutput
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Attributes:
+    beta: weight of the saliency L1 term (model 1 of the release: 3.259e-6).
+    saliency_reduction: ``"sum"`` or ``"mean"`` over saliency positions (see module docstring).
+    """
+
+    beta: float = 3.259e-6
+    saliency_reduction: str = "sum"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 0:
+            raise ConfigError(f"beta: expected a non-negative number, got {self.beta!r}")
+        if self.saliency_reduction not in ("sum", "mean"):
+            raise ConfigError(
+                f"saliency_reduction: expected 'sum' or 'mean', got {self.saliency_reduction!r}"
+            )
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    bce_global: torch.Tensor
+    bce_local: torch.Tensor
+    bce_fusion: torch.Tensor
+    saliency_l1: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        """Detached scalar values, for logging."""
+        return {
+            k: float(getattr(self, k).detach())
+            for k in ("total", "bce_global", "bce_local", "bce_fusion", "saliency_l1")
+        }
+
+
+def _masked_bce(pred: torch.Tensor, target: torch.Tensor, known: torch.Tensor, logits: bool) -> torch.Tensor:
+    safe_target = torch.where(known, target, torch.zeros_like(target))
+    if logits:
+        per = F.binary_cross_entropy_with_logits(pred, safe_target, reduction="none")
+    else:
+        per = F.binary_cross_entropy(pred.clamp(0.0, 1.0), safe_target, reduction="none")
+    per = per * known
+    n_images = known.any(dim=1).sum().clamp_min(1)
+    return per.sum() / n_images
+
+
+class GMICLoss(nn.Module):
+    """Eq. 13. ``forward(output, labels)``: labels ``(N, C)`` float in {0, 1}, NaN for unknown."""
+
+    def __init__(self, config: LossConfig | None = None, prediction: str = "fusion") -> None:
+        super().__init__()
+        self.config = config or LossConfig()
+        self.prediction = prediction
+
+    def forward(self, out: GMICOutput, labels: torch.Tensor) -> LossOutput:
+        labels = labels.to(out.y_global.dtype)
+        known = ~torch.isnan(labels)
+        zero = out.y_global.new_zeros(())
+        # BCE on probabilities is computed in float32 even under autocast.
+        bce_global = _masked_bce(out.y_global.float(), labels.float(), known, logits=False)
+        bce_local = (
+            _masked_bce(out.logits_local.float(), labels.float(), known, logits=True)
+            if self.prediction != "global"
+            else zero
+        )
+        bce_fusion = (
+            _masked_bce(out.logits_fusion.float(), labels.float(), known, logits=True)
+            if self.prediction == "fusion"
+            else zero
+        )
+        sal = out.saliency.float().flatten(1)
+        l1 = sal.abs().sum(dim=1) if self.config.saliency_reduction == "sum" else sal.abs().mean(dim=1)
+        saliency_l1 = l1.mean()
+        total = bce_global + bce_local + bce_fusion + self.config.beta * saliency_l1
+        return LossOutput(total, bce_global, bce_local, bce_fusion, saliency_l1)

@@ -1,0 +1,26 @@
+"""Shared test helpers: location of the official fixtures (fail, not skip, under CI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = (REPO_ROOT / ".." / "shared" / "fixtures" / "official_gmic").resolve()
+
+
+def official_fixtures() -> Path:
+    """Path of ``shared/fixtures/official_gmic``. Missing: fail when ``CI`` is set, skip otherwise."""
+    if not (FIXTURES / "metadata.json").is_file():
+        message = f"official GMIC fixtures not found at {FIXTURES}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set: these tests must run)")
+        pytest.skip(message)
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return official_fixtures()

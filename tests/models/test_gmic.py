@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mammogmic import GMIC, BaselineConfig, GMICConfig, ResNetBaseline
+from mammogmic.errors import ConfigError
+from mammogmic.training.loss import GMICLoss, LossConfig
+
+TINY = GMICConfig(global_width=4, local_width=4, crop_size=(32, 32), attention_dim=8)
+
+
+@pytest.mark.parametrize(("hw", "k"), [((256, 192), 6), ((320, 256), 1), ((200, 150), 3), ((512, 128), 4)])
+def test_shapes_follow_input_and_k(hw: tuple[int, int], k: int) -> None:
+    model = GMIC(TINY.replace(num_patches=k)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, *hw))
+    h, w = out.saliency.shape[2:]
+    assert out.h_g.shape == (2, 64, h, w)
+    # Stride-64 grid (each stage of the chain floors or rounds up by the conv arithmetic).
+    assert abs(h - hw[0] / 64) <= 1 and abs(w - hw[1] / 64) <= 1
+    for name in ("y_fusion", "y_global", "y_local", "prediction"):
+        assert getattr(out, name).shape == (2, 2)
+    assert out.patch_locations.shape == (2, k, 2) and out.patch_locations.dtype == torch.int64
+    assert out.patches.shape == (2, k, 32, 32)
+    assert out.h_crops.shape == (2, k, 32)
+    assert torch.allclose(out.patch_attention.sum(dim=1), torch.ones(2))
+    assert ((out.saliency >= 0) & (out.saliency <= 1)).all()
+    assert (out.patch_locations >= 0).all()
+    assert (out.patch_locations[..., 0] <= hw[0] - 32).all() and (
+        out.patch_locations[..., 1] <= hw[1] - 32
+    ).all()
+
+
+def test_full_size_grid_is_46_by_30() -> None:
+    model = GMIC(TINY).eval()
+    with torch.no_grad():
+        h_g = model.global_net(torch.zeros(1, 1, 2944, 1920))
+    assert h_g.shape[2:] == (46, 30)
+
+
+def test_patches_are_cut_from_input() -> None:
+    model = GMIC(TINY).eval()
+    x = torch.randn(1, 1, 256, 192)
+    with torch.no_grad():
+        out = model(x)
+    for k, (r, c) in enumerate(out.patch_locations[0].tolist()):
+        assert torch.equal(out.patches[0, k], x[0, 0, r : r + 32, c : c + 32])
+
+
+def test_every_parameter_gets_a_gradient() -> None:
+    model = GMIC(TINY).train()
+    out = model(torch.randn(2, 1, 256, 192))
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    GMICLoss(LossConfig(beta=1e-3)).forward(out, labels).total.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+    zero = [n for n, p in model.named_parameters() if float(p.grad.abs().sum()) == 0.0]
+    assert zero == []
+    # Documented exception: selection is an argmax - the locations are integers with no autograd history.
+    assert not out.patch_locations.requires_grad
+
+
+def test_three_channel_input_and_variants() -> None:
+    cfg = TINY.replace(
+        in_channels=3,
+        attention="uniform",
+        patch_selection="random",
+        prediction="average",
+        aggregation="gmp",
+        local_arch="resnet50",
+    )
+    model = GMIC(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 256, 192))
+    assert out.h_crops.shape[-1] == cfg.feature_dim == 128
+    assert torch.allclose(out.patch_attention, torch.full((2, 6), 1 / 6))
+    assert torch.allclose(out.prediction, (out.y_global + out.y_local) / 2)
+    assert torch.allclose(out.y_global, out.saliency.flatten(2).amax(dim=2))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        model(torch.randn(1, 1, 256, 192))
+
+
+@pytest.mark.parametrize("head", ["global", "local"])
+def test_prediction_heads(head: str) -> None:
+    model = GMIC(TINY.replace(prediction=head, aggregation="gap")).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 256, 192))
+    assert torch.equal(out.prediction, out.y_global if head == "global" else out.y_local)
+    if head == "global":
+        assert torch.allclose(out.y_global, out.saliency.mean(dim=(2, 3)))
+
+
+def test_global_v1_option() -> None:
+    model = GMIC(TINY.replace(global_arch="resnet18")).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 256, 192))
+    assert out.h_g.shape[1] == TINY.replace(global_arch="resnet18").global_dim == 32
+    assert out.saliency.shape[2:] == (8, 6)
+
+
+def test_batch_is_independent_in_eval() -> None:
+    model = GMIC(TINY).eval()
+    x = torch.randn(3, 1, 256, 192)
+    with torch.no_grad():
+        batched = model(x)
+        single = model(x[1:2])
+    assert torch.allclose(batched.y_fusion[1], single.y_fusion[0], atol=1e-6)
+    assert torch.equal(batched.patch_locations[1], single.patch_locations[0])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("in_channels", 2),
+        ("percent_t", 0.0),
+        ("percent_t", 1.5),
+        ("num_patches", 0),
+        ("crop_size", (0, 8)),
+        ("local_arch", "resnet101"),
+        ("aggregation", "lse"),
+        ("prediction", "max"),
+        ("attention_dim", True),
+    ],
+)
+def test_bad_config_names_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        GMICConfig(**{field: value})
+
+
+def test_config_dict_round_trip_and_unknown_field() -> None:
+    cfg = TINY.replace(percent_t=0.05)
+    assert GMICConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="K_patches"):
+        GMICConfig.from_dict({"K_patches": 3})
+
+
+def test_resnet34_baseline() -> None:
+    model = ResNetBaseline(BaselineConfig(width=8)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 128, 96))
+    assert out.prediction.shape == (2, 2) and torch.equal(out.y_fusion, out.prediction)
+    assert torch.isfinite(out.logits).all() and ((out.prediction >= 0) & (out.prediction <= 1)).all()
+    n_blocks = sum(len(getattr(model.backbone, f"layer{i}")) for i in range(1, 5))
+    assert n_blocks == 16  # 3 + 4 + 6 + 3 basic blocks: ResNet-34
+    with pytest.raises(ConfigError, match="arch"):
+        BaselineConfig(arch="vgg")
+
+
+def test_released_parameter_count() -> None:
+    # facts.md: the released GMIC-ResNet-18 has 14,110,322 parameters.
+    assert sum(p.numel() for p in GMIC().parameters()) == 14_110_322

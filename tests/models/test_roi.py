@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from mammogmic.models.roi import (
+    crop_patches,
+    greedy_windows,
+    grid_to_pixels,
+    normalize_saliency,
+    top_t_count,
+    top_t_pool,
+    window_on_grid,
+)
+
+
+def brute_force_windows(score: np.ndarray, window: tuple[int, int], k: int) -> list[tuple[int, int]]:
+    """Reference rule by exhaustive search: highest-average window not overlapping earlier picks,
+    first in row-major order on ties (falls back to all windows if none is free)."""
+    h, w = score.shape
+    wh, ww = window
+    picks: list[tuple[int, int]] = []
+    for _ in range(k):
+        best, best_val = None, -np.inf
+        candidates = list(itertools.product(range(h - wh + 1), range(w - ww + 1)))
+        free = [
+            (r, c)
+            for r, c in candidates
+            if all(r + wh <= pr or pr + wh <= r or c + ww <= pc or pc + ww <= c for pr, pc in picks)
+        ]
+        for r, c in free or candidates:
+            val = score[r : r + wh, c : c + ww].mean()
+            if val > best_val:
+                best, best_val = (r, c), val
+        assert best is not None
+        picks.append(best)
+    return picks
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_greedy_equals_brute_force_and_never_overlaps(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    h, w = int(torch.randint(8, 20, (1,), generator=gen)), int(torch.randint(6, 16, (1,), generator=gen))
+    window = (int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(1, 5, (1,), generator=gen)))
+    saliency = torch.rand(3, 2, h, w, generator=gen, dtype=torch.float64)
+    score = normalize_saliency(saliency)
+    picks = greedy_windows(score, window, 5)
+    for n in range(3):
+        expected = brute_force_windows(score[n].numpy(), window, 5)
+        assert picks[n].tolist() == [list(p) for p in expected]
+        for (r1, c1), (r2, c2) in itertools.combinations(picks[n].tolist(), 2):
+            assert (
+                r1 + window[0] <= r2 or r2 + window[0] <= r1 or c1 + window[1] <= c2 or c2 + window[1] <= c1
+            )
+
+
+def test_official_rule_can_overlap_but_forbid_does_not() -> None:
+    # A single bright 5x5 block with a 4x4 window: zeroing leaves a 1-wide bright strip whose best window
+    # overlaps the first pick under the official rule.
+    score = torch.zeros(1, 12, 12)
+    score[0, 2:7, 2:7] = 1.0
+    official = greedy_windows(score, (4, 4), 2, overlap="official")[0].tolist()
+    forbid = greedy_windows(score, (4, 4), 2, overlap="forbid")[0].tolist()
+    assert official[0] == forbid[0] == [2, 2]
+    (r1, c1), (r2, c2) = official
+    assert not (r1 + 4 <= r2 or r2 + 4 <= r1 or c1 + 4 <= c2 or c2 + 4 <= c1)  # official overlaps
+    (r1, c1), (r2, c2) = forbid
+    assert r1 + 4 <= r2 or r2 + 4 <= r1 or c1 + 4 <= c2 or c2 + 4 <= c1
+
+
+def test_ties_pick_first_in_row_major_order() -> None:
+    score = torch.zeros(1, 6, 6)
+    picks = greedy_windows(score, (2, 2), 3)
+    assert picks[0].tolist() == [[0, 0], [0, 2], [0, 4]]
+
+
+def test_normalize_constant_map_is_zero_not_nan() -> None:
+    out = normalize_saliency(torch.full((2, 2, 4, 3), 0.5))
+    assert torch.equal(out, torch.zeros(2, 4, 3))
+
+
+def test_top_t_special_cases() -> None:
+    x = torch.rand(4, 2, 7, 5)
+    assert torch.allclose(top_t_pool(x, 1.0), x.mean(dim=(2, 3)))
+    assert torch.equal(top_t_pool(x, 1 / 35), x.amax(dim=(2, 3)))
+    k = top_t_count(7, 5, 0.2)
+    assert k == 7
+    expected = x.flatten(2).sort(dim=2, descending=True).values[..., :k].mean(dim=2)
+    assert torch.allclose(top_t_pool(x, 0.2), expected)
+
+
+def test_released_top_t_counts() -> None:
+    assert [top_t_count(46, 30, t) for t in (0.02, 0.03, 0.05, 0.1)] == [28, 41, 69, 138]
+
+
+def test_grid_mapping() -> None:
+    assert window_on_grid((256, 256), (46, 30), (2944, 1920)) == (4, 4)
+    pos = torch.tensor([[[7, 2], [42, 26]]])
+    assert grid_to_pixels(pos, (46, 30), (2944, 1920)).tolist() == [[[448, 128], [2688, 1664]]]
+
+
+def loop_crop(img: np.ndarray, r: int, c: int, ch: int, cw: int) -> np.ndarray:
+    """Reference crop: clip the window to the image, put real pixels at the end, fill with the minimum."""
+    H, W = img.shape
+    r0, r1 = min(max(r, 0), H), min(max(r + ch, 0), H)
+    c0, c1 = min(max(c, 0), W), min(max(c + cw, 0), W)
+    out = np.full((ch, cw), img.min(), img.dtype)
+    out[ch - (r1 - r0) :, cw - (c1 - c0) :] = img[r0:r1, c0:c1]
+    return out
+
+
+def test_crop_patches_matches_loop_including_borders() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 40, 30, generator=gen)
+    locs = torch.tensor(
+        [[[0, 0], [32, 25], [-3, 5], [10, -4], [38, 29]], [[5, 5], [36, 0], [0, 26], [20, 20], [-8, -8]]]
+    )
+    patches = crop_patches(x, locs, (8, 6))
+    assert patches.shape == (2, 5, 1, 8, 6)
+    for n in range(2):
+        for k in range(5):
+            r, c = locs[n, k].tolist()
+            np.testing.assert_array_equal(patches[n, k, 0].numpy(), loop_crop(x[n, 0].numpy(), r, c, 8, 6))
+
+
+def test_crop_patches_multichannel_and_gradient() -> None:
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    locs = torch.tensor([[[2, 3], [8, 8]]])
+    patches = crop_patches(x, locs, (4, 4))
+    assert torch.equal(patches[0, 1], x[0, :, 8:12, 8:12])
+    patches.sum().backward()
+    assert x.grad is not None and float(x.grad.sum()) == 2 * 3 * 16
