@@ -1,0 +1,90 @@
+"""The re-implemented preprocessing equals the official pipeline's recorded outputs on real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mammogmic.data import best_center, crop_breast, model_input, read_image
+
+NAMES = ["0_L-CC", "0_R-CC", "0_L-MLO", "0_R-MLO", "1_R_CC", "2_L_CC"]
+
+
+@pytest.fixture(scope="module")
+def crops(fixtures_dir: Path, official_metadata: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name in NAMES:
+        entry = official_metadata["images"][name]
+        image, _ = read_image(fixtures_dir / entry["original_png"])
+        out[name] = (entry, crop_breast(image, entry["view"], entry["horizontal_flip"]))
+    return out
+
+
+@pytest.mark.fixtures
+@pytest.mark.parametrize("name", NAMES)
+def test_crop_fields_equal_official(name: str, crops: dict[str, Any], fixtures_dir: Path) -> None:
+    entry, info = crops[name]
+    assert list(info.window_location) == entry["window_location"]
+    (r0, r1), rc = info.rightmost_points
+    assert [[r0, r1], rc] == entry["rightmost_points"]
+    br, (b0, b1) = info.bottommost_points
+    assert [br, [b0, b1]] == entry["bottommost_points"]
+    assert info.distance_from_starting_side == entry["distance_from_starting_side"]
+    reference, _ = read_image(fixtures_dir / entry["cropped_png"])
+    np.testing.assert_array_equal(info.cropped, reference)
+
+
+@pytest.mark.fixtures
+@pytest.mark.parametrize("name", NAMES)
+def test_best_center_equals_official(name: str, crops: dict[str, Any], fixtures_dir: Path) -> None:
+    entry, info = crops[name]
+    assert list(best_center(info)) == entry["best_center"]
+    # The same from the official cropped PNG and the recorded points (the stage-2 inputs).
+    cropped, _ = read_image(fixtures_dir / entry["cropped_png"])
+    centre = best_center(
+        cropped,
+        entry["view"],
+        entry["rightmost_points"],
+        entry["bottommost_points"],
+        horizontal_flip=entry["horizontal_flip"],
+    )
+    assert list(centre) == entry["best_center"]
+
+
+@pytest.mark.fixtures
+@pytest.mark.parametrize("name", NAMES)
+def test_model_input_matches_official(name: str, crops: dict[str, Any], fixtures_dir: Path) -> None:
+    entry, info = crops[name]
+    expected = np.load(fixtures_dir / entry["expected_npz"])
+    x = model_input(
+        info.cropped, entry["view"], entry["best_center"], horizontal_flip=entry["horizontal_flip"]
+    )
+    assert x.dtype == np.float32
+    assert list(x.shape) == list(expected["input_shape"][2:])
+    np.testing.assert_allclose(x[::16, ::16], expected["input_sub16"], rtol=0, atol=1e-6)
+    rows, cols = expected["input_probe_positions"].T
+    np.testing.assert_allclose(x[rows, cols], expected["input_probe_values"], rtol=0, atol=1e-6)
+    x64 = x.astype(np.float64)
+    assert abs(x64.mean() - float(expected["input_mean"])) < 1e-6
+    assert abs(x64.std() - float(expected["input_std"])) < 1e-6
+    assert abs(x64.sum() - float(expected["input_sum_f64"])) < 1.0
+    assert abs(float(x.min()) - float(expected["input_min"])) < 1e-6
+    assert abs(float(x.max()) - float(expected["input_max"])) < 1e-6
+
+
+@pytest.mark.fixtures
+def test_process_image_large_matches_official(fixtures_dir: Path) -> None:
+    expected = np.load(fixtures_dir / "expected" / "process_image_large.npz")
+    image, _ = read_image(fixtures_dir / "images" / "original" / "2_L_CC.png")
+    rows, cols = expected["probe_positions"].T
+    for i, view in enumerate(expected["views"]):
+        for j, centre in enumerate(expected["centers"]):
+            x = model_input(image, str(view), (int(centre[0]), int(centre[1])))
+            assert list(x.shape) == list(expected["shape"][i, j])
+            np.testing.assert_allclose(x[::16, ::16], expected["sub16"][i, j], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(x[rows, cols], expected["probe_values"][i, j], rtol=0, atol=1e-6)
+            assert abs(x.astype(np.float64).mean() - expected["mean"][i, j]) < 1e-6
+            assert abs(x.astype(np.float64).std() - expected["std"][i, j]) < 1e-6
