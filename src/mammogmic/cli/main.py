@@ -18,6 +18,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "mammogmic.cli.model_cmds",
     "mammogmic.cli.eval_cmds",
+    "mammogmic.cli.synth_cmd",
 )
 
 
