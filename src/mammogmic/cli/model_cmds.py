@@ -31,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("source", type=Path)
     c.add_argument("dest", type=Path)
-    c.add_argument("--percent-t", type=float, default=0.02, help="t of the official model (1: 0.02, 2-3: 0.03, ...)")
+    c.add_argument(
+        "--percent-t", type=float, default=0.02, help="t of the official model (1: 0.02, 2-3: 0.03, ...)"
+    )
     c.add_argument("--to-official", action="store_true", help="write the official .p format instead")
     c.set_defaults(func=run_convert)
 
@@ -58,7 +60,9 @@ def run_smoke(args: argparse.Namespace) -> int:
         print("error: smoke needs a GMIC model", file=sys.stderr)
         return 2
     # A smooth synthetic "breast" on a zero background, standardised like a real input.
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, args.height), torch.linspace(0, 1, args.width), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, args.height), torch.linspace(0, 1, args.width), indexing="ij"
+    )
     img = ((xx**2 + yy**2) < 0.8).float() * (1 + 0.1 * torch.randn(args.height, args.width))
     x = ((img - img.mean()) / img.std().clamp_min(1e-5))[None, None]
     start = time.perf_counter()
@@ -93,7 +97,9 @@ def run_convert(args: argparse.Namespace) -> int:
                 raise MammogmicError("only GMIC models have an official format")
             save_official_checkpoint(model, args.dest)
         else:
-            save_model(model, args.dest, metadata={"converted_from": str(args.source), "percent_t": args.percent_t})
+            save_model(
+                model, args.dest, metadata={"converted_from": str(args.source), "percent_t": args.percent_t}
+            )
     except (MammogmicError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
