@@ -109,6 +109,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument("--markdown", type=Path, metavar="PATH", help="write the results as Markdown tables")
     ev.add_argument("--plots", type=Path, metavar="DIR", help="write roc.png and pr.png into DIR")
     ev.set_defaults(func=run_evaluate)
+    add_predict_parsers(subparsers)
     return ev
 
 
@@ -200,3 +201,419 @@ def run_evaluate(args: argparse.Namespace) -> int:
         for name, png in _curve_pngs(result, table, f"{args.group} level"):
             (args.plots / f"{name}.png").write_bytes(png)
     return 0
+
+
+PREDICT_EPILOG = """\
+Examples:
+  mammogmic predict scans/ --model gmic.safetensors --out preds/
+  mammogmic predict --manifest test.csv --model a.safetensors --model b.safetensors --out preds/ --tta 10
+  mammogmic predict scans/ --model sample_model_1.p --percent-t 0.02 \\
+      --model sample_model_4.p --percent-t 0.05 --out preds/ --device cuda --dtype bf16
+
+Inputs: folders (searched recursively for .png/.dcm/.dicom), single files, and/or --manifest CSV
+(image_id, image_path, and optionally laterality, view, exam_id, labels, masks, and the preprocess
+cache columns cached_path + best_center, which skip the crop and centre stages). Without a manifest
+the view comes from the DICOM tags or the file name (e.g. 0_L-CC.png).
+
+Models: our .safetensors files, or official .p files; each .p file takes the next --percent-t value
+(sample_model_N.p defaults to the released t of model N). Several models form an ensemble whose
+probabilities are averaged; --tta N also averages N random windows per image (the paper uses 10).
+
+Outputs (in --out): image_predictions.csv (image_index, benign_pred, malignant_pred, labels when known,
+then ids, laterality, view, path; per-model columns for ensembles), breast_predictions.csv,
+breast_predictions_metarepository.csv (index, left_malignant, right_malignant, left_benign,
+right_benign), exam_summary.csv, errors.csv (one row per image that failed, with the stage and reason),
+run.json, and with --save-saliency saliency/<image_id>.npz, with --save-patches patches.json.
+A rerun skips images already in image_predictions.csv unless --overwrite-predictions is given.
+Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments.
+"""
+
+VISUALIZE_EPILOG = """\
+Examples:
+  mammogmic visualize --manifest test.csv --model gmic.safetensors --out figures/ --report
+  mammogmic visualize scan.dcm --model sample_model_1.p --out fig/
+
+Writes figures/<image_id>.png (input with lesion outlines when the manifest has masks, patch map,
+benign and malignant saliency, the K patches with attention), image_predictions.csv, errors.csv, and
+with masks localization.json (Dice of the upsampled saliency maps vs the masks). --report adds
+report.html: one self-contained page (metrics when labels are known, ROC/PR curves, the figures sorted
+by malignant score) that opens from disk. Explanations come from the first model on the first window.
+"""
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", type=Path, metavar="INPUT", help="image files and/or folders")
+    p.add_argument("--manifest", type=Path, help="manifest CSV listing the images")
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        type=Path,
+        required=True,
+        help="model file; repeat for ensembles",
+    )
+    p.add_argument(
+        "--percent-t",
+        action="append",
+        type=float,
+        default=[],
+        metavar="T",
+        help="t of the next official .p model, in order (repeat per .p file)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument(
+        "--dtype", choices=("fp32", "bf16"), default="fp32", help="compute precision (bf16 autocast)"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (4)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="preprocessing processes (default: by CPU count)"
+    )
+    p.add_argument(
+        "--tta", type=int, default=1, help="average N random windows per image (default 1: no TTA)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the TTA windows")
+    p.add_argument(
+        "--input-size",
+        nargs=2,
+        type=int,
+        default=(2944, 1920),
+        metavar=("H", "W"),
+        help="model input size (official 2944 1920)",
+    )
+    p.add_argument(
+        "--window-size",
+        nargs=2,
+        type=int,
+        default=None,
+        metavar=("H", "W"),
+        help="window cut from the image before resizing to --input-size (default: the input size)",
+    )
+    p.add_argument("--crop-iterations", type=int, default=100, help="breast-crop morphology iterations (100)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_predict_parsers(subparsers: Any) -> None:
+    """Register ``predict`` and ``visualize``."""
+    pr = subparsers.add_parser(
+        "predict",
+        help="predict benign/malignant probabilities for images (CSV at image, breast and exam level)",
+        description="Run one or more GMIC models on mammograms and write prediction tables.",
+        epilog=PREDICT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_inference_args(pr)
+    pr.add_argument("--save-saliency", action="store_true", help="write saliency/<image_id>.npz")
+    pr.add_argument("--save-patches", action="store_true", help="write patches.json (locations, attention)")
+    pr.add_argument("--overwrite-predictions", action="store_true", help="predict every image again")
+    pr.set_defaults(func=run_predict)
+
+    vi = subparsers.add_parser(
+        "visualize",
+        help="GMIC explanation figures (saliency, patches, attention) and a self-contained HTML report",
+        description="Predict and draw the GMIC explanation figure for each image.",
+        epilog=VISUALIZE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_inference_args(vi)
+    vi.add_argument("--report", action="store_true", help="also write report.html")
+    vi.add_argument("--dpi", type=int, default=150, help="figure resolution (150)")
+    vi.add_argument(
+        "--max-figures", type=int, default=200, help="draw at most N figures (highest scores first)"
+    )
+    vi.add_argument("--dice-threshold", type=float, default=0.5, help="saliency threshold of the hard Dice")
+    vi.set_defaults(func=run_visualize)
+
+
+def _collect_items(args: argparse.Namespace) -> list[Any]:
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.inference import (
+        ImageItem,
+        items_from_folder,
+        items_from_manifest,
+        items_from_paths,
+    )
+
+    items: list[ImageItem] = []
+    if args.manifest:
+        items += items_from_manifest(args.manifest)
+    files = []
+    for path in args.inputs:
+        if path.is_dir():
+            items += items_from_folder(path, exclude=[args.out])
+        else:
+            files.append(path)  # missing files are reported in errors.csv like any unreadable image
+    items += items_from_paths(files)
+    if not items:
+        raise MammogmicError("no input images: give files, folders or --manifest")
+    seen: dict[str, int] = {}
+    for item in items:  # ids must be unique across all inputs
+        if item.image_id in seen:
+            seen[item.image_id] += 1
+            item.image_id = f"{item.image_id}_{seen[item.image_id]}"
+        else:
+            seen[item.image_id] = 0
+    return items
+
+
+def _check_inputs_untouched(args: argparse.Namespace, items: list[Any]) -> None:
+    from mammogmic.errors import MammogmicError
+
+    out = args.out.resolve()
+    protected = {Path(i.path).resolve() for i in items} | {m.resolve() for m in args.models}
+    if args.manifest:
+        protected.add(args.manifest.resolve())
+    if out in protected or (out.exists() and not out.is_dir()):
+        raise MammogmicError(f"{args.out}: output must be a folder that is not one of the inputs")
+    clash = [p for p in protected if p.parent == out and p.name.endswith((".csv", ".json", ".html"))]
+    if clash:
+        raise MammogmicError(f"{args.out}: holds input file(s) {clash[:3]} that outputs could overwrite")
+
+
+def _check_out_folder(args: argparse.Namespace) -> None:
+    """Refuse an --out that is a file (e.g. the manifest or a model) before anything is written."""
+    from mammogmic.errors import MammogmicError
+
+    if args.out.exists() and not args.out.is_dir():
+        raise MammogmicError(f"{args.out}: --out must be a folder, and this is an existing file")
+
+
+def _load_members(args: argparse.Namespace, device: str) -> list[Any]:
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.inference import load_member
+
+    official = [m for m in args.models if m.suffix == ".p"]
+    if len(args.percent_t) > len(official):
+        raise MammogmicError(
+            f"{len(args.percent_t)} --percent-t values for {len(official)} official .p model(s)"
+        )
+    ts = iter(args.percent_t)
+    members = []
+    for path in args.models:
+        t = next(ts, None) if path.suffix == ".p" else None
+        members.append(load_member(path, percent_t=t, device=device))
+    names = [m.name for m in members]
+    for i, m in enumerate(members):
+        if names.count(m.name) > 1:
+            m.name = f"{m.name}_{i + 1}"
+    return members
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _run_inference(
+    args: argparse.Namespace, keep_explanations: bool, keep_images: bool, writer: Any
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Shared body of predict and visualize: items → predictions, feeding ``writer``."""
+    import time
+
+    from tqdm import tqdm
+
+    from mammogmic.evaluation.inference import PrepareSettings, default_workers, predict_items
+
+    items = _collect_items(args)
+    _check_inputs_untouched(args, items)
+    device = _resolve_device(args.device)
+    members = _load_members(args, device)
+    settings = PrepareSettings(
+        input_shape=(int(args.input_size[0]), int(args.input_size[1])),
+        window_shape=tuple(args.window_size) if args.window_size else None,
+        tta=args.tta,
+        seed=args.seed,
+        crop_iterations=args.crop_iterations,
+        load_masks=keep_images,
+    )
+    todo = items
+    if writer is not None:
+        done = writer.done_ids
+        todo = [i for i in items if i.image_id not in done]
+        if len(todo) < len(items):
+            print(
+                f"{len(items) - len(todo)} image(s) already predicted in {args.out}; skipping them",
+                file=sys.stderr,
+            )
+    errors: list[Any] = []
+
+    def on_error(p: Any) -> None:
+        errors.append(p)
+        if writer is not None:
+            writer.add_error(p)
+
+    def on_result(res: Any) -> None:
+        if writer is not None:
+            writer.add_result(res)
+
+    bar = tqdm(total=len(todo), unit="img", disable=args.no_progress or not todo, desc="predict")
+
+    def progress(n: int) -> None:
+        bar.update(n)
+        if writer is not None:
+            writer.flush()
+
+    start = time.perf_counter()
+    results = predict_items(
+        todo,
+        members,
+        settings,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=args.dtype,
+        workers=default_workers() if args.workers is None else args.workers,
+        keep_explanations=keep_explanations,
+        keep_images=keep_images,
+        on_error=on_error,
+        on_result=on_result,
+        progress=progress,
+    )
+    bar.close()
+    info = {
+        "models": [{"name": m.name, "path": m.source, "percent_t": m.percent_t} for m in members],
+        "device": device,
+        "dtype": args.dtype,
+        "tta": args.tta,
+        "seed": args.seed,
+        "input_size": list(settings.input_shape),
+        "window_size": list(settings.window_shape or settings.input_shape),
+        "n_inputs": len(items),
+        "n_run": len(todo),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return results, errors, info
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Entry point of ``mammogmic predict``."""
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.outputs import PredictionWriter
+
+    try:
+        _check_out_folder(args)
+        writer = PredictionWriter(
+            args.out,
+            overwrite=args.overwrite_predictions,
+            save_saliency=args.save_saliency,
+            save_patches=args.save_patches,
+        )
+        _, errors, info = _run_inference(args, args.save_saliency or args.save_patches, False, writer)
+        written = writer.finish(info)
+    except (MammogmicError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{info['n_run'] - len(errors)} image(s) predicted, {len(errors)} failed; outputs in {args.out}")
+    for path in written.values():
+        print(f"  {path}")
+    return 1 if errors else 0
+
+
+def run_visualize(args: argparse.Namespace) -> int:
+    """Entry point of ``mammogmic visualize``."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    import pandas as pd
+
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.localization import dice_scores
+    from mammogmic.evaluation.outputs import PredictionWriter
+    from mammogmic.evaluation.table import evaluate_table
+    from mammogmic.visualization.figure import gmic_figure
+    from mammogmic.visualization.report import GalleryItem, write_html_report
+
+    try:
+        _check_out_folder(args)
+        writer = PredictionWriter(args.out, overwrite=True)
+        results, errors, info = _run_inference(args, True, True, writer)
+        writer.finish(info)
+    except (MammogmicError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    fig_dir = args.out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    gallery = []
+    drawn = sorted(results, key=lambda r: -r.malignant)[: max(0, args.max_figures)]
+    for res in drawn:
+        if res.saliency is None or res.image is None:
+            continue  # e.g. a whole-image baseline model: no saliency or patches
+        masks = res.masks
+        fig = gmic_figure(
+            image=res.image,
+            saliency=res.saliency,
+            patch_locations=res.patch_locations,
+            crop_size=res.crop_size,
+            patch_attention=res.patch_attention,
+            benign_mask=masks[0] if masks is not None else None,
+            malignant_mask=masks[1] if masks is not None else None,
+            scores={"benign": res.benign, "malignant": res.malignant},
+            title=f"{res.item.image_id} ({res.view})",
+        )
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=args.dpi)
+        png = buf.getvalue()
+        (fig_dir / f"{res.item.image_id}.png").write_bytes(png)
+        labels = None
+        if not np.isnan(res.item.malignant_label):
+            labels = f"benign {res.item.benign_label:g}, malignant {res.item.malignant_label:g}"
+        gallery.append(GalleryItem(res.item.image_id, png, res.malignant, res.benign, labels))
+    with_masks = [r for r in results if r.masks is not None and r.saliency is not None]
+    if with_masks:
+        dice = [dice_scores(r.saliency, r.masks, threshold=args.dice_threshold) for r in with_masks]
+        summary = {
+            "threshold": args.dice_threshold,
+            "images": {r.item.image_id: d.to_dict() for r, d in zip(with_masks, dice, strict=True)},
+        }
+        soft = np.concatenate([d.soft for d in dice])
+        hard = np.concatenate([d.hard for d in dice])
+        for c, name in enumerate(("benign", "malignant")):
+            valid = np.isfinite(soft[:, c])
+            summary[name] = {
+                "mean_soft_dice": float(soft[valid, c].mean()) if valid.any() else None,
+                "mean_dice": float(hard[valid, c].mean()) if valid.any() else None,
+                "n_images": int(valid.sum()),
+            }
+        (args.out / "localization.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    print(f"{len(gallery)} figure(s) in {fig_dir}; {len(errors)} image(s) failed (see errors.csv)")
+    if args.report:
+        table = writer.image_table()
+        metrics = []
+        curves: list[tuple[str, bytes]] = []
+        for level in ("image", "breast"):
+            if "malignant_label" not in table.columns or table["malignant_label"].nunique(dropna=True) < 2:
+                break
+            try:
+                result, grouped = evaluate_table(
+                    table,
+                    label="malignant_label",
+                    scores=["malignant_pred"],
+                    group=level,
+                    n_bootstrap=2000,
+                    source="predictions",
+                )
+            except ValueError as exc:
+                logger.warning("no %s-level metrics in the report: %s", level, exc)
+                continue
+            metrics.append((f"{level.capitalize()} level (malignant)", result))
+            if level == "image":
+                curves = _curve_pngs(result, grouped, "image level")
+        if "benign_label" in table.columns and pd.to_numeric(table["benign_label"]).nunique(dropna=True) == 2:
+            result, _ = evaluate_table(
+                table, label="benign_label", scores=["benign_pred"], source="predictions"
+            )
+            metrics.append(("Image level (benign)", result))
+        notes = [
+            f"Models: {', '.join(m['name'] for m in info['models'])}; device {info['device']}, {info['dtype']}, "
+            f"TTA {info['tta']}; {len(results)} image(s) predicted, {len(errors)} failed."
+        ]
+        path = write_html_report(
+            args.out / "report.html", "GMIC predictions", metrics, curves, gallery, notes
+        )
+        print(f"report: {path}")
+    return 1 if errors else 0

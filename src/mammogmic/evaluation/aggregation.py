@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 # Official / meta-repository image names look like "0_L-CC", "12_R_MLO" or "..._L-MLO_2".
-_IMAGE_NAME = re.compile(
+IMAGE_NAME = re.compile(
     r"^(?P<exam>.+?)[_-](?P<laterality>[LR])[-_](?P<view>CC|MLO)(?:[_-].*)?$", re.IGNORECASE
 )
 
@@ -60,7 +60,7 @@ def infer_image_fields(df: pd.DataFrame, name_column: str = "image_index") -> pd
         raise ValueError(
             f"cannot group by breast: the table lacks {needed} and has no {name_column!r} column to parse"
         )
-    parsed = out[name_column].astype(str).str.extract(_IMAGE_NAME)
+    parsed = out[name_column].astype(str).str.extract(IMAGE_NAME)
     bad = out.loc[parsed["exam"].isna(), name_column].astype(str).tolist()
     if bad:
         raise ValueError(

@@ -1,0 +1,216 @@
+"""Files written by ``mammogmic predict``: image/breast/exam CSVs, errors, saliency arrays, patches.
+
+Layout of the output folder::
+
+    image_predictions.csv     image_index, benign_pred, malignant_pred[, benign_label, malignant_label],
+                              then image_id, exam_id, patient_id, breast_id, laterality, view, path
+                              (and <benign|malignant>_pred__<model> per member of an ensemble)
+    breast_predictions.csv    one row per breast: mean over its views (see aggregation)
+    breast_predictions_metarepository.csv   index, left_malignant, right_malignant, left_benign, right_benign
+    exam_summary.csv          one row per exam: maximum over its breasts
+    errors.csv                image_id, path, stage, error (header only when every image worked)
+    saliency/<image_id>.npz   saliency (2, h, w) float16, patch_locations, patch_attention, crop_size
+    patches.json              {image_id: {"view", "crop_size", "locations", "attention"}}
+    run.json                  models, settings, counts
+
+The image CSV is rewritten (atomically) after every batch, so an interrupted run keeps what it
+finished and a rerun skips those images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mammogmic.evaluation.aggregation import IMAGE_NAME, breast_level, exam_level, metarepository_breast_table
+from mammogmic.evaluation.inference import ImageResult, Prepared
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PredictionWriter", "atomic_write_text"]
+
+IMAGE_CSV = "image_predictions.csv"
+ERRORS_CSV = "errors.csv"
+FLOAT_FORMAT = "%.6f"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder (no half-written files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class PredictionWriter:
+    """Collects results and errors and writes the prediction files into ``out_dir``.
+
+    Args:
+        out_dir: output folder (created).
+        overwrite: start afresh instead of keeping the predictions of an earlier run.
+        save_saliency: write ``saliency/<image_id>.npz`` per image.
+        save_patches: write ``patches.json``.
+    """
+
+    def __init__(
+        self, out_dir: Path, overwrite: bool = False, save_saliency: bool = False, save_patches: bool = False
+    ):
+        self.out_dir = out_dir
+        self.save_saliency = save_saliency
+        self.save_patches = save_patches
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        self.errors: list[dict[str, str]] = []
+        self.patches: dict[str, Any] = {}
+        image_csv = out_dir / IMAGE_CSV
+        if image_csv.exists() and not overwrite:
+            previous = pd.read_csv(image_csv, dtype={"image_index": str, "image_id": str})
+            self.rows = previous.to_dict("records")
+            logger.info("%s: keeping %d earlier predictions", image_csv, len(self.rows))
+        patches_json = out_dir / "patches.json"
+        if save_patches and patches_json.exists() and not overwrite:
+            self.patches = json.loads(patches_json.read_text(encoding="utf-8"))
+
+    @property
+    def done_ids(self) -> set[str]:
+        """Image ids that already have a prediction."""
+        return {str(r["image_index"]) for r in self.rows}
+
+    def add_error(self, prepared: Prepared) -> None:
+        """Record a failed image."""
+        self.errors.append(
+            {
+                "image_id": prepared.item.image_id,
+                "path": str(prepared.item.path),
+                "stage": prepared.stage or "",
+                "error": prepared.error or "",
+            }
+        )
+        logger.warning("skipped %s: %s", prepared.item.path, prepared.error)
+
+    def add_result(self, res: ImageResult) -> None:
+        """Record one prediction (and write its saliency file when asked)."""
+        item = res.item
+        lat, _, view = res.view.partition("-")
+        row: dict[str, Any] = {
+            "image_index": item.image_id,
+            "benign_pred": res.benign,
+            "malignant_pred": res.malignant,
+            "benign_label": item.benign_label,
+            "malignant_label": item.malignant_label,
+            "image_id": item.image_id,
+            "exam_id": item.exam_id if item.exam_id is not None else _exam_from_name(item.image_id),
+            "patient_id": item.patient_id,
+            "breast_id": item.breast_id,
+            "laterality": lat or None,
+            "view": view or None,
+            "path": str(item.path),
+        }
+        if row["breast_id"] is None and lat:
+            row["breast_id"] = f"{row['exam_id']}_{lat}"
+        for name, (benign, malignant) in res.member_probs.items():
+            row[f"benign_pred__{name}"] = benign
+            row[f"malignant_pred__{name}"] = malignant
+        self.rows = [r for r in self.rows if str(r["image_index"]) != item.image_id]
+        self.rows.append(row)
+        if (
+            self.save_saliency
+            and res.saliency is not None
+            and res.patch_locations is not None
+            and res.patch_attention is not None
+        ):
+            target = self.out_dir / "saliency" / f"{item.image_id}.npz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(
+                target,
+                saliency=res.saliency.astype(np.float16),
+                patch_locations=res.patch_locations,
+                patch_attention=res.patch_attention,
+                crop_size=np.asarray(res.crop_size),
+            )
+        if self.save_patches and res.patch_locations is not None and res.patch_attention is not None:
+            self.patches[item.image_id] = {
+                "view": res.view,
+                "crop_size": list(res.crop_size or ()),
+                "locations": res.patch_locations.astype(int).tolist(),
+                "attention": [round(float(a), 6) for a in res.patch_attention],
+            }
+
+    def image_table(self) -> pd.DataFrame:
+        """All predictions so far, label columns dropped when no label is known."""
+        df = pd.DataFrame(self.rows)
+        if df.empty:
+            return pd.DataFrame(columns=["image_index", "benign_pred", "malignant_pred"])
+        for col in ("benign_label", "malignant_label"):
+            if col in df.columns and pd.to_numeric(df[col], errors="coerce").isna().all():
+                df = df.drop(columns=col)
+        return df
+
+    def flush(self) -> None:
+        """Rewrite the image CSV (called after each batch)."""
+        atomic_write_text(
+            self.out_dir / IMAGE_CSV, self.image_table().to_csv(index=False, float_format=FLOAT_FORMAT)
+        )
+
+    def finish(self, run_info: dict[str, Any]) -> dict[str, Path]:
+        """Write every output file; returns name → path of what was written."""
+        self.flush()
+        written = {"image": self.out_dir / IMAGE_CSV}
+        errors = pd.DataFrame(self.errors, columns=["image_id", "path", "stage", "error"])
+        atomic_write_text(self.out_dir / ERRORS_CSV, errors.to_csv(index=False))
+        written["errors"] = self.out_dir / ERRORS_CSV
+        images = self.image_table()
+        with_side = (
+            images.dropna(subset=["laterality"]) if "laterality" in images.columns else images.iloc[0:0]
+        )
+        if len(with_side):
+            scores = [c for c in images.columns if c.startswith(("benign_pred", "malignant_pred"))]
+            labels = [c for c in ("benign_label", "malignant_label") if c in images.columns]
+            breasts = breast_level(with_side, score_columns=scores, label_columns=labels)
+            for name, table in (
+                ("breast_predictions.csv", breasts),
+                ("breast_predictions_metarepository.csv", metarepository_breast_table(breasts)),
+                ("exam_summary.csv", exam_level(breasts, score_columns=scores, label_columns=labels)),
+            ):
+                atomic_write_text(self.out_dir / name, table.to_csv(index=False, float_format=FLOAT_FORMAT))
+                written[name] = self.out_dir / name
+        if self.save_patches:
+            atomic_write_text(self.out_dir / "patches.json", json.dumps(self.patches, indent=1) + "\n")
+            written["patches"] = self.out_dir / "patches.json"
+        info = {**run_info, "n_predicted": len(images), "n_errors": len(self.errors)}
+        atomic_write_text(self.out_dir / "run.json", json.dumps(info, indent=2, default=_json_default) + "\n")
+        written["run"] = self.out_dir / "run.json"
+        return written
+
+
+def _exam_from_name(image_id: str) -> str:
+    """Exam of names like ``0_L-CC`` (official sample data); otherwise the image is its own exam."""
+    match = IMAGE_NAME.match(image_id)
+    return match.group("exam") if match else image_id
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, Sequence):
+        return list(value)
+    return str(value)

@@ -1,0 +1,189 @@
+"""``mammogmic predict`` / ``visualize`` on a folder of good and bad files with a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mammogmic.cli.main import main
+
+
+def _folder(root: Path, write_breast_png) -> Path:  # type: ignore[no-untyped-def]
+    scans = root / "scans"
+    write_breast_png(scans / "0_L-CC.png", "L", 0)
+    write_breast_png(scans / "0_L-MLO.png", "L", 1)
+    write_breast_png(scans / "0_R-CC.png", "R", 2)
+    write_breast_png(scans / "sub" / "1_R-MLO.png", "R", 3)
+    (scans / "broken_L-CC.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (scans / "empty_R-CC.dcm").write_bytes(b"")
+    Image.fromarray(np.zeros((300, 200), dtype=np.uint8)).save(scans / "black_L-MLO.png")  # no breast
+    write_breast_png(scans / "noview.png", "L", 4)  # laterality/view unknown
+    (scans / "notes.txt").write_text("not an image")  # ignored: not an image suffix
+    return scans
+
+
+def test_predict_folder_good_and_bad(tmp_path: Path, tiny_model: Path, breast_png, size_args) -> None:  # type: ignore[no-untyped-def]
+    write_breast_png = breast_png
+    scans = _folder(tmp_path, breast_png)
+    before = {p: p.read_bytes() for p in scans.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    args = [
+        "predict",
+        str(scans),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        *size_args,
+        "--batch-size",
+        "3",
+    ]
+    rc = main([*args, "--save-saliency", "--save-patches"])
+    assert rc == 1  # some images failed
+    preds = pd.read_csv(out / "image_predictions.csv", dtype={"image_index": str})
+    assert sorted(preds["image_index"]) == ["0_L-CC", "0_L-MLO", "0_R-CC", "sub_1_R-MLO"]
+    assert list(preds.columns[:3]) == ["image_index", "benign_pred", "malignant_pred"]
+    assert preds[["benign_pred", "malignant_pred"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert "malignant_label" not in preds.columns  # no labels known
+    errors = pd.read_csv(out / "errors.csv")
+    by_id = dict(zip(errors["image_id"], errors["stage"], strict=True))
+    assert set(by_id) == {"broken_L-CC", "empty_R-CC", "black_L-MLO", "noview"}
+    assert by_id["black_L-MLO"] == "crop"
+    for _, row in errors.iterrows():
+        assert row["path"] in row["error"]  # each message names its file
+    # breast level: exam 0 has L (CC + MLO) and R (CC); "1" comes from the sub-folder name prefix.
+    breasts = pd.read_csv(out / "breast_predictions.csv", dtype={"exam_id": str})
+    left = breasts[breasts["breast_id"] == "0_L"].iloc[0]
+    expected = preds.set_index("image_index").loc[["0_L-CC", "0_L-MLO"], "malignant_pred"].mean()
+    assert left["malignant_pred"] == pytest.approx(expected, abs=1e-5)
+    wide = pd.read_csv(out / "breast_predictions_metarepository.csv", dtype={"index": str})
+    assert list(wide.columns[:3]) == ["index", "left_malignant", "right_malignant"]
+    assert (out / "exam_summary.csv").exists()
+    npz = np.load(out / "saliency" / "0_L-CC.npz")
+    assert npz["saliency"].shape == (2, 4, 3) and npz["patch_locations"].shape == (2, 2)
+    patches = json.loads((out / "patches.json").read_text())
+    assert set(patches) == set(preds["image_index"]) and len(patches["0_L-CC"]["attention"]) == 2
+    # inputs untouched, nothing written into the input folder
+    assert {p: p.read_bytes() for p in scans.rglob("*") if p.is_file()} == before
+
+    # A rerun skips what was predicted; new files are added.
+    write_breast_png(scans / "2_L-CC.png", "L", 5)
+    stamp = (out / "image_predictions.csv").read_text()
+    assert main(args) == 1
+    again = pd.read_csv(out / "image_predictions.csv", dtype={"image_index": str})
+    assert len(again) == 5 and "2_L-CC" in set(again["image_index"])
+    old = again.set_index("image_index").loc["0_L-CC", "malignant_pred"]
+    assert old == pytest.approx(preds.set_index("image_index").loc["0_L-CC", "malignant_pred"])
+    assert stamp != (out / "image_predictions.csv").read_text()
+    run = json.loads((out / "run.json").read_text())
+    assert run["n_run"] == 5  # 1 new good image + the 4 bad ones retried
+    assert run["n_predicted"] == 5
+
+
+def test_predict_manifest_labels_ensemble_tta(
+    tmp_path: Path, tiny_model: Path, breast_png, size_args
+) -> None:  # type: ignore[no-untyped-def]
+    write_breast_png = breast_png
+    rows = []
+    for i, (side, view) in enumerate([("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]):
+        write_breast_png(tmp_path / "img" / f"a{i}.png", side, i)
+        rows.append(
+            {
+                "image_id": f"img{i}",
+                "image_path": f"img/a{i}.png",
+                "patient_id": "p1",
+                "exam_id": "e1",
+                "laterality": side,
+                "view": view,
+                "benign_label": 0,
+                "malignant_label": int(side == "R"),
+            }
+        )
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "predict",
+            "--manifest",
+            str(manifest),
+            "--model",
+            str(tiny_model),
+            "--model",
+            str(tiny_model),
+            "--tta",
+            "2",
+            "--out",
+            str(out),
+            *size_args,
+        ]
+    )
+    assert rc == 0
+    preds = pd.read_csv(out / "image_predictions.csv")
+    assert preds["malignant_label"].tolist() == [0, 0, 1, 1]
+    members = [c for c in preds.columns if c.startswith("malignant_pred__")]
+    assert len(members) == 2
+    np.testing.assert_allclose(preds[members].mean(axis=1), preds["malignant_pred"], atol=1e-5)
+    breasts = pd.read_csv(out / "breast_predictions.csv")
+    assert breasts["breast_id"].tolist() == ["e1_L", "e1_R"]
+    assert breasts["malignant_label"].tolist() == [0, 1]
+    assert (
+        main(["predict", "--manifest", str(manifest), "--model", str(tiny_model), "--out", str(manifest)])
+        == 2
+    )
+
+
+def test_visualize_report(tmp_path: Path, tiny_model: Path, breast_png, size_args) -> None:  # type: ignore[no-untyped-def]
+    write_breast_png = breast_png
+    rows = []
+    for i, side in enumerate("LRLR"):
+        img = write_breast_png(tmp_path / f"s{i}.png", side, i)
+        mask = np.zeros(img.shape, dtype=np.uint8)
+        mask[140:180, 20:60] = 255
+        Image.fromarray(mask).save(tmp_path / f"s{i}_mal.png")
+        rows.append(
+            {
+                "image_id": f"s{i}",
+                "image_path": f"s{i}.png",
+                "exam_id": f"e{i // 2}",
+                "patient_id": "p",
+                "laterality": side,
+                "view": "CC",
+                "malignant_label": i % 2,
+                "benign_label": 0,
+                "malignant_mask_path": f"s{i}_mal.png",
+            }
+        )
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    out = tmp_path / "vis"
+    rc = main(
+        [
+            "visualize",
+            "--manifest",
+            str(manifest),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(out),
+            "--report",
+            "--dpi",
+            "50",
+            *size_args,
+        ]
+    )
+    assert rc == 0
+    figures = sorted((out / "figures").glob("*.png"))
+    assert [f.stem for f in figures] == ["s0", "s1", "s2", "s3"]
+    width, height = Image.open(figures[0]).size
+    assert width == 4 * 2.6 * 50  # four panels of 2.6 inches at 50 dpi
+    assert height > width / 2
+    html = (out / "report.html").read_text()
+    assert html.count("<figure ") == 4 and "AUROC" in html
+    loc = json.loads((out / "localization.json").read_text())
+    assert loc["malignant"]["n_images"] == 4 and 0 <= loc["malignant"]["mean_soft_dice"] <= 1
