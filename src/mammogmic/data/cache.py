@@ -1,0 +1,359 @@
+"""``mammogmic preprocess``: crop every image of a manifest once, into a fast-loading cache.
+
+Output folder layout::
+
+    OUT/manifest.csv        the input manifest completed with the preprocessing columns and cached_path
+    OUT/errors.csv          file, image_id, stage, reason for every image that could not be used
+    OUT/cache/<id>.npy      cropped 16-bit pixels in raw orientation (uncompressed, memory-mappable)
+    OUT/cache/<id>_benign.npy, <id>_malignant.npy   cropped masks (uint8), when the manifest has masks
+    OUT/progress.jsonl      one line per finished image (lets an interrupted run resume)
+    OUT/preprocess.json     the settings; a rerun with other settings redoes everything
+
+A rerun skips images whose cache entry exists and whose source is unchanged (same size and mtime, or
+else the same SHA-256). One bad file never stops the batch: it goes to ``errors.csv``. The output folder
+may not be (or be inside) a folder that holds input images, and inputs are never written.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mammogmic.data.io import read_image, read_mask
+from mammogmic.data.manifest import Manifest, ManifestRow, save_manifest
+from mammogmic.data.preprocessing import (
+    best_center,
+    chest_wall_side,
+    crop_breast,
+    expected_chest_wall_side,
+)
+from mammogmic.errors import ImageReadError, MammogmicError, PreprocessingError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PreprocessSettings", "PreprocessSummary", "preprocess_manifest", "cache_name", "sha256_file"]
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Settings of the preprocessing (written to ``preprocess.json``).
+
+    Attributes:
+        iterations: Erosion/dilation iterations of the crop (official 100).
+        buffer_size: Crop buffer in pixels (official 50).
+        window_shape: Window used to find the optimal centre (official ``(2944, 1920)``).
+        orientation_check: ``"dicom"`` (default), ``"all"`` or ``"none"``: for which inputs the chest-wall
+            side is checked against the pixels; when they disagree ``horizontal_flip`` is toggled and the
+            change recorded in the ``orientation_note`` column.
+        apply_voi: Apply the DICOM VOI LUT/window when reading.
+    """
+
+    iterations: int = 100
+    buffer_size: int = 50
+    window_shape: tuple[int, int] = (2944, 1920)
+    orientation_check: str = "dicom"
+    apply_voi: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "iterations": self.iterations,
+            "buffer_size": self.buffer_size,
+            "window_shape": list(self.window_shape),
+            "orientation_check": self.orientation_check,
+            "apply_voi": self.apply_voi,
+            "version": 1,
+        }
+
+
+@dataclass
+class PreprocessSummary:
+    """Counts of one run."""
+
+    total: int = 0
+    processed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    manifest_path: Path | None = None
+    errors_path: Path | None = None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_name(image_id: str) -> str:
+    """A file-system-safe, collision-free stem for an image id."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)[:80].strip("._") or "image"
+    return f"{safe}_{hashlib.sha1(image_id.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, np.ascontiguousarray(array))
+    os.replace(tmp, path)
+
+
+def _check_output_dir(out_dir: Path, manifest: Manifest) -> None:
+    out = out_dir.resolve()
+    input_dirs = {manifest.root.resolve()}
+    for row in manifest:
+        for value in (row.image_path, row.benign_mask_path, row.malignant_mask_path):
+            path = manifest.resolve(value)
+            if path is not None:
+                input_dirs.add(path.resolve().parent)
+    for directory in input_dirs:
+        if out == directory or directory in out.parents:
+            raise MammogmicError(
+                f"output folder {out_dir} is (inside) the input folder {directory}; choose a separate folder "
+                "so that inputs are never written over"
+            )
+        if out in directory.parents:
+            raise MammogmicError(
+                f"output folder {out_dir} contains input images ({directory}); choose another"
+            )
+
+
+def _process_one(task: dict[str, Any]) -> dict[str, Any]:
+    """Worker: read, orient-check, crop, centre, write. Returns a result or an error dict."""
+    row: ManifestRow = task["row"]
+    settings: PreprocessSettings = task["settings"]
+    source = Path(task["source"])
+    stage = "read"
+    try:
+        stat = source.stat() if source.exists() else None
+        image, meta = read_image(source, apply_voi=settings.apply_voi)
+        stage = "orientation"
+        flip = row.horizontal_flip
+        notes: list[str] = []
+        if meta.laterality is not None and meta.laterality != row.laterality:
+            notes.append(
+                f"{meta.laterality_source} says laterality {meta.laterality}, manifest says {row.laterality}"
+            )
+        if meta.view is not None and meta.view != row.view:
+            notes.append(f"{meta.view_source} says view {meta.view}, manifest says {row.view}")
+        check = settings.orientation_check == "all" or (
+            settings.orientation_check == "dicom" and meta.format == "dicom"
+        )
+        if check:
+            seen = chest_wall_side(image)
+            expected = expected_chest_wall_side(row.full_view, flip)
+            if seen != expected:
+                flip = "YES" if flip == "NO" else "NO"
+                notes.append(
+                    f"pixels show the chest wall on the {seen}, expected {expected}: horizontal_flip={flip}"
+                )
+        stage = "crop"
+        info = crop_breast(
+            image, row.full_view, flip, iterations=settings.iterations, buffer_size=settings.buffer_size
+        )
+        stage = "center"
+        centre = best_center(info, window_shape=settings.window_shape)
+        stage = "write"
+        out_dir = Path(task["cache_dir"])
+        stem = cache_name(row.image_id)
+        _atomic_save(out_dir / f"{stem}.npy", info.cropped.astype(np.uint16, copy=False))
+        top, bottom, left, right = info.window_location
+        mask_paths: dict[str, str] = {}
+        for label in ("benign", "malignant"):
+            mask_path = task.get(f"{label}_mask")
+            if mask_path:
+                stage = f"{label} mask"
+                mask = read_mask(mask_path, image.shape)
+                _atomic_save(out_dir / f"{stem}_{label}.npy", mask[top:bottom, left:right].astype(np.uint8))
+                mask_paths[f"cached_{label}_mask_path"] = f"cache/{stem}_{label}.npy"
+        record = info.to_record()
+        record.update(
+            {
+                "cached_path": f"cache/{stem}.npy",
+                "best_center": json.dumps([int(centre[0]), int(centre[1])]),
+                "source_sha256": sha256_file(source),
+                "horizontal_flip": flip,
+            }
+        )
+        extra = {
+            "source_size": str(stat.st_size if stat else ""),
+            "source_mtime_ns": str(stat.st_mtime_ns if stat else ""),
+            "orientation_note": "; ".join(notes),
+            "cropped_shape": json.dumps(list(info.cropped.shape)),
+            **mask_paths,
+        }
+        return {"ok": True, "image_id": row.image_id, "record": record, "extra": extra}
+    except (MammogmicError, OSError, ValueError, MemoryError) as exc:
+        reason = str(exc)
+        if isinstance(exc, PreprocessingError) and str(source) not in reason:
+            reason = f"{source}: {reason}"
+        if not isinstance(exc, (ImageReadError, PreprocessingError)):
+            reason = f"{type(exc).__name__}: {reason}"
+        return {"ok": False, "image_id": row.image_id, "file": str(source), "stage": stage, "reason": reason}
+
+
+def _load_previous(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Finished entries from an earlier run: image_id -> {record, extra}."""
+    previous: dict[str, dict[str, Any]] = {}
+    journal = out_dir / "progress.jsonl"
+    if journal.is_file():
+        with open(journal, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interruption
+                previous[entry["image_id"]] = entry
+    return previous
+
+
+def _unchanged(entry: dict[str, Any], source: Path, out_dir: Path) -> bool:
+    if not (out_dir / entry["record"]["cached_path"]).is_file():
+        return False
+    for key in ("cached_benign_mask_path", "cached_malignant_mask_path"):
+        if entry["extra"].get(key) and not (out_dir / entry["extra"][key]).is_file():
+            return False
+    try:
+        stat = source.stat()
+    except OSError:
+        return False
+    if str(stat.st_size) == entry["extra"].get("source_size") and str(stat.st_mtime_ns) == entry["extra"].get(
+        "source_mtime_ns"
+    ):
+        return True
+    if str(stat.st_size) != entry["extra"].get("source_size"):
+        return False
+    return sha256_file(source) == entry["record"].get("source_sha256")
+
+
+def preprocess_manifest(
+    manifest: Manifest,
+    out_dir: str | os.PathLike[str],
+    *,
+    settings: PreprocessSettings | None = None,
+    jobs: int = 1,
+    progress: Callable[[int], Any] | None = None,
+) -> PreprocessSummary:
+    """Preprocess every row of ``manifest`` into ``out_dir`` (see the module docstring).
+
+    Args:
+        manifest: A validated manifest.
+        out_dir: Output folder (created; must not be or contain an input folder).
+        settings: :class:`PreprocessSettings`.
+        jobs: Worker processes (1 = in this process).
+        progress: Called with 1 after each image (e.g. ``tqdm.update``).
+
+    Returns:
+        A :class:`PreprocessSummary`.
+    """
+    settings = settings or PreprocessSettings()
+    out = Path(out_dir)
+    _check_output_dir(out, manifest)
+    cache_dir = out / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    settings_path = out / "preprocess.json"
+    previous: dict[str, dict[str, Any]] = {}
+    if settings_path.is_file() and json.loads(settings_path.read_text()) == settings.to_json():
+        previous = _load_previous(out)
+    elif (out / "progress.jsonl").is_file():
+        logger.info("settings changed since the last run: preprocessing everything again")
+        (out / "progress.jsonl").unlink()
+    settings_path.write_text(json.dumps(settings.to_json(), indent=2))
+
+    summary = PreprocessSummary(total=len(manifest))
+    done: dict[str, dict[str, Any]] = {}
+    tasks: list[dict[str, Any]] = []
+    for row in manifest:
+        source = manifest.resolve(row.image_path)
+        assert source is not None  # required column, validated
+        entry = previous.get(row.image_id)
+        if entry is not None and _unchanged(entry, source, out):
+            done[row.image_id] = entry
+            summary.skipped += 1
+            if progress:
+                progress(1)
+            continue
+        tasks.append(
+            {
+                "row": row,
+                "settings": settings,
+                "source": str(source),
+                "cache_dir": str(cache_dir),
+                "benign_mask": str(manifest.resolve(row.benign_mask_path) or ""),
+                "malignant_mask": str(manifest.resolve(row.malignant_mask_path) or ""),
+            }
+        )
+    errors: list[dict[str, Any]] = []
+    with open(out / "progress.jsonl", "a", encoding="utf-8") as journal:
+        for result in _run(tasks, jobs):
+            if result["ok"]:
+                entry = {"image_id": result["image_id"], "record": result["record"], "extra": result["extra"]}
+                journal.write(json.dumps(entry) + "\n")
+                journal.flush()
+                done[result["image_id"]] = entry
+                summary.processed += 1
+            else:
+                errors.append(result)
+                summary.failed += 1
+                logger.warning("%s", result["reason"])
+            if progress:
+                progress(1)
+
+    rows: list[ManifestRow] = []
+    for row in manifest:
+        entry = done.get(row.image_id)
+        if entry is None:
+            continue
+        record = entry["record"]
+        extra = {**row.extra, **entry["extra"]}
+        rows.append(
+            replace(
+                row,
+                image_path=str(manifest.resolve(row.image_path)),
+                benign_mask_path=str(manifest.resolve(row.benign_mask_path))
+                if row.benign_mask_path
+                else None,
+                malignant_mask_path=str(manifest.resolve(row.malignant_mask_path))
+                if row.malignant_mask_path
+                else None,
+                cached_path=record["cached_path"],
+                window_location=json.loads(record["window_location"]),
+                rightmost_points=json.loads(record["rightmost_points"]),
+                bottommost_points=json.loads(record["bottommost_points"]),
+                distance_from_starting_side=int(record["distance_from_starting_side"]),
+                best_center=json.loads(record["best_center"]),
+                source_sha256=record["source_sha256"],
+                horizontal_flip=record["horizontal_flip"],
+                extra=extra,
+            )
+        )
+    summary.manifest_path = save_manifest(Manifest(rows, out), out / "manifest.csv")
+    summary.errors_path = out / "errors.csv"
+    with open(summary.errors_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=["file", "image_id", "stage", "reason"], extrasaction="ignore"
+        )
+        writer.writeheader()
+        writer.writerows(errors)
+    return summary
+
+
+def _run(tasks: list[dict[str, Any]], jobs: int) -> Iterator[dict[str, Any]]:
+    if jobs <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield _process_one(task)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(jobs) as pool:
+        yield from pool.imap_unordered(_process_one, tasks, chunksize=1)
