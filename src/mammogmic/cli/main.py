@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mammogmic.cli.model_cmds",
     "mammogmic.cli.eval_cmds",
     "mammogmic.cli.synth_cmd",
+    "mammogmic.cli.data_cmds",
 )
 
 
