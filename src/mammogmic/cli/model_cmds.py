@@ -7,6 +7,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mammogmic.models import GMIC, ResNetBaseline
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run_convert)
 
 
-def _load(path: Path, percent_t: float):  # type: ignore[no-untyped-def]
+def _load(path: Path, percent_t: float) -> GMIC | ResNetBaseline:
     from mammogmic import load_model, load_official_checkpoint
 
     return load_official_checkpoint(path, percent_t=percent_t) if path.suffix == ".p" else load_model(path)
