@@ -1,0 +1,64 @@
+"""``mammogmic predict`` from raw PNGs with the official-format checkpoint reproduces the official outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mammogmic.cli.main import main
+
+FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "official_gmic"
+
+pytestmark = pytest.mark.fixtures
+
+
+@pytest.fixture(scope="module")
+def fixtures() -> Path:
+    if not (FIXTURES / "official_format_seed0.p").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"official GMIC fixtures missing at {FIXTURES} (CI is set)")
+        pytest.skip(f"official GMIC fixtures not found at {FIXTURES}")
+    return FIXTURES
+
+
+def test_predict_matches_official_fusion(tmp_path: Path, fixtures: Path) -> None:
+    # 0_L-CC is already cropped by NYU; 1_R_CC is a full image that goes through crop + centre.
+    names = ["0_L-CC", "1_R_CC"]
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "predict",
+            *(str(fixtures / "images" / "original" / f"{n}.png") for n in names),
+            "--model",
+            str(fixtures / "official_format_seed0.p"),
+            "--percent-t",
+            "0.02",
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+            "--no-progress",
+            "--save-saliency",
+            "--save-patches",
+        ]
+    )
+    assert rc == 0
+    preds = pd.read_csv(out / "image_predictions.csv").set_index("image_index")
+    patches = json.loads((out / "patches.json").read_text())
+    for name in names:
+        expected = np.load(fixtures / "expected" / f"{name}.npz")
+        got = preds.loc[name, ["benign_pred", "malignant_pred"]].to_numpy(dtype=float)
+        np.testing.assert_allclose(got, expected["y_fusion"][0], atol=2e-6)  # CSV keeps 6 decimals
+        saliency = np.load(out / "saliency" / f"{name}.npz")["saliency"].astype(np.float32)
+        np.testing.assert_allclose(saliency, expected["saliency_map"][0], atol=1e-3)  # stored as float16
+        np.testing.assert_array_equal(patches[name]["locations"], expected["patch_locations"][0].astype(int))
+        np.testing.assert_allclose(patches[name]["attention"], expected["patch_attns"][0], atol=1e-5)
+    wide = pd.read_csv(out / "breast_predictions_metarepository.csv", dtype={"index": str}).set_index("index")
+    assert wide.loc["1", "right_malignant"] == pytest.approx(preds.loc["1_R_CC", "malignant_pred"])
