@@ -201,6 +201,7 @@ class Parenchyma:
     thickness: np.ndarray  # float32 (h, w), relative compressed thickness 0..1
     density_map: np.ndarray  # float32 (h, w), fibroglandular fraction 0..1
     muscle: np.ndarray  # float32 (h, w) soft muscle mask
+    edge_mm: np.ndarray  # float32 (h, w), distance to the skin edge in mm (0 outside)
 
 
 def work_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -298,4 +299,4 @@ def parenchyma(
         mval = level * (0.8 + 0.3 * corner) + 0.02 * iso
         tissue = (1.0 - musc) * tissue + musc * np.maximum(mval, tissue)
     tissue = (tissue * thickness).astype(np.float32)
-    return Parenchyma(tissue=tissue, thickness=thickness, density_map=gland, muscle=musc)
+    return Parenchyma(tissue=tissue, thickness=thickness, density_map=gland, muscle=musc, edge_mm=d_mm)

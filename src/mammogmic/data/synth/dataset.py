@@ -104,7 +104,17 @@ def assign_splits(n_exams: int, seed: int, config: SynthConfig) -> list[str]:
 def _write_png(path: Path, array: np.ndarray, compression: int) -> None:
     import cv2
 
-    if not cv2.imwrite(str(path), array, [cv2.IMWRITE_PNG_COMPRESSION, compression]):
+    # Sub filter + run-length zlib strategy: ~4x faster than OpenCV's default adaptive filtering at
+    # full size, and the files are no larger (the 12-bit noise leaves little for LZ77 to find).
+    params = [
+        cv2.IMWRITE_PNG_COMPRESSION,
+        compression,
+        cv2.IMWRITE_PNG_FILTER,
+        cv2.IMWRITE_PNG_FILTER_SUB,
+        cv2.IMWRITE_PNG_STRATEGY,
+        cv2.IMWRITE_PNG_STRATEGY_RLE,
+    ]
+    if not cv2.imwrite(str(path), array, params):
         raise MammogmicError(f"{path}: could not write PNG")
 
 

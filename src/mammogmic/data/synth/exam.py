@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import cv2
@@ -116,20 +117,30 @@ def _render_view(
         img = par.tissue.copy()
     alpha_u8 = anatomy.fill_mask(shape, size, antialias=True)
     inside = alpha_u8 > 127
-    dist = cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, 3)
 
-    # skin line: a thin band of slightly higher attenuation along the edge
+    # skin line: a thin band of slightly higher attenuation along the edge. A box blur of the mask
+    # rises linearly with the distance d inside a straight edge (255 * (0.5 + d / k)), so a 256-entry
+    # table turns it into the skin profile; far cheaper at full size than a distance transform.
     skin_px = max(1.2 * ppm, 1.0)
-    ys, xs = np.nonzero((dist > 0) & (dist < 3 * skin_px))
-    dd = dist[ys, xs]
-    img[ys, xs] += 0.09 * np.exp(-(((dd - 0.5 * skin_px) / (0.6 * skin_px)) ** 2))
+    k = 2 * int(math.ceil(2.0 * skin_px)) + 1
+    d = (np.arange(256, dtype=np.float32) / 255.0 - 0.5) * k
+    table = np.where(d > 0, 0.09 * np.exp(-(((d - 0.5 * skin_px) / (0.6 * skin_px)) ** 2)), 0.0)
+    img += cv2.LUT(cv2.blur(alpha_u8, (k, k)), table.astype(np.float32).reshape(1, 256))
+
+    lo_h = par.edge_mm.shape[0]
+    lo_w = par.edge_mm.shape[1]
+
+    def edge_px(row: int, col: int) -> float:
+        r = min(int(row * lo_h / h), lo_h - 1)
+        c = min(int(col * lo_w / w), lo_w - 1)
+        return float(par.edge_mm[r, c]) * ppm
 
     masks = {c: np.zeros((h, w), np.uint8) for c in CLASSES}
     metas: list[dict[str, Any]] = []
     avoid: list[tuple[float, float, float]] = []
     t0, lam = thick
     for f in findings:
-        pos = place_finding(f, shape, size, inside, dist, ppm, avoid)
+        pos = place_finding(f, shape, size, inside, edge_px, ppm, avoid)
         if pos is None:
             continue
         avoid.append((pos[0], pos[1], 0.5 * f.size_mm * ppm))
@@ -141,8 +152,8 @@ def _render_view(
             continue
         sl = (slice(ya, yb), slice(xa, xb))
         psl = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
-        dmm = dist[sl] / ppm
-        t = t0 + (1.0 - t0) * (1.0 - np.exp(-dmm / lam))
+        # compressed thickness at the finding's centre (it varies little across a finding)
+        t = t0 + (1.0 - t0) * (1.0 - math.exp(-edge_px(int(pos[0]), int(pos[1])) / ppm / lam))
         inside_patch = inside[sl]
         img[sl] += inside_patch * (
             t * (anatomy.GLAND_LEVEL - anatomy.FAT_LEVEL) * rendered.density[psl] + rendered.calcs[psl]
@@ -166,13 +177,21 @@ def _render_view(
 
     img *= scale12
     if config.noise > 0:
-        # quantum (Poisson-like, variance ~ signal) + electronic noise
-        noise = rng.standard_normal((h, w), dtype=np.float32)
-        img += noise * np.sqrt(config.noise**2 * (0.12 * img + 16.0))
-    alpha = alpha_u8.astype(np.float32) * (1.0 / 255.0)
-    img *= alpha
-    img = np.clip(np.rint(img), 0, MAX_VALUE)
-    img[(alpha_u8 > 0) & (img < 1)] = 1.0  # inside the breast is never background
+        # quantum (Poisson-like, variance ~ signal) + electronic noise, computed in place. OpenCV's
+        # generator (seeded from the view's stream) is ~4x faster than numpy's at full size.
+        k2 = config.noise**2
+        sd = img * np.float32(0.12 * k2)
+        sd += np.float32(16.0 * k2)
+        cv2.sqrt(sd, dst=sd)
+        white = np.empty((h, w), np.float32)
+        cv2.setRNGSeed(int(rng.integers(0, 2**31 - 1)))
+        cv2.randn(white, np.zeros(1), np.ones(1))
+        sd *= white
+        img += sd
+        del sd, white
+    np.clip(img, 1.0, float(MAX_VALUE), out=img)  # inside the breast is never background ...
+    cv2.multiply(img, alpha_u8.astype(np.float32), dst=img, scale=1.0 / 255.0)  # ... outside it is 0
+    img += 0.5
     image = img.astype(np.uint16)
     meta: dict[str, Any] = {
         "findings": metas,

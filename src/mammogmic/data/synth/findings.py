@@ -16,6 +16,7 @@ across the breast), so a finding lands at a consistent place in the CC and the M
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -83,7 +84,7 @@ def plan_findings(rng: np.random.Generator, config: SynthConfig) -> list[Finding
             size = float(rng.uniform(*config.mass_diameter_mm))
             contrast = float(rng.uniform(*config.mass_contrast))
         else:
-            size = float(rng.uniform(7.0, 14.0))
+            size = float(rng.uniform(9.0, 16.0))
             contrast = float(rng.uniform(*config.calc_contrast))
         seed = int(rng.integers(0, 2**31 - 1))
         out.append(Finding(cls, kind, f"{cls}_{kind}", depth, across_cc, across_mlo, size, contrast, seed))
@@ -95,7 +96,7 @@ def place_finding(
     shape: BreastShape,
     size: tuple[int, int],
     inside: np.ndarray,
-    dist: np.ndarray,
+    edge_px: Callable[[int, int], float],
     ppm: float,
     avoid: list[tuple[float, float, float]] | None = None,
 ) -> tuple[float, float] | None:
@@ -128,7 +129,7 @@ def place_finding(
                     mus_x = shape.muscle_edge(np.array([y / h]))[0] * w
             row = int(np.clip(round(y), 0, h - 1))
             clear = all(math.hypot(y - ay, x - ax) > radius + ar + 3.0 * ppm for ay, ax, ar in avoid or [])
-            if inside[row, col] and dist[row, col] >= margin and clear:
+            if inside[row, col] and edge_px(row, col) >= margin and clear:
                 return (y, x)
             if not clear:  # try the other side of the breast, then another depth
                 bumps += 1
@@ -224,15 +225,15 @@ def _render_mass(
         dens = np.maximum(core, tail)
         # spicules: thin tapering lines radiating from the margin
         canvas = np.zeros(yy.shape, np.uint8)
-        n_sp = int(rng.integers(8, 17))
+        n_sp = int(rng.integers(10, 21))
         base_angles = np.sort(rng.uniform(0, 2 * np.pi, n_sp))
-        w0_px = max(min_px, 0.75 * ppm)
+        w0_px = max(min_px, 0.6 * ppm)
         ctr = np.array([(center[1] - origin[1]) * ss, (center[0] - origin[0]) * ss])
         for ang in base_angles:
-            length = radius * float(rng.uniform(0.9, 1.9))
-            width = w0_px * float(rng.uniform(1.0, 1.4))
+            length = radius * float(rng.uniform(0.8, 1.7))
+            width = w0_px * float(rng.uniform(1.0, 1.35))
             start = 0.6 * radius
-            drift = float(rng.normal(0, 0.25))
+            drift = float(rng.normal(0, 0.12))
             n_pts = 10
             t = np.linspace(0.0, 1.0, n_pts)
             theta = ang + rot + drift * t * t
@@ -253,8 +254,12 @@ def _render_mass(
     return RenderedFinding(origin, density.astype(np.float32), np.zeros_like(density), mask)
 
 
-def _calc_shapes(f: Finding, rng: np.random.Generator) -> list[tuple[np.ndarray, float]]:
-    """Calcifications as (polygon in mm around the cluster centre, relative brightness)."""
+def _calc_shapes(f: Finding, rng: np.random.Generator, min_mm: float = 0.0) -> list[tuple[np.ndarray, float]]:
+    """Calcifications as (polygon in mm around the cluster centre, relative brightness).
+
+    ``min_mm`` is the smallest width drawn (the output's minimum detail size); it never changes
+    which random numbers are drawn, so the cluster is the same at every image size.
+    """
     shapes: list[tuple[np.ndarray, float]] = []
     ext = f.size_mm
 
@@ -276,7 +281,7 @@ def _calc_shapes(f: Finding, rng: np.random.Generator) -> list[tuple[np.ndarray,
             main.append(p.copy())
         for i in range(len(main) - 1):
             segments.append((main[i], main[i + 1]))
-        for _ in range(int(rng.integers(2, 5))):
+        for _ in range(int(rng.integers(3, 6))):
             i = int(rng.integers(1, len(main) - 2))
             q = main[i].copy()
             b_ang = math.atan2(*(main[i + 1] - main[i])[::-1]) + rng.choice([-1, 1]) * rng.uniform(0.4, 0.9)
@@ -286,7 +291,7 @@ def _calc_shapes(f: Finding, rng: np.random.Generator) -> list[tuple[np.ndarray,
                 segments.append((q, q2))
                 q = q2
         lengths = np.array([np.linalg.norm(b - a) for a, b in segments])
-        n_calc = int(rng.integers(14, 36))
+        n_calc = int(rng.integers(22, 46))
         picks = rng.choice(len(segments), size=n_calc, p=lengths / lengths.sum())
         for k in picks:
             a, b = segments[k]
@@ -295,9 +300,9 @@ def _calc_shapes(f: Finding, rng: np.random.Generator) -> list[tuple[np.ndarray,
             d = (b - a) / (np.linalg.norm(b - a) + 1e-9)
             nrm = np.array([-d[1], d[0]])
             c = c + nrm * rng.normal(0, 0.12)
-            bright = float(rng.uniform(0.55, 1.0))
+            bright = float(rng.uniform(0.7, 1.0))
             if rng.random() < 0.45:  # fine linear fragment along the duct
-                ln, wd = rng.uniform(0.5, 1.3), rng.uniform(0.15, 0.3)
+                ln, wd = rng.uniform(0.5, 1.3), max(rng.uniform(0.15, 0.3), min_mm)
                 pts = np.array(
                     [
                         c - d * ln / 2 + nrm * wd / 2,
@@ -309,7 +314,8 @@ def _calc_shapes(f: Finding, rng: np.random.Generator) -> list[tuple[np.ndarray,
                 shapes.append((pts, bright))
             else:  # fine pleomorphic: small irregular polygon
                 nv = int(rng.integers(3, 7))
-                shapes.append((poly_round(c[0], c[1], rng.uniform(0.12, 0.3), n=nv, jitter=0.45), bright))
+                rad = max(rng.uniform(0.12, 0.3), 0.5 * min_mm)
+                shapes.append((poly_round(c[0], c[1], rad, n=nv, jitter=0.45), bright))
     else:
         if rng.random() < 0.25:  # popcorn: one or two coarse lumpy calcifications
             for _ in range(int(rng.integers(1, 3))):
@@ -342,7 +348,7 @@ def _render_calcs(
 ) -> RenderedFinding:
     rng = np.random.default_rng(f.seed)
     rot, s_along, s_across = _view_transform(f, view)
-    shapes = _calc_shapes(f, rng)
+    shapes = _calc_shapes(f, rng, config.min_detail_px / ppm)
     c, s = math.cos(rot), math.sin(rot)
     rotm = np.array([[c * s_along, -s * s_along], [s * s_across, c * s_across]])
     all_pts = np.concatenate([p for p, _ in shapes], 0) @ rotm.T
