@@ -187,3 +187,68 @@ def test_visualize_report(tmp_path: Path, tiny_model: Path, breast_png, size_arg
     assert html.count("<figure ") == 4 and "AUROC" in html
     loc = json.loads((out / "localization.json").read_text())
     assert loc["malignant"]["n_images"] == 4 and 0 <= loc["malignant"]["mean_soft_dice"] <= 1
+
+
+def test_predict_from_preprocess_cache_matches_raw(
+    tmp_path: Path, tiny_model: Path, breast_png, size_args
+) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "data"
+    rows = []
+    for i, (side, view) in enumerate([("L", "CC"), ("R", "MLO")]):
+        img = breast_png(data / f"x{i}.png", side, 10 + i)
+        mask = np.zeros(img.shape, dtype=np.uint8)
+        mask[150:170, 30:60] = 1 if side == "L" else 0
+        mask[150:170, 180:210] = 1 if side == "R" else 0
+        Image.fromarray(mask * 255).save(data / f"x{i}_mal.png")
+        rows.append(
+            {
+                "image_id": f"x{i}",
+                "image_path": f"x{i}.png",
+                "patient_id": "p",
+                "exam_id": "e",
+                "laterality": side,
+                "view": view,
+                "malignant_label": i,
+                "malignant_mask_path": f"x{i}_mal.png",
+            }
+        )
+    manifest = data / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    cache = tmp_path / "cache"
+    assert (
+        main(
+            [
+                "preprocess",
+                str(manifest),
+                "--out",
+                str(cache),
+                "--iterations",
+                "3",
+                "--window",
+                "256",
+                "192",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    cached_manifest = cache / "manifest.csv"
+    assert pd.read_csv(cached_manifest)["cached_path"].str.endswith(".npy").all()
+    raw_out, cached_out = tmp_path / "raw", tmp_path / "cached"
+    base = ["--model", str(tiny_model), *size_args]
+    assert main(["predict", "--manifest", str(manifest), "--out", str(raw_out), *base]) == 0
+    assert main(["predict", "--manifest", str(cached_manifest), "--out", str(cached_out), *base]) == 0
+    raw = pd.read_csv(raw_out / "image_predictions.csv").set_index("image_index")
+    cached = pd.read_csv(cached_out / "image_predictions.csv").set_index("image_index")
+    np.testing.assert_allclose(
+        cached.loc[raw.index, ["benign_pred", "malignant_pred"]],
+        raw[["benign_pred", "malignant_pred"]],
+        atol=1e-6,
+    )
+    # Masks: cropped raw masks and the cache's cropped masks give the same Dice.
+    dice = []
+    for m, out in ((manifest, tmp_path / "vis_raw"), (cached_manifest, tmp_path / "vis_cached")):
+        assert main(["visualize", "--manifest", str(m), "--out", str(out), "--dpi", "30", *base]) == 0
+        dice.append(json.loads((out / "localization.json").read_text())["malignant"])
+    assert dice[0]["n_images"] == 2
+    assert dice[0] == dice[1]

@@ -11,7 +11,6 @@ happened in and the batch goes on.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -64,6 +63,8 @@ class ImageItem:
     window_location: tuple[int, int, int, int] | None = None  # crop box of the cache in the raw image
     benign_mask_path: Path | None = None
     malignant_mask_path: Path | None = None
+    cached_benign_mask_path: Path | None = None  # masks already cropped by ``mammogmic preprocess``
+    cached_malignant_mask_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -145,100 +146,75 @@ def items_from_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[ImageI
     return items
 
 
-def _opt_str(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-def _opt_label(value: Any, column: str, row: int, source: Path) -> float:
-    text = _opt_str(value)
-    if text is None:
-        return math.nan
-    try:
-        label = float(text)
-    except ValueError:
-        label = math.nan
-    if label not in (0.0, 1.0):
-        raise MammogmicError(f"{source}: line {row + 2}: {column} must be 0, 1 or empty, got {text!r}")
-    return label
-
-
 def items_from_manifest(path: Path) -> list[ImageItem]:
-    """Items from a manifest CSV (see the manifest columns in ``docs/data.md``).
+    """Items from a manifest CSV, read and validated by :func:`mammogmic.data.manifest.load_manifest`.
 
-    Only ``image_id`` and ``image_path`` are needed here; ``laterality``/``view`` give the view (else
-    the file's tags or name do), labels and masks are used when present, and ``cached_path`` +
-    ``best_center`` (written by ``mammogmic preprocess``) skip the crop and centre stages.
+    Labels and masks are used when present; rows written by ``mammogmic preprocess`` (``cached_path``
+    + ``best_center``) load the cached crop and skip the crop and centre stages.
 
     Raises:
-        MammogmicError: unreadable manifest, missing columns, duplicate ids or bad labels.
+        ManifestError: unreadable manifest or bad rows (all listed by line).
     """
-    import pandas as pd
+    from mammogmic.data.manifest import load_manifest
 
-    if not path.is_file():
-        raise MammogmicError(f"{path}: manifest not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise MammogmicError(f"{path}: not a readable CSV manifest ({exc})") from exc
-    missing = [c for c in ("image_id", "image_path") if c not in df.columns]
-    if missing:
-        raise MammogmicError(f"{path}: manifest lacks required column(s) {missing}")
-    dupes = df["image_id"][df["image_id"].duplicated()].unique().tolist()
-    if dupes:
-        raise MammogmicError(f"{path}: duplicate image_id values {dupes[:5]}")
-    base = path.parent
+    manifest = load_manifest(path)
 
-    def resolve(value: Any) -> Path | None:
-        text = _opt_str(value)
-        if text is None:
-            return None
-        p = Path(text)
-        return p if p.is_absolute() else base / p
+    def label(value: int | None) -> float:
+        return math.nan if value is None else float(value)
 
     items = []
-    for i, row in enumerate(df.to_dict("records")):
-        lat, view = _opt_str(row.get("laterality")), _opt_str(row.get("view"))
-        full_view = f"{lat.upper()}-{view.upper()}" if lat and view else None
-        center = None
-        if _opt_str(row.get("best_center")) and _opt_str(row.get("cached_path")):
-            try:
-                values = json.loads(row["best_center"])
-                center = (int(values[0]), int(values[1]))
-            except (ValueError, TypeError, IndexError, KeyError) as exc:
-                raise MammogmicError(f"{path}: line {i + 2}: bad best_center {row['best_center']!r}") from exc
-        crop_box = None
-        if center is not None and _opt_str(row.get("window_location")):
-            try:
-                top, bottom, left, right = (int(v) for v in json.loads(row["window_location"]))
-                crop_box = (top, bottom, left, right)
-            except (ValueError, TypeError) as exc:
-                raise MammogmicError(
-                    f"{path}: line {i + 2}: bad window_location {row['window_location']!r}"
-                ) from exc
-        exam = _opt_str(row.get("exam_id"))
+    for row in manifest:
+        cached = row.preprocessed
+        window = row.window_location
         items.append(
             ImageItem(
-                image_id=str(row["image_id"]),
-                path=resolve(row["image_path"]) or base,
-                view=full_view,
-                horizontal_flip=(_opt_str(row.get("horizontal_flip")) or "NO").upper(),
-                exam_id=exam,
-                patient_id=_opt_str(row.get("patient_id")),
-                breast_id=_opt_str(row.get("breast_id"))
-                or (f"{exam}_{lat.upper()}" if exam and lat else None),
-                benign_label=_opt_label(row.get("benign_label"), "benign_label", i, path),
-                malignant_label=_opt_label(row.get("malignant_label"), "malignant_label", i, path),
-                cached_path=resolve(row.get("cached_path")) if center else None,
-                best_center=center,
-                window_location=crop_box,
-                benign_mask_path=resolve(row.get("benign_mask_path")),
-                malignant_mask_path=resolve(row.get("malignant_mask_path")),
+                image_id=row.image_id,
+                path=manifest.resolve(row.image_path) or manifest.root,
+                view=row.full_view,
+                horizontal_flip=row.horizontal_flip,
+                exam_id=row.exam_id,
+                patient_id=row.patient_id,
+                breast_id=row.breast_id,
+                benign_label=label(row.benign_label),
+                malignant_label=label(row.malignant_label),
+                cached_path=manifest.resolve(row.cached_path) if cached else None,
+                best_center=(int(row.best_center[0]), int(row.best_center[1]))
+                if cached and row.best_center
+                else None,
+                window_location=(
+                    (int(window[0]), int(window[1]), int(window[2]), int(window[3]))
+                    if cached and window
+                    else None
+                ),
+                benign_mask_path=manifest.resolve(row.benign_mask_path),
+                malignant_mask_path=manifest.resolve(row.malignant_mask_path),
+                cached_benign_mask_path=manifest.resolve(row.extra.get("cached_benign_mask_path"))
+                if cached
+                else None,
+                cached_malignant_mask_path=(
+                    manifest.resolve(row.extra.get("cached_malignant_mask_path")) if cached else None
+                ),
             )
         )
     return items
+
+
+def _read_cached(path: Path) -> np.ndarray:
+    """A cached crop or mask: ``.npy`` from ``mammogmic preprocess`` (never unpickled) or an image file."""
+    from mammogmic.data import read_image
+    from mammogmic.errors import ImageReadError
+
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ImageReadError(
+                f"{path}: unreadable cache file ({exc}); rerun mammogmic preprocess"
+            ) from exc
+        if array.ndim != 2:
+            raise ImageReadError(f"{path}: cache array has shape {array.shape}, expected 2-D")
+        return np.asarray(array)
+    return read_image(path)[0]
 
 
 def _tta_rng(settings: PrepareSettings, image_id: str) -> np.random.Generator:
@@ -253,8 +229,12 @@ def prepare_item(item: ImageItem, settings: PrepareSettings) -> Prepared:
     try:
         window = settings.window_shape or settings.input_shape
         if item.cached_path is not None and item.best_center is not None:
-            cropped, meta = read_image(item.cached_path)
-            view = item.view or meta.full_view
+            cropped = _read_cached(item.cached_path)
+            if item.view is None:
+                raise MammogmicError(
+                    f"{item.cached_path}: cached image without laterality/view in the manifest"
+                )
+            view = item.view
             center = item.best_center
             crop_box = item.window_location
         else:
@@ -267,20 +247,30 @@ def prepare_item(item: ImageItem, settings: PrepareSettings) -> Prepared:
             center = best_center(crop, horizontal_flip=item.horizontal_flip, window_shape=window)
             crop_box = crop.window_location
         masks = None
-        if settings.load_masks and (item.benign_mask_path or item.malignant_mask_path):
+        sources = (
+            (item.cached_benign_mask_path, item.benign_mask_path),
+            (item.cached_malignant_mask_path, item.malignant_mask_path),
+        )
+        if settings.load_masks and any(c or r for c, r in sources):
             stage = "masks"
             masks = []
-            for mask_path in (item.benign_mask_path, item.malignant_mask_path):
-                if mask_path is None:
-                    masks.append(np.zeros(cropped.shape, dtype=bool))
-                    continue
-                mask = read_mask(mask_path)
-                if crop_box is not None:  # masks are in raw-image coordinates: crop them like the image
-                    top, bottom, left, right = crop_box
+            for cached_mask, raw_mask in sources:
+                if cached_mask is not None:
+                    mask = _read_cached(cached_mask) != 0
+                elif raw_mask is not None:
+                    mask = read_mask(raw_mask)
+                    if crop_box is None:
+                        raise MammogmicError(
+                            f"{raw_mask}: cannot align the mask: the manifest has no window_location"
+                        )
+                    top, bottom, left, right = crop_box  # raw-image coordinates: crop like the image
                     mask = mask[top:bottom, left:right]
+                else:
+                    mask = np.zeros(cropped.shape, dtype=bool)
                 if mask.shape != cropped.shape:
+                    path = cached_mask or raw_mask
                     raise MammogmicError(
-                        f"{mask_path}: mask does not cover the image (after cropping {mask.shape} vs {cropped.shape})"
+                        f"{path}: mask does not cover the image (after cropping {mask.shape} vs {cropped.shape})"
                     )
                 masks.append(mask)
         stage = "window"
