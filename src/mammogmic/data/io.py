@@ -1,4 +1,4 @@
-"""Reading mammograms: 8/16-bit grayscale PNG and DICOM, returned as unsigned 16-bit arrays.
+"""Reading mammograms: 8/16-bit grayscale PNG and DICOM (and ``.npy`` cache entries) as uint16 arrays.
 
 ``read_image(path)`` returns ``(pixels, meta)``. ``pixels`` is always a 2-D ``uint16`` array in the
 file's own (raw) orientation; it is never silently reduced to 8 bits. For DICOM the display pipeline of
@@ -50,6 +50,7 @@ __all__ = [
 MIN_IMAGE_SIDE = 32
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_NPY_SIGNATURE = b"\x93NUMPY"
 _DICOM_EXTENSIONS = {".dcm", ".dicom", ".dic", ""}
 _FOR_PROCESSING_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
@@ -67,7 +68,7 @@ class ImageMeta:
 
     Attributes:
         path: The file that was read.
-        format: ``"png"`` or ``"dicom"``.
+        format: ``"png"``, ``"dicom"`` or ``"npy"`` (a preprocess cache entry).
         shape: ``(height, width)`` of the returned array.
         bits_stored: Significant bits of the source pixels (8 or 16 for PNG, ``BitsStored`` for DICOM).
         laterality: ``"L"``, ``"R"`` or ``None`` when neither tags nor file name say.
@@ -219,6 +220,8 @@ def read_image(
     data = _read_bytes(file_path)
     if data.startswith(_PNG_SIGNATURE):
         pixels, meta = _read_png(file_path, data)
+    elif data.startswith(_NPY_SIGNATURE):
+        pixels, meta = _read_npy(file_path, data)
     elif _is_dicom(data, file_path):
         pixels, meta = _read_dicom(file_path, data, apply_voi=apply_voi)
     else:
@@ -272,6 +275,29 @@ def _read_png(path: Path, data: bytes) -> tuple[np.ndarray, ImageMeta]:
     out = np.ascontiguousarray(pixels, dtype=np.uint16)
     meta = ImageMeta(path=str(path), format="png", shape=(out.shape[0], out.shape[1]), bits_stored=bits)
     return out, meta
+
+
+def _read_npy(path: Path, data: bytes) -> tuple[np.ndarray, ImageMeta]:
+    """A ``.npy`` array as written by ``mammogmic preprocess`` (2-D, unsigned integers; never pickles)."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise ImageReadError(f"{path}: truncated or corrupt .npy file ({exc})") from exc
+    if array.ndim != 2:
+        raise ImageReadError(f"{path}: expected a 2-D array, got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageReadError(f"{path}: array contains NaN or infinite values")
+        if not np.all(np.floor(array) == array):
+            raise ImageReadError(f"{path}: float array with fractional values; expected 16-bit pixel values")
+    elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        raise ImageReadError(f"{path}: unsupported array dtype {array.dtype}")
+    if array.size and (array.min() < 0 or array.max() > 65535):
+        raise ImageReadError(f"{path}: values outside 0..65535")
+    _check_size(path, array.shape)
+    out = np.ascontiguousarray(array, dtype=np.uint16)
+    bits = 8 if array.dtype in (np.uint8, np.bool_) else 16
+    return out, ImageMeta(path=str(path), format="npy", shape=(out.shape[0], out.shape[1]), bits_stored=bits)
 
 
 def _dicom_str(ds: Any, keyword: str) -> str | None:

@@ -41,6 +41,7 @@ __all__ = [
     "CropNoise",
     "NO_NOISE",
     "TRAIN_NOISE",
+    "scaled_train_noise",
     "Window",
     "parse_view",
     "needs_flip",
@@ -405,6 +406,16 @@ NO_NOISE = CropNoise((0, 0), 0)
 TRAIN_NOISE = CropNoise()
 
 
+def scaled_train_noise(window_shape: Sequence[int]) -> CropNoise:
+    """:data:`TRAIN_NOISE` scaled to a window other than 2944x1920 (e.g. reduced-size demos)."""
+    scale_y = float(window_shape[0]) / MODEL_INPUT_SHAPE[0]
+    scale_x = float(window_shape[1]) / MODEL_INPUT_SHAPE[1]
+    return CropNoise(
+        (round(TRAIN_NOISE.max_crop_noise[0] * scale_y), round(TRAIN_NOISE.max_crop_noise[1] * scale_x)),
+        round(TRAIN_NOISE.max_crop_size_noise * scale_y),
+    )
+
+
 @dataclass(frozen=True)
 class Window:
     """Where the model-input window lies in the zero-padded oriented image.
@@ -558,10 +569,23 @@ def apply_window(
     return out
 
 
-def standardize(image: np.ndarray) -> np.ndarray:
-    """Per-image standardisation in place (float32 maths like the official code): zero mean, unit std."""
-    image -= image.mean(dtype=np.float32)
-    image /= np.maximum(image.std(dtype=np.float32), np.float32(1e-5))
+def standardize(image: np.ndarray, *, exact: bool = True) -> np.ndarray:
+    """Per-image standardisation in place: zero mean, unit std (std floored at 1e-5).
+
+    Args:
+        image: Contiguous ``float32`` array, modified in place.
+        exact: ``True``: float32 maths exactly like the official code (bit-identical inputs). ``False``:
+            one-pass float64 statistics (OpenCV), about 4x faster; differs by at most a few 1e-7.
+    """
+    if exact:
+        image -= image.mean(dtype=np.float32)
+        image /= np.maximum(image.std(dtype=np.float32), np.float32(1e-5))
+        return image
+    count = float(image.size)
+    mean = cv2.sumElems(image)[0] / count
+    variance = max(cv2.norm(image, cv2.NORM_L2SQR) / count - mean * mean, 0.0)
+    image -= np.float32(mean)
+    image *= np.float32(1.0 / max(float(np.sqrt(variance)), 1e-5))
     return image
 
 
@@ -577,6 +601,7 @@ def model_input(
     window_shape: tuple[int, int] | None = None,
     masks: Sequence[np.ndarray] | None = None,
     standardize_image: bool = True,
+    exact: bool = True,
 ) -> Any:
     """Build the standardised model input from a raw-orientation cropped image (official loader).
 
@@ -596,6 +621,8 @@ def model_input(
         masks: Optional raw-orientation masks of the same shape as ``cropped``; they go through the same
             geometry with nearest-neighbour interpolation.
         standardize_image: Set ``False`` to get the un-standardised float32 window.
+        exact: Standardise with the official float32 maths (default) or the faster float64 statistics
+            (see :func:`standardize`; used for training samples).
 
     Returns:
         ``float32`` array of ``out_shape``; with ``masks``, a tuple ``(image, masks_uint8 (K, H, W))``.
@@ -613,7 +640,7 @@ def model_input(
     )
     out = apply_window(oriented, window, out_shape)
     if standardize_image:
-        standardize(out)
+        standardize(out, exact=exact)
     if masks is None:
         return out
     mask_out = np.zeros((len(masks), int(out_shape[0]), int(out_shape[1])), dtype=np.uint8)
