@@ -132,6 +132,16 @@ def test_predict_manifest_labels_ensemble_tta(
     breasts = pd.read_csv(out / "breast_predictions.csv")
     assert breasts["breast_id"].tolist() == ["e1_L", "e1_R"]
     assert breasts["malignant_label"].tolist() == [0, 1]
+    # bf16 autocast gives nearly the same probabilities (same TTA windows: seeded per image id).
+    out_bf16 = tmp_path / "out_bf16"
+    common = ["--model", str(tiny_model), "--model", str(tiny_model), "--tta", "2", *size_args]
+    assert (
+        main(["predict", "--manifest", str(manifest), "--out", str(out_bf16), "--dtype", "bf16", *common])
+        == 0
+    )
+    bf16 = pd.read_csv(out_bf16 / "image_predictions.csv")
+    np.testing.assert_allclose(bf16["malignant_pred"], preds["malignant_pred"], atol=0.05)
+    assert not np.array_equal(bf16["malignant_pred"], preds["malignant_pred"])  # bf16 really ran
     assert (
         main(["predict", "--manifest", str(manifest), "--model", str(tiny_model), "--out", str(manifest)])
         == 2
