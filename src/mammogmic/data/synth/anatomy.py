@@ -19,7 +19,7 @@ import numpy as np
 FULL_SIZE: tuple[int, int] = (3328, 2560)
 FULL_PIXEL_MM: float = 0.07
 #: Working-grid height for the smooth anatomy (output sizes below it are used as they are).
-WORK_HEIGHT: int = 640
+WORK_HEIGHT: int = 832
 #: Area fraction of the breast with fibroglandular tissue, per BI-RADS density letter (min, max).
 DENSE_FRACTION: dict[str, tuple[float, float]] = {
     "A": (0.06, 0.16),
@@ -134,7 +134,7 @@ def random_shapes(rng: np.random.Generator) -> dict[str, BreastShape]:
         y_top=yc - b,
         y_bottom=yc + b,
         nipple=(yc, depth_cc),
-        params=(yc, b, depth_cc, rng.uniform(1.8, 2.5)),
+        params=(yc, b, depth_cc, rng.uniform(1.6, 2.1)),
         wiggle=wig_cc,
         muscle=None,
     )
@@ -285,9 +285,9 @@ def parenchyma(
     q = float(np.quantile(field[inside], 1.0 - dense_fraction)) if inside.any() else 0.0
     gland = 1.0 / (1.0 + np.exp(-(field - q) / 0.55))
     # fine structure inside the dense tissue and faint trabecular structure in the fat
-    fine = powerlaw_noise(rng, (h, w), beta, ppm, f_min=1 / 4)
+    fine = powerlaw_noise(rng, (h, w), beta, ppm, f_min=1 / 8)
     lobules = powerlaw_noise(rng, (h, w), beta - 0.6, ppm, f_min=1 / 5)
-    gland = gland * (0.8 + 0.2 * np.tanh(fine))
+    gland = gland * (0.86 + 0.14 * np.tanh(fine))
     fat_structure = (0.05 * lobules + 0.04 * radial * w_rad) * (1.0 - gland) * sub
     gland = np.clip(gland + fat_structure, 0.0, 1.0).astype(np.float32)
 

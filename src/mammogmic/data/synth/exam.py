@@ -112,7 +112,10 @@ def _render_view(
     ppm = anatomy.pixels_per_mm(size)
     par = anatomy.parenchyma(rng, shape, size, dense_fraction, config.texture_beta, thick, gland_bias)
     if par.tissue.shape != (h, w):
-        img: np.ndarray = cv2.resize(par.tissue, (w, h), interpolation=cv2.INTER_LINEAR)
+        # band-limit before enlarging so that the working grid's pixels do not show as blocks
+        sigma = 0.35 * h / par.tissue.shape[0]
+        soft = cv2.GaussianBlur(par.tissue, (0, 0), sigmaX=min(sigma, 1.0), borderType=cv2.BORDER_REPLICATE)
+        img: np.ndarray = cv2.resize(soft, (w, h), interpolation=cv2.INTER_CUBIC)
     else:
         img = par.tissue.copy()
     alpha_u8 = anatomy.fill_mask(shape, size, antialias=True)
