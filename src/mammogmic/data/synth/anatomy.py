@@ -125,10 +125,10 @@ class BreastShape:
 def random_shapes(rng: np.random.Generator) -> dict[str, BreastShape]:
     """Draw the CC and MLO outlines of one breast (the two views share the breast's size)."""
     size_factor = rng.uniform(0.0, 1.0)  # small .. large breast
-    depth_cc = 0.5 + 0.28 * size_factor + rng.normal(0, 0.02)
+    depth_cc = 0.56 + 0.24 * size_factor + rng.normal(0, 0.02)
     wig_cc = tuple((float(rng.normal(0, 0.025 / k)), float(rng.uniform(0, 2 * np.pi))) for k in range(1, 5))
     yc = 0.5 + rng.uniform(-0.05, 0.05)
-    b = 0.33 + 0.1 * size_factor + rng.uniform(-0.02, 0.02)
+    b = 0.35 + 0.09 * size_factor + rng.uniform(-0.02, 0.02)
     cc = BreastShape(
         view="CC",
         y_top=yc - b,
