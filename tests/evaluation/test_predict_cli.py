@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,8 @@ def test_visualize_report(tmp_path: Path, tiny_model: Path, breast_png, size_arg
             "--out",
             str(out),
             "--report",
+            "--max-figures",
+            "3",
             "--dpi",
             "50",
             *size_args,
@@ -194,7 +197,10 @@ def test_visualize_report(tmp_path: Path, tiny_model: Path, breast_png, size_arg
     assert width == 4 * 2.6 * 50  # four panels of 2.6 inches at 50 dpi
     assert height > width / 2
     html = (out / "report.html").read_text()
-    assert html.count("<figure ") == 4 and "AUROC" in html
+    assert "AUROC" in html
+    preds = pd.read_csv(out / "image_predictions.csv").sort_values("malignant_pred", ascending=False)
+    shown = re.findall(r'<figure data-image="([^"]+)"', html)
+    assert shown == preds["image_index"].tolist()[:3]  # top 3 of 4, highest first
     loc = json.loads((out / "localization.json").read_text())
     assert loc["malignant"]["n_images"] == 4 and 0 <= loc["malignant"]["mean_soft_dice"] <= 1
 

@@ -319,7 +319,10 @@ def add_predict_parsers(subparsers: Any) -> None:
     vi.add_argument("--report", action="store_true", help="also write report.html")
     vi.add_argument("--dpi", type=int, default=150, help="figure resolution (150)")
     vi.add_argument(
-        "--max-figures", type=int, default=200, help="draw at most N figures (highest scores first)"
+        "--max-figures",
+        type=int,
+        default=200,
+        help="the report gallery shows the N highest malignant scores (200); every figure is written",
     )
     vi.add_argument("--dice-threshold", type=float, default=0.5, help="saliency threshold of the hard Dice")
     vi.set_defaults(func=run_visualize)
@@ -408,7 +411,11 @@ def _resolve_device(name: str) -> str:
 
 
 def _run_inference(
-    args: argparse.Namespace, keep_explanations: bool, keep_images: bool, writer: Any
+    args: argparse.Namespace,
+    keep_explanations: bool,
+    keep_images: bool,
+    writer: Any,
+    handle_result: Any = None,
 ) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Shared body of predict and visualize: items → predictions, feeding ``writer``."""
     import time
@@ -448,6 +455,8 @@ def _run_inference(
     def on_result(res: Any) -> None:
         if writer is not None:
             writer.add_result(res)
+        if handle_result is not None:
+            handle_result(res)
 
     bar = tqdm(total=len(todo), unit="img", disable=args.no_progress or not todo, desc="predict")
 
@@ -513,6 +522,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_visualize(args: argparse.Namespace) -> int:
     """Entry point of ``mammogmic visualize``."""
+    import heapq
     import io
 
     import matplotlib
@@ -528,50 +538,68 @@ def run_visualize(args: argparse.Namespace) -> int:
     from mammogmic.visualization.figure import gmic_figure
     from mammogmic.visualization.report import GalleryItem, write_html_report
 
+    fig_dir = args.out / "figures"
+    gallery: list[tuple[float, int, GalleryItem]] = []  # min-heap: the report keeps the top --max-figures
+    dice: dict[str, Any] = {}
+    counter = [0]
+
+    def draw(res: Any) -> None:
+        """Figure and Dice as soon as an image is done; then drop its full-size arrays."""
+        if res.saliency is not None and res.image is not None:
+            masks = res.masks
+            fig = gmic_figure(
+                image=res.image,
+                saliency=res.saliency,
+                patch_locations=res.patch_locations,
+                crop_size=res.crop_size,
+                patch_attention=res.patch_attention,
+                benign_mask=masks[0] if masks is not None else None,
+                malignant_mask=masks[1] if masks is not None else None,
+                scores={"benign": res.benign, "malignant": res.malignant},
+                title=f"{res.item.image_id} ({res.view})",
+            )
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=args.dpi)
+            png = buf.getvalue()
+            fig_dir.mkdir(parents=True, exist_ok=True)
+            (fig_dir / f"{res.item.image_id}.png").write_bytes(png)
+            if args.report and args.max_figures > 0:
+                labels = None
+                if not np.isnan(res.item.malignant_label):
+                    labels = f"malignant {res.item.malignant_label:g}"
+                    if not np.isnan(res.item.benign_label):
+                        labels = f"benign {res.item.benign_label:g}, " + labels
+                entry = (
+                    res.malignant,
+                    counter[0],
+                    GalleryItem(res.item.image_id, png, res.malignant, res.benign, labels),
+                )
+                counter[0] += 1
+                if len(gallery) < args.max_figures:
+                    heapq.heappush(gallery, entry)
+                else:
+                    heapq.heappushpop(gallery, entry)
+            if masks is not None:
+                dice[res.item.image_id] = dice_scores(res.saliency, masks, threshold=args.dice_threshold)
+        res.image = None
+        res.masks = None
+
     try:
         _check_out_folder(args)
         writer = PredictionWriter(args.out, overwrite=True)
-        results, errors, info = _run_inference(args, True, True, writer)
+        results, errors, info = _run_inference(args, True, True, writer, handle_result=draw)
         writer.finish(info)
     except (MammogmicError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    fig_dir = args.out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    gallery = []
-    drawn = sorted(results, key=lambda r: -r.malignant)[: max(0, args.max_figures)]
-    for res in drawn:
-        if res.saliency is None or res.image is None:
-            continue  # e.g. a whole-image baseline model: no saliency or patches
-        masks = res.masks
-        fig = gmic_figure(
-            image=res.image,
-            saliency=res.saliency,
-            patch_locations=res.patch_locations,
-            crop_size=res.crop_size,
-            patch_attention=res.patch_attention,
-            benign_mask=masks[0] if masks is not None else None,
-            malignant_mask=masks[1] if masks is not None else None,
-            scores={"benign": res.benign, "malignant": res.malignant},
-            title=f"{res.item.image_id} ({res.view})",
-        )
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=args.dpi)
-        png = buf.getvalue()
-        (fig_dir / f"{res.item.image_id}.png").write_bytes(png)
-        labels = None
-        if not np.isnan(res.item.malignant_label):
-            labels = f"benign {res.item.benign_label:g}, malignant {res.item.malignant_label:g}"
-        gallery.append(GalleryItem(res.item.image_id, png, res.malignant, res.benign, labels))
-    with_masks = [r for r in results if r.masks is not None and r.saliency is not None]
-    if with_masks:
-        dice = [dice_scores(r.saliency, r.masks, threshold=args.dice_threshold) for r in with_masks]
-        summary = {
+    n_figures = len(list(fig_dir.glob("*.png"))) if fig_dir.is_dir() else 0
+    if dice:
+        summary: dict[str, Any] = {
             "threshold": args.dice_threshold,
-            "images": {r.item.image_id: d.to_dict() for r, d in zip(with_masks, dice, strict=True)},
+            "images": {name: d.to_dict() for name, d in dice.items()},
         }
-        soft = np.concatenate([d.soft for d in dice])
-        hard = np.concatenate([d.hard for d in dice])
+        soft = np.concatenate([d.soft for d in dice.values()])
+        hard = np.concatenate([d.hard for d in dice.values()])
         for c, name in enumerate(("benign", "malignant")):
             valid = np.isfinite(soft[:, c])
             summary[name] = {
@@ -580,7 +608,7 @@ def run_visualize(args: argparse.Namespace) -> int:
                 "n_images": int(valid.sum()),
             }
         (args.out / "localization.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    print(f"{len(gallery)} figure(s) in {fig_dir}; {len(errors)} image(s) failed (see errors.csv)")
+    print(f"{n_figures} figure(s) in {fig_dir}; {len(errors)} image(s) failed (see errors.csv)")
     if args.report:
         table = writer.image_table()
         metrics = []
@@ -594,7 +622,6 @@ def run_visualize(args: argparse.Namespace) -> int:
                     label="malignant_label",
                     scores=["malignant_pred"],
                     group=level,
-                    n_bootstrap=2000,
                     source="predictions",
                 )
             except ValueError as exc:
@@ -612,8 +639,9 @@ def run_visualize(args: argparse.Namespace) -> int:
             f"Models: {', '.join(m['name'] for m in info['models'])}; device {info['device']}, {info['dtype']}, "
             f"TTA {info['tta']}; {len(results)} image(s) predicted, {len(errors)} failed."
         ]
-        path = write_html_report(
-            args.out / "report.html", "GMIC predictions", metrics, curves, gallery, notes
-        )
+        if len(results) > len(gallery):
+            notes.append(f"The gallery shows the {len(gallery)} images with the highest malignant scores.")
+        items = [g[2] for g in gallery]
+        path = write_html_report(args.out / "report.html", "GMIC predictions", metrics, curves, items, notes)
         print(f"report: {path}")
     return 1 if errors else 0
