@@ -481,6 +481,14 @@ class EnsembleResult:
     n_candidates: int
 
 
+def _score_matrix(
+    labels: ArrayLike, scores: Mapping[str, ArrayLike], columns: Sequence[str]
+) -> tuple[NDArray[np.bool_], NDArray[np.float64]]:
+    """Validated labels and the ``(n, M)`` matrix of the named score columns."""
+    pairs = [_as_binary(labels, scores[c]) for c in columns]
+    return pairs[0][0], np.stack([s for _, s in pairs], axis=1)
+
+
 def fit_ensemble_weights(
     val_labels: ArrayLike,
     val_scores: Mapping[str, ArrayLike],
@@ -501,8 +509,9 @@ def fit_ensemble_weights(
         step: grid spacing of the weights.
     """
     columns = list(val_scores)
-    y, _ = _as_binary(val_labels, np.zeros(np.asarray(val_labels).shape[0]))
-    x = np.stack([_as_binary(y, val_scores[c])[1] for c in columns], axis=1)  # (n, M)
+    if not columns:
+        raise ValueError("an ensemble needs at least one score column")
+    y, x = _score_matrix(val_labels, val_scores, columns)  # x: (n, M)
     grid = ensemble_weights_grid(len(columns), step)
     aucs = np.array([auroc(y, x @ w) for w in grid])
     best_auc = np.nanmax(aucs)
@@ -517,8 +526,7 @@ def fit_ensemble_weights(
         missing = [c for c in columns if c not in test_scores]
         if missing:
             raise ValueError(f"test scores lack ensemble columns {missing}")
-        yt, _ = _as_binary(test_labels, np.zeros(np.asarray(test_labels).shape[0]))
-        xt = np.stack([_as_binary(yt, test_scores[c])[1] for c in columns], axis=1)
+        yt, xt = _score_matrix(test_labels, test_scores, columns)
         test_auc = auroc(yt, xt @ weights)
         member_test = {c: auroc(yt, xt[:, i]) for i, c in enumerate(columns)}
     return EnsembleResult(
