@@ -159,3 +159,33 @@ def test_cbis_ddsm_variant() -> None:
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
     # Oriented to face right: the chest-wall side (column 0) is brighter on average.
     assert out[:, :8].mean() > out[:, -8:].mean()
+
+
+def _scipy_reference_mask(image: np.ndarray, iterations: int) -> np.ndarray:
+    """The official crop mask written with scipy's iterated morphology and labelling (reference only)."""
+    eroded = ndimage.binary_erosion(image > 0, iterations=iterations)
+    labels, _ = ndimage.label(eroded)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return ndimage.binary_dilation(labels == np.argmax(sizes), iterations=iterations)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_crop_equals_scipy_reference_on_random_blobs(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    image = np.zeros((90, 70), np.uint16)
+    for _ in range(rng.integers(2, 6)):  # blobs of random size, some touching the border, some tied
+        r, c = rng.integers(0, 90), rng.integers(0, 70)
+        h, w = rng.integers(5, 40), rng.integers(5, 40)
+        image[max(r - h // 2, 0) : r + h // 2, max(c - w // 2, 0) : c + w // 2] = 500
+    if seed == 0:  # two equal squares: the first in raster order must win
+        image[:] = 0
+        image[50:70, 5:25] = 300
+        image[10:30, 40:60] = 300
+    reference = _scipy_reference_mask(image, 2)
+    rows, cols = np.flatnonzero(reference.any(axis=1)), np.flatnonzero(reference.any(axis=0))
+    info = crop_breast(image, "L-CC", iterations=2, buffer_size=3)
+    top, bottom, left, right = info.window_location
+    assert (top, bottom, left) == (max(rows[0] - 3, 0), min(rows[-1] + 4, 90), cols[0])
+    assert right == min(cols[-1] + 4, 70)
+    assert info.bottommost_points[0] == rows[-1] - top

@@ -195,12 +195,54 @@ def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count == 0:
+    """Largest 4-connected component; ties go to the lowest label (first in raster order), like the
+    official ``pandas.Series.idxmax`` over scipy's labels."""
+    if not mask.any():
         raise PreprocessingError("no breast found: nothing is left after erosion")
+    top, bottom, left, right = _bbox(mask)
+    labels, _ = ndimage.label(mask[top:bottom, left:right])
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return labels == int(np.argmax(sizes))  # first label wins ties, like the official idxmax
+    out = np.zeros(mask.shape, dtype=bool)
+    out[top:bottom, left:right] = labels == int(np.argmax(sizes))
+    return out
+
+
+def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` of the True pixels, widened by ``margin`` and clipped to the array."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    height, width = mask.shape
+    return (
+        max(int(rows[0]) - margin, 0),
+        min(int(rows[-1]) + 1 + margin, height),
+        max(int(cols[0]) - margin, 0),
+        min(int(cols[-1]) + 1 + margin, width),
+    )
+
+
+def _breast_mask(arr: np.ndarray, threshold: float, iterations: int) -> np.ndarray:
+    """Dilated largest component of the eroded ``arr > threshold`` mask (the official crop mask).
+
+    Each step works on the bounding box of its input only (exact: nothing outside the box can change).
+    """
+    mask = arr > threshold
+    if not mask.any():
+        raise PreprocessingError("no breast found: the image has no pixel above the background value")
+    top, bottom, left, right = _bbox(mask)
+    region = mask[top:bottom, left:right]
+    if iterations > 0:
+        # Erosion with the image border as background: pixels outside the box are background too, and
+        # the padding of _erode stands in for both.
+        region = _erode(region, iterations)
+        if not region.any():
+            raise PreprocessingError("no breast found: nothing is left after erosion")
+    full = np.zeros(mask.shape, dtype=bool)
+    full[top:bottom, left:right] = _largest_component(region)
+    if iterations > 0:
+        r0, r1, c0, c1 = _bbox(full, margin=iterations)
+        full[r0:r1, c0:c1] = _dilate(full[r0:r1, c0:c1], iterations)
+    return full
 
 
 def crop_breast(
@@ -238,14 +280,7 @@ def crop_breast(
     full_view = "-".join(parse_view(view))
     flip = _check_flip(horizontal_flip)
     mirrored = needs_flip(full_view, flip)
-    mask = arr > threshold
-    if not mask.any():
-        raise PreprocessingError("no breast found: the image has no pixel above the background value")
-    if iterations > 0:
-        mask = _erode(mask, iterations)
-    largest = _largest_component(mask)
-    if iterations > 0:
-        largest = _dilate(largest, iterations)
+    largest = _breast_mask(arr, threshold, iterations)
 
     height, width = arr.shape
     rows = np.flatnonzero(largest.any(axis=1))
@@ -672,14 +707,7 @@ def cbis_ddsm_input(
         ``float32`` array of ``out_shape`` with values in ``[0, 1]``.
     """
     arr = _check_image(image)
-    mask = arr > threshold
-    if not mask.any():
-        raise PreprocessingError("no breast found: the image has no pixel above the background value")
-    if iterations > 0:
-        mask = _erode(mask, iterations)
-    largest = _largest_component(mask)
-    if iterations > 0:
-        largest = _dilate(largest, iterations)
+    largest = _breast_mask(arr, threshold, iterations)
     rows = np.flatnonzero(largest.any(axis=1))
     cols = np.flatnonzero(largest.any(axis=0))
     crop = arr[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
