@@ -66,9 +66,14 @@ def _staged_gmic(model: Any, x: Any) -> dict[str, float]:
 
 
 def run_single(
-    model_name: str, mode: str, batch: int, dtype: str, channels_last: bool, repeats: int
+    model_name: str, mode: str, batch: int, dtype: str, channels_last: bool, repeats: int, tune: bool = True
 ) -> dict[str, Any]:
     import torch
+
+    from mammogmic.runtime import tune_allocator
+
+    if tune:  # what the mammogmic command-line tools do
+        tune_allocator()
 
     torch.manual_seed(0)
     model = _build(model_name)
@@ -117,6 +122,7 @@ def run_single(
         "stages_per_image": stages,
         "peak_rss_mib": round(_peak_mib(), 1),
         "threads": torch.get_num_threads(),
+        "allocator_tuned": tune,
         "torch": torch.__version__,
     }
 
@@ -129,6 +135,11 @@ def main() -> int:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--channels-last", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--no-tune-allocator",
+        action="store_true",
+        help="leave glibc malloc at its defaults (the CLI fixes the mmap threshold; see mammogmic.runtime)",
+    )
     p.add_argument(
         "--skip-baseline-batch4",
         action="store_true",
@@ -155,6 +166,7 @@ def main() -> int:
             "dtype": dtype,
             "channels_last": cl == "yes",
             "repeats": args.repeats,
+            "tune": not args.no_tune_allocator,
         }
         res = subprocess.run(
             [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True

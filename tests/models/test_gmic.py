@@ -150,3 +150,24 @@ def test_resnet34_baseline() -> None:
 def test_released_parameter_count() -> None:
     # facts.md: the released GMIC-ResNet-18 has 14,110,322 parameters.
     assert sum(p.numel() for p in GMIC().parameters()) == 14_110_322
+
+
+@pytest.mark.parametrize("hw", [(2000, 300), (1601, 97)])
+def test_banded_stem_equals_plain_stem(hw: tuple[int, int]) -> None:
+    net = GMIC(TINY).global_net.eval()
+    x = torch.randn(1, 1, *hw)
+    with torch.no_grad():
+        banded = net.stem(x, tile_rows=64)
+    plain = net.stem_pool(net.stem_conv(x))  # autograd on: the plain path
+    assert banded.shape == plain.shape
+    assert torch.equal(banded, plain.detach())
+
+
+def test_channels_last_matches_default_layout() -> None:
+    model = GMIC(TINY).eval()
+    x = torch.randn(2, 1, 256, 192)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(memory_format=torch.channels_last)(x)
+    assert torch.allclose(out.y_fusion, ref.y_fusion, atol=1e-5)
+    assert torch.equal(out.patch_locations, ref.patch_locations)

@@ -14,6 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from mammogmic.runtime import tune_allocator
+
 # Order is the order shown by ``mammogmic --help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "mammogmic.cli.model_cmds",
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_allocator()
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -46,7 +46,7 @@ class PreActBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(out)
         out = self.conv1(out)
         out = self.conv2(self.relu(self.bn2(out)))
-        return out + shortcut
+        return out.add_(shortcut)
 
 
 class ResNet22(nn.Module):
@@ -86,8 +86,30 @@ class ResNet22(nn.Module):
         self.out_channels = in_ch
         self.stride = 4 * 2 ** sum(s == 2 for s in strides)
 
+    def stem(self, x: torch.Tensor, tile_rows: int = 96) -> torch.Tensor:
+        """Stem conv + max pool. Without autograd, large inputs go through in bands of ``tile_rows`` pooled
+        rows, so the full-resolution stem output (90 MB for 2944x1920) never exists at once."""
+        pooled_rows = (x.shape[2] + 6 - 7) // 2 + 1
+        pooled_rows = (pooled_rows - 3) // 2 + 1
+        if torch.is_grad_enabled() or pooled_rows <= 2 * tile_rows:
+            return self.stem_pool(self.stem_conv(x))
+        conv = self.stem_conv
+        pooled_cols = ((x.shape[3] + 6 - 7) // 2 + 1 - 3) // 2 + 1
+        out = x.new_empty((x.shape[0], conv.out_channels, pooled_rows, pooled_cols))
+        if conv.weight.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        for p0 in range(0, pooled_rows, tile_rows):
+            p1 = min(p0 + tile_rows, pooled_rows)
+            s0, s1 = 2 * p0, 2 * (p1 - 1) + 3  # stem rows [s0, s1) feed pooled rows [p0, p1)
+            i0, i1 = 2 * s0 - 3, 2 * (s1 - 1) + 4  # input rows [i0, i1) feed stem rows [s0, s1)
+            band = x[:, :, max(i0, 0) : min(i1, x.shape[2])]
+            band = nn.functional.pad(band, (0, 0, max(-i0, 0), max(i1 - x.shape[2], 0)))
+            stem = nn.functional.conv2d(band, conv.weight, None, conv.stride, (0, 3))
+            out[:, :, p0:p1] = self.stem_pool(stem)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem_pool(self.stem_conv(x))
+        x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
         return self.relu(self.final_bn(x))
