@@ -273,6 +273,10 @@ def test_inbreast(tmp_path: Path) -> None:
     assert (got["20586908"]["laterality"], got["20586908"]["malignant_label"]) == ("L", "0")
     assert got["22678622"]["patient_id"] == "61b13c59bcba149e" and got["22678622"]["birads"] == "4b"
     assert json.loads(got["22678622"]["boxes"]) == [{"label": "Mass", "box": [10.5, 20.0, 30.0, 40.0]}]
+    mask = np.asarray(Image.open(got["22678622"]["malignant_mask_path"]))
+    assert mask.shape == SHAPE and mask[28, 20] == 255 and mask[5, 5] == 0  # filled triangle
+    assert Path(got["22678622"]["malignant_mask_path"]).is_relative_to(tmp_path)
+    assert not Path(got["22678622"]["malignant_mask_path"]).is_relative_to(src)
 
 
 # ------------------------------------------------------------------------------------------- NYU

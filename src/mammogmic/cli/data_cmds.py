@@ -34,7 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="unknown",
         help="vindr only: malignant label of BI-RADS 3",
     )
-    prep.add_argument("--no-masks", action="store_true", help="cbis-ddsm only: do not read ROI masks")
+    prep.add_argument("--no-masks", action="store_true", help="cbis-ddsm/inbreast: no lesion masks")
     prep.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     prep.set_defaults(func=run_prepare)
 
@@ -93,7 +93,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         options["images"] = args.images
     if args.dataset == "vindr":
         options["birads3"] = args.birads3
-    if args.dataset == "cbis-ddsm":
+    if args.dataset in ("cbis-ddsm", "inbreast"):
         options["masks"] = not args.no_masks
     try:
         result = prepare(args.dataset, args.source, out.parent, **options)

@@ -511,7 +511,8 @@ def _dedupe_ids(result: PrepareResult) -> None:
 # INbreast
 
 
-def _inbreast_boxes(xml_path: Path) -> list[dict[str, Any]]:
+def _inbreast_rois(xml_path: Path) -> list[tuple[str, list[tuple[float, float]]]]:
+    """``(name, polygon points (x, y))`` of every ROI in an INbreast OsiriX XML plist."""
     import plistlib
 
     try:
@@ -519,7 +520,7 @@ def _inbreast_boxes(xml_path: Path) -> list[dict[str, Any]]:
             plist = plistlib.load(handle)
     except Exception as exc:
         raise ManifestError(f"{xml_path}: cannot parse the INbreast XML ({exc})") from exc
-    boxes = []
+    rois = []
     for image in plist.get("Images", []):
         for roi in image.get("ROIs", []):
             points = []
@@ -528,21 +529,33 @@ def _inbreast_boxes(xml_path: Path) -> list[dict[str, Any]]:
                 if len(numbers) >= 2:
                     points.append((float(numbers[0]), float(numbers[1])))
             if points:
-                xs, ys = [p[0] for p in points], [p[1] for p in points]
-                boxes.append(
-                    {"label": str(roi.get("Name", "finding")), "box": [min(xs), min(ys), max(xs), max(ys)]}
-                )
-    return boxes
+                rois.append((str(roi.get("Name", "finding")), points))
+    return rois
 
 
-def prepare_inbreast(source: Path, out_dir: Path) -> PrepareResult:
+def _inbreast_mask(rois: list[tuple[str, list[tuple[float, float]]]], shape: tuple[int, int]) -> np.ndarray:
+    """Filled ROI polygons (single points and lines are drawn as such)."""
+    import cv2
+
+    mask = np.zeros(shape, np.uint8)
+    for _, points in rois:
+        polygon = np.round(np.array(points)).astype(np.int32).reshape(-1, 1, 2)
+        if len(points) >= 3:
+            cv2.fillPoly(mask, [polygon], 255)
+        cv2.polylines(mask, [polygon], len(points) >= 3, 255)
+    return mask
+
+
+def prepare_inbreast(source: Path, out_dir: Path, *, masks: bool = True) -> PrepareResult:
     """INbreast (``AllDICOMs/<id>_<case>_MG_<L|R>_<CC|ML>_ANON.dcm``, ``INbreast.csv``/``.xls``, ``AllXML``).
 
     Labelling rule (BI-RADS proxy): ``Bi-Rads`` 1 -> benign 0, malignant 0; 2 and 3 -> benign 1,
     malignant 0; 4a/4b/4c/5/6 -> benign unknown, malignant 1. The same values at breast level. The
     file name's ``ML`` means the MLO view in INbreast. Patient and exam id: the case hash in the file
     name. Boxes: bounding boxes of the XML ROI polygons, labelled with the ROI name (Mass,
-    Calcification...). The table's two footer rows (no file name) are ignored.
+    Calcification...). Masks (``masks=True``): the filled polygons, written to ``out_dir/masks`` as the
+    malignant mask of BI-RADS >= 4 images and the benign mask of BI-RADS 2/3 images. The table's footer
+    rows (no file name) are ignored.
     """
     result = PrepareResult()
     tables = sorted(p for p in source.rglob("INbreast.*") if p.suffix.lower() in (".csv", ".xls", ".xlsx"))
@@ -598,7 +611,23 @@ def prepare_inbreast(source: Path, out_dir: Path) -> PrepareResult:
             "birads": birads_text,
         }
         if xml_dir is not None and (xml_dir / f"{file_id}.xml").is_file():
-            record["boxes"] = json.dumps(_inbreast_boxes(xml_dir / f"{file_id}.xml"))
+            rois = _inbreast_rois(xml_dir / f"{file_id}.xml")
+            record["boxes"] = json.dumps(
+                [
+                    {"label": name, "box": [min(p[0] for p in pts), min(p[1] for p in pts),
+                                            max(p[0] for p in pts), max(p[1] for p in pts)]}
+                    for name, pts in rois
+                ]
+            )  # fmt: skip
+            label = "malignant" if malignant == 1 else "benign" if benign == 1 else None
+            size = _dicom_size(path) if masks and rois and label else None
+            if size is not None:
+                from PIL import Image
+
+                target = out_dir / "masks" / f"{file_id}_{label}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(_inbreast_mask(rois, size)).save(target)
+                record[f"{label}_mask_path"] = str(target.resolve())
         result.records.append(record)
     return result
 
