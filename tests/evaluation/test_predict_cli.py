@@ -20,6 +20,7 @@ def _folder(root: Path, write_breast_png) -> Path:  # type: ignore[no-untyped-de
     write_breast_png(scans / "0_L-MLO.png", "L", 1)
     write_breast_png(scans / "0_R-CC.png", "R", 2)
     write_breast_png(scans / "sub" / "1_R-MLO.png", "R", 3)
+    write_breast_png(scans / "3_L-CC.png", "L", 6)
     (scans / "broken_L-CC.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (scans / "empty_R-CC.dcm").write_bytes(b"")
     Image.fromarray(np.zeros((300, 200), dtype=np.uint8)).save(scans / "black_L-MLO.png")  # no breast
@@ -47,7 +48,7 @@ def test_predict_folder_good_and_bad(tmp_path: Path, tiny_model: Path, breast_pn
     rc = main([*args, "--save-saliency", "--save-patches"])
     assert rc == 1  # some images failed
     preds = pd.read_csv(out / "image_predictions.csv", dtype={"image_index": str})
-    assert sorted(preds["image_index"]) == ["0_L-CC", "0_L-MLO", "0_R-CC", "sub_1_R-MLO"]
+    assert sorted(preds["image_index"]) == ["0_L-CC", "0_L-MLO", "0_R-CC", "3_L-CC", "sub_1_R-MLO"]
     assert list(preds.columns[:3]) == ["image_index", "benign_pred", "malignant_pred"]
     assert preds[["benign_pred", "malignant_pred"]].apply(lambda c: c.between(0, 1)).all().all()
     assert "malignant_label" not in preds.columns  # no labels known
@@ -73,17 +74,23 @@ def test_predict_folder_good_and_bad(tmp_path: Path, tiny_model: Path, breast_pn
     assert {p: p.read_bytes() for p in scans.rglob("*") if p.is_file()} == before
 
     # A rerun skips what was predicted; new files are added.
-    write_breast_png(scans / "2_L-CC.png", "L", 5)
+    write_breast_png(scans / "3_R-CC.png", "R", 5)  # a new breast of exam 3, predicted in the first run
     stamp = (out / "image_predictions.csv").read_text()
     assert main(args) == 1
     again = pd.read_csv(out / "image_predictions.csv", dtype={"image_index": str})
-    assert len(again) == 5 and "2_L-CC" in set(again["image_index"])
+    assert len(again) == 6 and "3_R-CC" in set(again["image_index"])
     old = again.set_index("image_index").loc["0_L-CC", "malignant_pred"]
     assert old == pytest.approx(preds.set_index("image_index").loc["0_L-CC", "malignant_pred"])
     assert stamp != (out / "image_predictions.csv").read_text()
+    breasts = pd.read_csv(out / "breast_predictions.csv", dtype=str)
+    assert breasts["breast_id"].is_unique  # old rows (read back from CSV) and new rows group together
+    assert breasts.set_index("breast_id").loc["0_L", "n_images"] == "2"
+    exams = pd.read_csv(out / "exam_summary.csv", dtype=str)
+    assert exams["exam_id"].is_unique and set(exams["exam_id"]) == {"0", "3", "sub_1"}
+    assert exams.set_index("exam_id").loc["3", "n_breasts"] == "2"
     run = json.loads((out / "run.json").read_text())
     assert run["n_run"] == 5  # 1 new good image + the 4 bad ones retried
-    assert run["n_predicted"] == 5
+    assert run["n_predicted"] == 6
 
 
 def test_predict_manifest_labels_ensemble_tta(

@@ -82,8 +82,17 @@ class PredictionWriter:
         self.patches: dict[str, Any] = {}
         image_csv = out_dir / IMAGE_CSV
         if image_csv.exists() and not overwrite:
-            previous = pd.read_csv(image_csv, dtype={"image_index": str, "image_id": str})
-            self.rows = previous.to_dict("records")
+            # Ids stay strings ("007" is not 7) so that old and new rows group together.
+            previous = pd.read_csv(image_csv, dtype=str)
+            numeric = [c for c in previous.columns if c.startswith(("benign_", "malignant_"))]
+            previous[numeric] = previous[numeric].apply(pd.to_numeric, errors="coerce")
+            self.rows = [
+                {
+                    k: (None if isinstance(v, float) and math.isnan(v) and k not in numeric else v)
+                    for k, v in r.items()
+                }
+                for r in previous.to_dict("records")
+            ]
             logger.info("%s: keeping %d earlier predictions", image_csv, len(self.rows))
         patches_json = out_dir / "patches.json"
         if save_patches and patches_json.exists() and not overwrite:
