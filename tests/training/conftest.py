@@ -1,59 +1,16 @@
-"""Tiny in-memory datasets and configs for the training tests."""
+"""Fixtures for the training tests."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import pytest
-import torch
+from training_helpers import BlobImages, tiny_config
 
-from mammogmic.training.config import TrainConfig, load_config
-
-
-class BlobImages:
-    """``n`` random 1x``h``x``w`` images; malignant ones carry a bright square, benign ones a dim disc.
-
-    Implements the loop's dataset protocol: ``labels``, ``breast_ids``, ``__len__``, ``load(index, rng)``.
-    """
-
-    def __init__(self, n: int = 16, hw: tuple[int, int] = (128, 96), seed: int = 0) -> None:
-        g = np.random.default_rng(seed)
-        self.hw = hw
-        self.labels = np.zeros((n, 2))
-        self.labels[:, 1] = np.arange(n) % 2
-        self.labels[:, 0] = (np.arange(n) // 2) % 2
-        self.breast_ids = [f"b{i // 2}" for i in range(n)]
-        self.images = g.normal(size=(n, *hw)).astype(np.float32)
-        for i in range(n):
-            r, c = g.integers(8, hw[0] - 24), g.integers(8, hw[1] - 24)
-            if self.labels[i, 1]:
-                self.images[i, r : r + 12, c : c + 12] += 3.0
-            if self.labels[i, 0]:
-                self.images[i, r : r + 6, c : c + 6] -= 2.0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def load(self, index: int, rng: np.random.Generator | None = None) -> dict[str, Any]:
-        img = self.images[index]
-        if rng is not None:  # tiny jitter so augmentation is exercised
-            img = np.roll(img, int(rng.integers(-2, 3)), axis=1)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0),
-            "label": torch.from_numpy(self.labels[index].astype(np.float32)),
-            "index": index,
-        }
+from mammogmic.training.config import TrainConfig
 
 
 @pytest.fixture
 def blob_images() -> BlobImages:
     return BlobImages()
-
-
-def tiny_config(**overrides: Any) -> TrainConfig:
-    """The packaged tiny_cpu preset with overrides (dotted keys)."""
-    return load_config("tiny_cpu", overrides)
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ class OptimConfig:
     """Optimizer and learning-rate schedule.
 
     Attributes:
-        name: ``adam`` (the paper) or ``adamw``.
+        name: ``adam`` (the paper), ``adamw`` or ``sgd`` (with ``momentum``).
         lr: learning rate (the paper searched 10^[-5.5, -4]).
         weight_decay: L2 (adam) or decoupled (adamw) weight decay.
         betas: Adam betas.
@@ -66,9 +66,10 @@ class OptimConfig:
         step_epochs: period of the step schedule.
         gamma: factor of the step schedule.
         grad_clip: max global gradient norm (``None`` = no clipping).
+        momentum: SGD momentum (only for ``sgd``).
     """
 
-    name: Literal["adam", "adamw"] = "adam"
+    name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -79,9 +80,12 @@ class OptimConfig:
     step_epochs: int = 10
     gamma: float = 0.1
     grad_clip: float | None = None
+    momentum: float = 0.9
 
     def __post_init__(self) -> None:
         _check_positive("lr", self.lr)
+        if not 0.0 <= self.momentum < 1.0:
+            raise _fail("momentum", f"must be in [0, 1), got {self.momentum}")
         _check_nonneg("weight_decay", self.weight_decay)
         for i, b in enumerate(self.betas):
             if not 0.0 <= b < 1.0:

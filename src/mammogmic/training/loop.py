@@ -115,9 +115,11 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (the paper) or AdamW over all trainable parameters."""
+    """Adam (the paper), AdamW or SGD over all trainable parameters."""
     o = config.optim
     params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
@@ -430,6 +432,7 @@ class Trainer:
         self.train_images = train_images
         self.val_images = val_images
         self.test_images = test_images
+        self.model: nn.Module | None = None
 
     # .. setup ..
     def _images(self, split: str, augment: bool, with_masks: bool = False) -> Any:
@@ -511,6 +514,7 @@ class Trainer:
         if cfg.runtime.activation_checkpointing:
             enable_activation_checkpointing(model)
         loss_fn = _build_loss(cfg)
+        self.model = model  # exposed for callers/tests (the unwrapped module)
         net: nn.Module = model
         if info.enabled:
             net = nn.parallel.DistributedDataParallel(
