@@ -33,3 +33,14 @@ def test_rerun_merges_numeric_looking_ids(tmp_path: Path) -> None:
     assert math.isclose(float(wide.loc["7", "left_malignant"]), 0.2)
     assert math.isclose(float(wide.loc["7", "right_malignant"]), 0.9)
     assert pd.read_csv(tmp_path / "errors.csv").empty
+
+
+def test_file_stem_keeps_files_inside_the_output() -> None:
+    from mammogmic.evaluation.outputs import file_stem
+
+    assert file_stem("0_L-CC") == "0_L-CC"
+    risky = ["../../etc/passwd", "a/b", "x y", "..", ".hidden", ""]
+    stems = [file_stem(i) for i in risky]
+    assert all("/" not in s and ".." not in s and s and not s.startswith(".") for s in stems)
+    assert len(set(stems)) == len(stems)
+    assert file_stem("a/b") != file_stem("a_b")

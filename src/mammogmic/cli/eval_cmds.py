@@ -533,7 +533,7 @@ def run_visualize(args: argparse.Namespace) -> int:
 
     from mammogmic.errors import MammogmicError
     from mammogmic.evaluation.localization import dice_scores
-    from mammogmic.evaluation.outputs import PredictionWriter
+    from mammogmic.evaluation.outputs import PredictionWriter, file_stem
     from mammogmic.evaluation.table import evaluate_table
     from mammogmic.visualization.figure import gmic_figure
     from mammogmic.visualization.report import GalleryItem, write_html_report
@@ -562,7 +562,7 @@ def run_visualize(args: argparse.Namespace) -> int:
             fig.savefig(buf, format="png", dpi=args.dpi)
             png = buf.getvalue()
             fig_dir.mkdir(parents=True, exist_ok=True)
-            (fig_dir / f"{res.item.image_id}.png").write_bytes(png)
+            (fig_dir / f"{file_stem(res.item.image_id)}.png").write_bytes(png)
             if args.report and args.max_figures > 0:
                 labels = None
                 if not np.isnan(res.item.malignant_label):

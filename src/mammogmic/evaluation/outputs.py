@@ -19,10 +19,12 @@ finished and a rerun skips those images.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,11 +38,22 @@ from mammogmic.evaluation.inference import ImageResult, Prepared
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PredictionWriter", "atomic_write_text"]
+__all__ = ["PredictionWriter", "atomic_write_text", "file_stem"]
 
 IMAGE_CSV = "image_predictions.csv"
 ERRORS_CSV = "errors.csv"
 FLOAT_FORMAT = "%.6f"
+
+
+def file_stem(image_id: str) -> str:
+    """A safe file name for an image id: the id itself when it is plain, else a cleaned id + short hash.
+
+    Manifest ids may hold ``/``, ``..`` or spaces; files named after them must stay inside the output.
+    """
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}", image_id) and ".." not in image_id:
+        return image_id
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._")[:80] or "image"
+    return f"{cleaned}_{hashlib.sha1(image_id.encode('utf-8')).hexdigest()[:8]}"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -146,7 +159,7 @@ class PredictionWriter:
             and res.patch_locations is not None
             and res.patch_attention is not None
         ):
-            target = self.out_dir / "saliency" / f"{item.image_id}.npz"
+            target = self.out_dir / "saliency" / f"{file_stem(item.image_id)}.npz"
             target.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(
                 target,
