@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -88,6 +89,14 @@ def test_preprocess_batch_errors_and_resume(dataset: Path, tmp_path: Path) -> No
         and "chest wall on the right" in rows["flip"].extra["orientation_note"]
     )
     assert Path(g1.image_path).is_absolute()
+    assert json.loads((out / "summary.json").read_text()) == {
+        "total": 7,
+        "processed": 3,
+        "skipped": 0,
+        "failed": 4,
+    }
+    preview = np.asarray(Image.open(out / "preview.png"))
+    assert preview.ndim == 3 and (preview[..., 0] > preview[..., 1]).any()  # red window outlines drawn
     # The input folder is untouched.
     assert {p.name: p.stat().st_mtime_ns for p in dataset.iterdir()} == before
 

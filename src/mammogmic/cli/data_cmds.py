@@ -68,6 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     pre.add_argument("--no-voi", action="store_true", help="do not apply the DICOM VOI LUT / window")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.add_argument("--preview", type=int, default=16, help="images in OUT/preview.png (0: none)")
     pre.set_defaults(func=run_preprocess)
     return prep
 
@@ -130,7 +131,12 @@ def run_preprocess(args: argparse.Namespace) -> int:
         )
         with tqdm(total=len(manifest), unit="img", disable=args.no_progress, desc="preprocess") as bar:
             summary = preprocess_manifest(
-                manifest, args.out, settings=settings, jobs=args.jobs, progress=bar.update
+                manifest,
+                args.out,
+                settings=settings,
+                jobs=args.jobs,
+                progress=bar.update,
+                preview=args.preview,
             )
     except MammogmicError as exc:
         print(f"error: {exc}", file=sys.stderr)

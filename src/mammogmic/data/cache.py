@@ -6,6 +6,8 @@ Output folder layout::
     OUT/errors.csv          file, image_id, stage, reason for every image that could not be used
     OUT/cache/<id>.npy      cropped 16-bit pixels in raw orientation (uncompressed, memory-mappable)
     OUT/cache/<id>_benign.npy, <id>_malignant.npy   cropped masks (uint8), when the manifest has masks
+    OUT/summary.json        counts of this run (processed, skipped, failed)
+    OUT/preview.png         contact sheet: oriented crops with the model window (red) of the first images
     OUT/progress.jsonl      one line per finished image (lets an interrupted run resume)
     OUT/preprocess.json     the settings; a rerun with other settings redoes everything
 
@@ -36,12 +38,21 @@ from mammogmic.data.preprocessing import (
     chest_wall_side,
     crop_breast,
     expected_chest_wall_side,
+    orient,
+    sample_window,
 )
 from mammogmic.errors import ImageReadError, MammogmicError, PreprocessingError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreprocessSettings", "PreprocessSummary", "preprocess_manifest", "cache_name", "sha256_file"]
+__all__ = [
+    "PreprocessSettings",
+    "PreprocessSummary",
+    "preprocess_manifest",
+    "cache_name",
+    "sha256_file",
+    "write_preview",
+]
 
 
 @dataclass(frozen=True)
@@ -243,6 +254,7 @@ def preprocess_manifest(
     settings: PreprocessSettings | None = None,
     jobs: int = 1,
     progress: Callable[[int], Any] | None = None,
+    preview: int = 16,
 ) -> PreprocessSummary:
     """Preprocess every row of ``manifest`` into ``out_dir`` (see the module docstring).
 
@@ -252,6 +264,7 @@ def preprocess_manifest(
         settings: :class:`PreprocessSettings`.
         jobs: Worker processes (1 = in this process).
         progress: Called with 1 after each image (e.g. ``tqdm.update``).
+        preview: Number of images in ``preview.png`` (0: no picture).
 
     Returns:
         A :class:`PreprocessSummary`.
@@ -345,7 +358,64 @@ def preprocess_manifest(
         )
         writer.writeheader()
         writer.writerows(errors)
+    counts = {"total": summary.total, "processed": summary.processed, "skipped": summary.skipped}
+    (out / "summary.json").write_text(json.dumps({**counts, "failed": summary.failed}, indent=2))
+    if rows and preview > 0:
+        try:
+            write_preview(Manifest(rows, out), out / "preview.png", settings.window_shape, limit=preview)
+        except Exception as exc:  # a picture must never fail the batch
+            logger.warning("could not write the preview: %s", exc)
     return summary
+
+
+def write_preview(
+    manifest: Manifest, path: Path, window_shape: tuple[int, int], *, limit: int = 16, height: int = 256
+) -> Path:
+    """Contact sheet of preprocessed rows: each oriented crop with its model window drawn in red."""
+    import cv2
+    from PIL import Image
+
+    tiles = []
+    for row in manifest.rows[:limit]:
+        cached = manifest.resolve(row.cached_path)
+        if cached is None or row.best_center is None:
+            continue
+        crop = orient(np.load(cached, mmap_mode="r"), row.full_view, row.horizontal_flip)
+        window = sample_window(crop.shape, row.full_view, row.best_center, window_shape=window_shape)
+        top, bottom, left, right = window.borders
+        top, bottom = top - window.pad_top, bottom - window.pad_top
+        # Show the union of the crop and the window (the window may reach past the crop: zero padding).
+        y0, y1 = min(0, top), max(crop.shape[0], bottom)
+        x0, x1 = min(0, left), max(crop.shape[1], right)
+        scale = height / (y1 - y0)
+        width = max(1, round(crop.shape[1] * scale))
+        small = cv2.resize(
+            np.asarray(crop, dtype=np.float32),
+            (width, max(1, round(crop.shape[0] * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
+        high = float(np.percentile(small, 99.5)) or 1.0
+        gray = np.clip(small / high * 255, 0, 255).astype(np.uint8)
+        tile = np.zeros((height + 30, max(round((x1 - x0) * scale), 150) + 10, 3), np.uint8)
+        oy, ox = 25 + round(-y0 * scale), 5 + round(-x0 * scale)
+        tile[oy : oy + gray.shape[0], ox : ox + gray.shape[1]] = gray[..., None]
+        corner1 = (5 + round((left - x0) * scale), 25 + round((top - y0) * scale))
+        corner2 = (5 + round((right - x0) * scale) - 1, 25 + round((bottom - y0) * scale) - 1)
+        cv2.rectangle(tile, corner1, corner2, (255, 0, 0), 1)
+        label = f"{row.image_id[:18]} {row.full_view}"
+        cv2.putText(tile, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255))
+        tiles.append(tile)
+    if not tiles:
+        raise ValueError("no preprocessed rows to show")
+    cell_h = max(t.shape[0] for t in tiles)
+    cell_w = max(t.shape[1] for t in tiles)
+    columns = min(len(tiles), 8)
+    sheet = np.zeros((cell_h * ((len(tiles) + columns - 1) // columns), cell_w * columns, 3), np.uint8)
+    for index, tile in enumerate(tiles):
+        r, c = divmod(index, columns)
+        sheet[r * cell_h : r * cell_h + tile.shape[0], c * cell_w : c * cell_w + tile.shape[1]] = tile
+    Image.fromarray(sheet).save(path)
+    return path
 
 
 def _run(tasks: list[dict[str, Any]], jobs: int) -> Iterator[dict[str, Any]]:
