@@ -72,12 +72,19 @@ def cbis(tmp_path: Path) -> Path:
         [["P_00001", "3", "LEFT", "CC", "1", "mass", "OVAL", "CIRCUMSCRIBED", "4", "MALIGNANT", "4",
           full1 + "\n", mask1 + "\n", crop1 + "\n"]],
     )  # fmt: skip
-    full2 = _cbis_image(src, "Calc-Test_P_00002_RIGHT_MLO", "000000.dcm", synthetic_breast(SHAPE, "R"))
+    # P_00002 is stored as the NBIA downloader names files (dates/series names, 1-1.dcm), unlike the CSV.
+    nbia = src / "manifest-1234" / "CBIS-DDSM"
+    write_dicom(nbia / "Calc-Test_P_00002_RIGHT_MLO" / "08-29-2017-DDSM-1" / "1.000000-full-24515" / "1-1.dcm",
+                synthetic_breast(SHAPE, "R"))  # fmt: skip
+    full2 = "Calc-Test_P_00002_RIGHT_MLO/1.3.6.1.4.1.9590.100.1.2.21/1.3.6.1.4.1.9590.100.1.2.22/000000.dcm"
     masks = []
     for index, (top, left) in enumerate([(5, 5), (40, 30)], start=1):
         m = np.zeros(SHAPE, np.uint16)
         m[top : top + 4, left : left + 6] = 255
-        masks.append(_cbis_image(src, f"Calc-Test_P_00002_RIGHT_MLO_{index}", "000000.dcm", m))
+        roi_dir = nbia / f"Calc-Test_P_00002_RIGHT_MLO_{index}" / "08-29-2017-DDSM-2" / "1.000000-ROI-3"
+        write_dicom(roi_dir / "1-1.dcm", np.ones((12, 12), np.uint16))  # the cropped ROI image
+        write_dicom(roi_dir / "1-2.dcm", m)  # the full-size mask
+        masks.append(f"Calc-Test_P_00002_RIGHT_MLO_{index}/1.3.6.1.4.1.9590.100.1.2.31/000000.dcm")
     _csv(
         src / "calc_case_description_test_set.csv",
         CBIS_CALC,
@@ -103,6 +110,7 @@ def test_cbis_ddsm(cbis: Path, tmp_path: Path) -> None:
     )
     assert json.loads(a["boxes"]) == [{"label": "malignant", "box": [5, 10, 15, 20]}]
     b = rows["Calc-Test_P_00002_RIGHT_MLO"]
+    assert b["image_path"].endswith("1.000000-full-24515/1-1.dcm")
     assert (b["benign_label"], b["malignant_label"], b["split"], b["density"]) == ("1", "0", "test", "2")
     merged = np.asarray(Image.open(b["benign_mask_path"]))
     assert merged.shape == SHAPE and int((merged > 0).sum()) == 48  # two 4x6 masks merged

@@ -219,3 +219,21 @@ def test_read_mask(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_mask(path, (64, 48)), mask > 0)
     with pytest.raises(ImageReadError, match=r"m\.png: mask is 64x48 but the image is 60x48"):
         read_mask(path, (60, 48))
+
+
+def test_npy_cache_entries(tmp_path: Path) -> None:
+    good = tmp_path / "crop.npy"
+    np.save(good, synthetic_breast((64, 48)))
+    pixels, meta = read_image(good)
+    assert meta.format == "npy" and pixels.dtype == np.uint16
+    np.testing.assert_array_equal(pixels, synthetic_breast((64, 48)))
+    nan = tmp_path / "nan.npy"
+    values = synthetic_breast((64, 48)).astype(np.float32)
+    values[0, 0] = np.nan
+    np.save(nan, values)
+    with pytest.raises(ImageReadError, match=r"nan\.npy: array contains NaN or infinite values"):
+        read_image(nan)
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ImageReadError, match=r"objects\.npy: truncated or corrupt \.npy file"):
+        read_image(objects)  # object arrays would need unpickling: refused
