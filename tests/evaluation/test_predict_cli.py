@@ -275,3 +275,33 @@ def test_predict_from_preprocess_cache_matches_raw(
         dice.append(json.loads((out / "localization.json").read_text())["malignant"])
     assert dice[0]["n_images"] == 2
     assert dice[0] == dice[1]
+
+
+def test_predict_refuses_bad_device_and_clobbering_outputs(
+    tmp_path: Path, tiny_model: Path, breast_png, size_args, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    breast_png(tmp_path / "a.png", "L", 0)
+    manifest = tmp_path / "image_predictions.csv"  # a manifest that happens to carry an output's name
+    pd.DataFrame(
+        [
+            {
+                "image_id": "a",
+                "image_path": "a.png",
+                "patient_id": "p",
+                "exam_id": "e",
+                "laterality": "L",
+                "view": "CC",
+            }
+        ]
+    ).to_csv(manifest, index=False)
+    before = manifest.read_bytes()
+    base = ["predict", "--manifest", str(manifest), "--model", str(tiny_model), *size_args]
+    assert main([*base, "--out", str(tmp_path)]) == 2
+    assert "overwrite input" in capsys.readouterr().err
+    assert manifest.read_bytes() == before
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        assert main([*base, "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "o"), "--device", "tpu7"]) == 2
+    assert "not a device name" in capsys.readouterr().err

@@ -343,7 +343,8 @@ def _collect_items(args: argparse.Namespace) -> list[Any]:
     files = []
     for path in args.inputs:
         if path.is_dir():
-            items += items_from_folder(path, exclude=[args.out])
+            # Our own figures must not be read back as inputs when --out lies inside an input folder.
+            items += items_from_folder(path, exclude=[args.out / d for d in _OUTPUT_DIRS])
         else:
             files.append(path)  # missing files are reported in errors.csv like any unreadable image
     items += items_from_paths(files)
@@ -359,18 +360,40 @@ def _collect_items(args: argparse.Namespace) -> list[Any]:
     return items
 
 
+# Everything predict/visualize may write inside --out.
+_OUTPUT_FILES = (
+    "image_predictions.csv",
+    "breast_predictions.csv",
+    "breast_predictions_metarepository.csv",
+    "exam_summary.csv",
+    "errors.csv",
+    "run.json",
+    "patches.json",
+    "localization.json",
+    "report.html",
+)
+_OUTPUT_DIRS = ("saliency", "figures")
+
+
 def _check_inputs_untouched(args: argparse.Namespace, items: list[Any]) -> None:
+    """Refuse an --out where an output file would land on an input (image, mask, manifest, model)."""
     from mammogmic.errors import MammogmicError
 
     out = args.out.resolve()
-    protected = {Path(i.path).resolve() for i in items} | {m.resolve() for m in args.models}
+    protected = {m.resolve() for m in args.models}
+    for item in items:
+        for path in (item.path, item.benign_mask_path, item.malignant_mask_path, item.cached_path):
+            if path is not None:
+                protected.add(Path(path).resolve())
     if args.manifest:
         protected.add(args.manifest.resolve())
-    if out in protected or (out.exists() and not out.is_dir()):
-        raise MammogmicError(f"{args.out}: output must be a folder that is not one of the inputs")
-    clash = [p for p in protected if p.parent == out and p.name.endswith((".csv", ".json", ".html"))]
-    if clash:
-        raise MammogmicError(f"{args.out}: holds input file(s) {clash[:3]} that outputs could overwrite")
+    targets = {out / name for name in _OUTPUT_FILES}
+    dirs = [out / name for name in _OUTPUT_DIRS]
+    clash = sorted(str(p) for p in protected if p in targets or any(p.is_relative_to(d) for d in dirs))
+    if out in protected or clash:
+        raise MammogmicError(
+            f"{args.out}: outputs would overwrite input file(s) {clash[:3] or [str(out)]}; choose another --out"
+        )
 
 
 def _check_out_folder(args: argparse.Namespace) -> None:
@@ -403,10 +426,22 @@ def _load_members(args: argparse.Namespace, device: str) -> list[Any]:
 
 
 def _resolve_device(name: str) -> str:
+    """``auto`` → cuda when available; a CUDA device that is not there is a clear error."""
     import torch
+
+    from mammogmic.errors import MammogmicError
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise MammogmicError(f"--device {name!r}: not a device name ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MammogmicError(f"--device {name}: no CUDA device is available to this torch build")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MammogmicError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
