@@ -66,7 +66,14 @@ def _staged_gmic(model: Any, x: Any) -> dict[str, float]:
 
 
 def run_single(
-    model_name: str, mode: str, batch: int, dtype: str, channels_last: bool, repeats: int, tune: bool = True
+    model_name: str,
+    mode: str,
+    batch: int,
+    dtype: str,
+    channels_last: bool,
+    repeats: int,
+    tune: bool = True,
+    fuse: bool = False,
 ) -> dict[str, Any]:
     import torch
 
@@ -80,6 +87,10 @@ def run_single(
     x = torch.randn(batch, 1, 2944, 1920)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if fuse:
+        from mammogmic.models import fuse_for_inference
+
+        model = fuse_for_inference(model)
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     labels = torch.rand(batch, 2).round()
@@ -123,6 +134,7 @@ def run_single(
         "peak_rss_mib": round(_peak_mib(), 1),
         "threads": torch.get_num_threads(),
         "allocator_tuned": tune,
+        "fused": fuse,
         "torch": torch.__version__,
     }
 
@@ -135,6 +147,9 @@ def main() -> int:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--channels-last", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--fuse", nargs="+", default=["no"], choices=["no", "yes"], help="BN folding (inference only)"
+    )
     p.add_argument(
         "--no-tune-allocator",
         action="store_true",
@@ -154,9 +169,11 @@ def main() -> int:
         print(json.dumps(run_single(**spec)))
         return 0
     rows = []
-    for model, mode, batch, dtype, cl in itertools.product(
-        args.models, args.modes, args.batches, args.dtypes, args.channels_last
+    for model, mode, batch, dtype, cl, fuse in itertools.product(
+        args.models, args.modes, args.batches, args.dtypes, args.channels_last, args.fuse
     ):
+        if fuse == "yes" and mode == "train":
+            continue
         if model == "resnet34" and batch > 1 and args.skip_baseline_batch4:
             continue
         spec = {
@@ -167,6 +184,7 @@ def main() -> int:
             "channels_last": cl == "yes",
             "repeats": args.repeats,
             "tune": not args.no_tune_allocator,
+            "fuse": fuse == "yes",
         }
         res = subprocess.run(
             [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True
@@ -180,12 +198,13 @@ def main() -> int:
     print(
         "| model | mode | batch | dtype | channels-last | s/image | peak RSS MiB | stages s/image (global, retrieve, crops, local, attn+fusion) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         st = r["stages_per_image"]
         stages = ", ".join(f"{st[k]:.3f}" for k in st) if st else ""
         print(
             f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | {'yes' if r['channels_last'] else 'no'} "
+            f"| {'yes' if r['fused'] else 'no'} "
             f"| {r['seconds_per_image']:.3f} | {r['peak_rss_mib']:.0f} | {stages} |"
         )
     if args.json:

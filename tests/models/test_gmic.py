@@ -171,3 +171,39 @@ def test_channels_last_matches_default_layout() -> None:
         out = model.to(memory_format=torch.channels_last)(x)
     assert torch.allclose(out.y_fusion, ref.y_fusion, atol=1e-5)
     assert torch.equal(out.patch_locations, ref.patch_locations)
+
+
+def test_fused_inference_copy_matches_and_cannot_be_saved(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mammogmic import save_model
+    from mammogmic.errors import CheckpointError
+    from mammogmic.models import fuse_for_inference
+
+    torch.manual_seed(0)
+    model = GMIC(TINY.replace(local_arch="resnet50"))
+    for m in model.modules():  # non-trivial BN statistics so folding has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.local_net.modules())
+    x = torch.randn(2, 1, 256, 192)
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert torch.equal(ref.patch_locations, out.patch_locations)
+    assert torch.allclose(ref.y_fusion, out.y_fusion, atol=1e-5)
+    assert torch.allclose(ref.h_crops, out.h_crops, atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.local_net.modules())  # original untouched
+    with pytest.raises(CheckpointError, match="fused for inference"):
+        save_model(fused, tmp_path / "f.safetensors")
+
+
+def test_fused_baseline_matches() -> None:
+    from mammogmic.models import fuse_for_inference
+
+    model = ResNetBaseline(BaselineConfig(width=8)).eval()
+    x = torch.randn(1, 1, 96, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, fuse_for_inference(model)(x).logits, rtol=1e-4, atol=1e-4)

@@ -239,6 +239,10 @@ def save_model(
     from safetensors.torch import save_file
 
     path = Path(path)
+    if getattr(model, "inference_only", False):
+        raise CheckpointError(
+            "this model was fused for inference (fuse_for_inference); save the original instead"
+        )
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
     kind = "gmic" if isinstance(model, GMIC) else "resnet_baseline"

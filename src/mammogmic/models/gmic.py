@@ -154,7 +154,7 @@ class GMIC(nn.Module):
         """Local network on (N, K, C, ch, cw) patches -> (N, K, D_l) feature vectors, one batched pass."""
         n, k, c = patches.shape[:3]
         flat = patches.reshape(n * k, c, *patches.shape[3:])
-        if c == 1:
+        if c == 1 and self.local_net.conv1.in_channels == 3:
             flat = flat.expand(-1, 3, -1, -1)
         features = self.local_net(flat).mean(dim=(2, 3))
         return features.view(n, k, -1)
