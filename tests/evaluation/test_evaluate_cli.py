@@ -151,3 +151,23 @@ def test_evaluate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["evaluate", str(csv), "--label", "cancer", "--scores", "model", "--json", str(csv)]) == 2
     assert "overwrite" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nope.csv"), "--label", "c", "--scores", "m"]) == 2
+
+
+def test_hybrid_uses_each_readers_own_cases(tmp_path: Path) -> None:
+    csv = tmp_path / "partial.csv"
+    df = _reader_table(csv, n=80, seed=5)
+    df.loc[:39, "reader_2"] = np.nan  # reader 2 read only the second half
+    df.to_csv(csv, index=False)
+    out = tmp_path / "h.json"
+    args = ["evaluate", str(csv), "--label", "cancer", "--scores", "reader_*", "model"]
+    assert (
+        main([*args, "--hybrid-model", "model", "--lambdas", "0.5", "--bootstrap", "0", "--json", str(out)])
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert res["hybrid_n"] == {"reader_1": 80, "reader_2": 40}
+    full = 0.5 * df["reader_1"] + 0.5 * df["model"]
+    half = (0.5 * df["reader_2"] + 0.5 * df["model"])[40:]
+    assert res["hybrid"]["reader_1"]["0.5"] == pytest.approx(m.auroc(df["cancer"], full))
+    assert res["hybrid"]["reader_2"]["0.5"] == pytest.approx(m.auroc(df["cancer"][40:], half))
+    assert res["metrics"]["reader_2"]["n"] == 40

@@ -187,15 +187,23 @@ def evaluate_table(
         readers = [c for c in columns if c != hybrid_model]
         if not readers:
             raise ValueError("--hybrid-model needs at least one other --scores column (the readers)")
-        mask = finite_rows([*readers, hybrid_model])
-        per_reader, mean = hybrid_auroc(
-            y[mask],
-            {r: values[r].to_numpy()[mask] for r in readers},
-            values[hybrid_model].to_numpy()[mask],
-            lambdas,
-        )
+        # Each reader on the cases it read (reader studies often leave cells empty), with the model.
+        per_reader: dict[str, dict[float, float]] = {}
+        counts: dict[str, int] = {}
+        for reader in readers:
+            mask = finite_rows([reader, hybrid_model])
+            single, _ = hybrid_auroc(
+                y[mask],
+                {reader: values[reader].to_numpy()[mask]},
+                values[hybrid_model].to_numpy()[mask],
+                lambdas,
+            )
+            per_reader[reader] = single[reader]
+            counts[reader] = int(mask.sum())
+        keys = list(next(iter(per_reader.values())))
+        mean = {k: float(np.mean([per_reader[r][k] for r in readers])) for k in keys}
         result["hybrid_model"] = hybrid_model
-        result["hybrid_n"] = int(mask.sum())
+        result["hybrid_n"] = counts
         result["hybrid"] = {
             r: {lambda_key(k): _clean(v) for k, v in d.items()} for r, d in per_reader.items()
         }
