@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,3 +50,46 @@ class BlobImages:
 def tiny_config(**overrides: Any) -> TrainConfig:
     """The packaged tiny_cpu preset with overrides (dotted keys)."""
     return load_config("tiny_cpu", overrides)
+
+
+def write_blob_manifest(
+    folder: Path, n_exams: int = 6, hw: tuple[int, int] = (128, 96), seed: int = 0
+) -> Path:
+    """Write a small PNG dataset (4 views per exam, raw orientation) and its manifest; return the manifest.
+
+    Right views are stored mirrored (facing left), as real raw files are; splits cycle train/train/val/test...
+    """
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    blobs = BlobImages(n_exams * 4, hw, seed)
+    rows = []
+    splits = ["train", "train", "val", "test"]
+    for i in range(n_exams * 4):
+        exam, view = divmod(i, 4)
+        lat, v = ("L", "R", "L", "R")[view], ("CC", "CC", "MLO", "MLO")[view]
+        img = blobs.images[i]
+        png = np.clip((img - img.min()) / (np.ptp(img) + 1e-6) * 4095, 0, 4095).astype(np.uint16)
+        if lat == "R":
+            png = png[:, ::-1]
+        name = f"e{exam}_{lat}_{v}.png"
+        cv2.imwrite(str(folder / name), png)
+        rows.append(
+            {
+                "image_id": name[:-4],
+                "image_path": name,
+                "patient_id": f"p{exam}",
+                "exam_id": f"e{exam}",
+                "laterality": lat,
+                "view": v,
+                "benign_label": int(blobs.labels[i, 0]),
+                "malignant_label": int(blobs.labels[i, 1]),
+                "split": splits[exam % 4] if n_exams >= 4 else "train",
+            }
+        )
+    manifest = folder / "manifest.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return manifest

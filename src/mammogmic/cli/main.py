@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mammogmic.cli.eval_cmds",
     "mammogmic.cli.synth_cmd",
     "mammogmic.cli.data_cmds",
+    "mammogmic.cli.train_cmds",
 )
 
 

@@ -1,0 +1,293 @@
+"""``mammogmic train``, ``mammogmic tune``, ``mammogmic demo`` and ``mammogmic ablate``.
+
+Heavy imports (torch, optuna) happen inside each ``run`` so that ``mammogmic --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EXIT_ERROR = 2
+EXIT_NONFINITE = 3
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the training commands."""
+    p = subparsers.add_parser(
+        "train",
+        help="train GMIC from a YAML config (+ --set overrides)",
+        description=(
+            "Train GMIC end to end (Adam, paper Eq. 13 loss) with validation by malignant AUC, early stopping "
+            "and best-checkpoint selection. CONFIG is a YAML file or a packaged preset name "
+            "(gmic_resnet18, gmic_resnet34, gmic_resnet50, tiny_cpu). Writes RUN_DIR/config.yaml, last.pt, "
+            "best.pt, best_model.safetensors, steps.csv, epochs.csv, tensorboard/, result.json. Several GPUs: "
+            "torchrun --nproc_per_node=N -m mammogmic.cli.main train ..."
+        ),
+    )
+    p.add_argument("config", help="YAML config file or preset name")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.SUB=VALUE",
+        help="override a config field (YAML value), e.g. --set optim.lr=1e-5 (repeatable)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+    t = subparsers.add_parser(
+        "tune",
+        help="random hyper-parameter search (Optuna, resumable SQLite study)",
+        description=(
+            "The paper's random search: lr log-uniform in 10^[lr-range], beta log-uniform in 10^[beta-range], "
+            "t from --t-choices. Trials are stored in OUT/study.db (SQLite) so an interrupted search continues "
+            "where it stopped when rerun with the same --out; a trial killed mid-way is retried and resumes from "
+            "its last checkpoint. The top-k models are exported to OUT/top_k/ for ensembling."
+        ),
+    )
+    t.add_argument("config", help="YAML config file or preset name")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE")
+    t.add_argument("--out", required=True, type=Path, help="search folder (study.db, trials/, top_k/)")
+    t.add_argument(
+        "--trials", type=int, default=20, help="total number of finished trials wanted (default 20)"
+    )
+    t.add_argument(
+        "--lr-range",
+        type=float,
+        nargs=2,
+        default=(-5.5, -4.0),
+        metavar=("LO", "HI"),
+        help="log10 range of the learning rate (default -5.5 -4)",
+    )
+    t.add_argument(
+        "--beta-range",
+        type=float,
+        nargs=2,
+        default=(-5.5, -3.5),
+        metavar=("LO", "HI"),
+        help="log10 range of beta (default -5.5 -3.5)",
+    )
+    t.add_argument(
+        "--t-choices", default="0.02,0.03,0.05,0.1", help="comma-separated t values (default %(default)s)"
+    )
+    t.add_argument("--top-k", type=int, default=5, help="models to export for ensembling (default 5)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=run_tune)
+
+    d = subparsers.add_parser(
+        "demo",
+        help="synthetic data -> train a small GMIC -> test AUC, saliency Dice and figures (CPU, minutes)",
+        description=(
+            "Generate a synthetic screening dataset, train a reduced-size GMIC on it, evaluate on the held-out "
+            "test split and write DIR/metrics.json (test.malignant_auroc, test.benign_auroc, "
+            "test.malignant_dice, seconds), DIR/roc.png, DIR/figures/*.png and DIR/predictions.csv. "
+            "Everything, the generated data included, stays inside DIR."
+        ),
+    )
+    d.add_argument("--out", required=True, type=Path, help="report folder (must be new or empty)")
+    d.add_argument("--exams", type=int, default=None, help="synthetic exams (default 600)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
+    d.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    d.add_argument("--workers", type=int, default=None, help="data-generation processes (default 2)")
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "none"),
+        default=None,
+        help="bf16 autocast on CPU (auto: when the CPU has native bf16)",
+    )
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=run_demo_cmd)
+
+
+# -- progress ---------------------------------------------------------------------------------------------
+class _Progress:
+    """Turns the library's ``callback(event, info)`` into tqdm bars (one per epoch / evaluation pass)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty() or enabled == "force"
+        self.bar: Any = None
+        self.kind = ""
+
+    def _bar(self, kind: str, total: int, desc: str) -> Any:
+        from tqdm import tqdm
+
+        if self.bar is not None and (self.kind != kind or self.bar.total != total or self.bar.n >= total):
+            self.bar.close()
+            self.bar = None
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="step" if kind == "train" else "img",
+                leave=False,
+                dynamic_ncols=True,
+            )
+            self.kind = kind
+        return self.bar
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "epoch":
+            self.close()
+            val = info.get("val_malignant_auroc")
+            val_txt = f", val malignant AUROC {val:.3f}" if isinstance(val, float) else ""
+            print(
+                f"epoch {info['epoch'] + 1}/{info['epochs']}: train loss {info['train_loss']:.4f}{val_txt}"
+                f" ({info['seconds']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        if not self.enabled:
+            return
+        if event == "step":
+            bar = self._bar("train", info["steps_per_epoch"], f"epoch {info['epoch'] + 1}")
+            bar.n = info["step_in_epoch"]
+            bar.set_postfix(loss=f"{info['loss']:.3f}", img_s=f"{info['images_per_s']:.1f}", refresh=False)
+            bar.refresh()
+        elif event == "eval":
+            bar = self._bar("eval", info["total"] * info["passes"], "evaluating")
+            bar.n = info["pass"] * info["total"] + info["done"]
+            bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+# -- train ------------------------------------------------------------------------------------------------
+def run_train(args: argparse.Namespace) -> int:
+    from mammogmic.errors import MammogmicError
+    from mammogmic.training.config import load_config
+    from mammogmic.training.loop import NonFiniteLossError, Trainer
+
+    progress = _Progress(not args.no_progress)
+    try:
+        config = load_config(args.config, args.overrides)
+        result = Trainer(config, args.out, callback=progress).fit(resume=args.resume)
+    except NonFiniteLossError as exc:
+        progress.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except MammogmicError as exc:
+        progress.close()
+        return _fail(exc)
+    progress.close()
+    summary = result.to_dict()
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"run folder: {args.out} (result.json, epochs.csv, best_model.safetensors)", file=sys.stderr)
+    return 0
+
+
+# -- tune -------------------------------------------------------------------------------------------------
+def run_tune(args: argparse.Namespace) -> int:
+    from mammogmic.errors import MammogmicError
+    from mammogmic.training.config import load_config
+    from mammogmic.training.tune import TuneSettings, tune
+
+    try:
+        t_choices = tuple(float(v) for v in args.t_choices.split(",") if v.strip())
+    except ValueError:
+        return _fail(ValueError(f"--t-choices: expected comma-separated numbers, got {args.t_choices!r}"))
+    progress = _Progress(not args.no_progress)
+    try:
+        config = load_config(args.config, args.overrides)
+        settings = TuneSettings(
+            n_trials=args.trials,
+            lr_log10=tuple(args.lr_range),
+            beta_log10=tuple(args.beta_range),
+            t_choices=t_choices,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+        summary = tune(config, args.out, settings, callback=progress)
+    except MammogmicError as exc:
+        progress.close()
+        return _fail(exc)
+    progress.close()
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"study: {args.out / 'study.db'}; top-{args.top_k} models in {args.out / 'top_k'}", file=sys.stderr)
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------------------------------
+def run_demo_cmd(args: argparse.Namespace) -> int:
+    from mammogmic.errors import MammogmicError
+    from mammogmic.training.demo import DemoSettings, run_demo
+
+    defaults = DemoSettings()
+    settings = DemoSettings(
+        n_exams=args.exams or defaults.n_exams,
+        epochs=args.epochs or defaults.epochs,
+        seed=defaults.seed if args.seed is None else args.seed,
+        workers=args.workers or defaults.workers,
+        threads=args.threads,
+        amp=args.amp or defaults.amp,
+    )
+    progress = _Progress(not args.no_progress)
+    started = time.perf_counter()
+    print(
+        f"mammogmic demo: {settings.n_exams} synthetic exams at {settings.size[0]}x{settings.size[1]}, "
+        f"{settings.epochs} epochs -> {args.out}",
+        file=sys.stderr,
+        flush=True,
+    )
+    synth_bar: Any = None
+
+    def synth_progress(done: int) -> None:
+        nonlocal synth_bar
+        if not progress.enabled:
+            return
+        if synth_bar is None:
+            from tqdm import tqdm
+
+            synth_bar = tqdm(total=settings.n_exams, desc="generating exams", unit="exam", leave=False)
+        synth_bar.n = done
+        synth_bar.refresh()
+        if done >= settings.n_exams:
+            synth_bar.close()
+
+    try:
+        report = run_demo(args.out, settings, callback=progress, synth_progress=synth_progress)
+    except MammogmicError as exc:
+        progress.close()
+        return _fail(exc)
+    progress.close()
+    test = report["test"]
+
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    print(
+        f"test split ({test['n_images']} images): malignant AUROC {f(test['malignant_auroc'])}, "
+        f"benign AUROC {f(test['benign_auroc'])}, malignant saliency Dice {f(test['malignant_dice'])}"
+    )
+    print(f"finished in {time.perf_counter() - started:.0f} s")
+    print(
+        f"report: {args.out / 'metrics.json'} (figures: {args.out / 'figures'}, ROC: {args.out / 'roc.png'})"
+    )
+    return 0
+
+
+def _copy(src: Path, dst: Path) -> None:  # pragma: no cover - used by tune exports
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
