@@ -290,6 +290,11 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
         help="window cut from the image before resizing to --input-size (default: the input size)",
     )
     p.add_argument("--crop-iterations", type=int, default=100, help="breast-crop morphology iterations (100)")
+    p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="keep BatchNorm layers separate (default: fold them into the convolutions; same outputs, faster)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -417,7 +422,7 @@ def _load_members(args: argparse.Namespace, device: str) -> list[Any]:
     members = []
     for path in args.models:
         t = next(ts, None) if path.suffix == ".p" else None
-        members.append(load_member(path, percent_t=t, device=device))
+        members.append(load_member(path, percent_t=t, device=device, fuse=not args.no_fuse))
     names = [m.name for m in members]
     for i, m in enumerate(members):
         if names.count(m.name) > 1:
@@ -520,6 +525,7 @@ def _run_inference(
         "models": [{"name": m.name, "path": m.source, "percent_t": m.percent_t} for m in members],
         "device": device,
         "dtype": args.dtype,
+        "fused": not args.no_fuse,
         "tta": args.tta,
         "seed": args.seed,
         "input_size": list(settings.input_shape),

@@ -310,16 +310,17 @@ class Member:
     percent_t: float | None = None
 
 
-def load_member(path: Path, percent_t: float | None = None, device: str = "cpu") -> Member:
+def load_member(path: Path, percent_t: float | None = None, device: str = "cpu", fuse: bool = True) -> Member:
     """Load our ``.safetensors`` model or an official ``.p`` file (``percent_t`` needed for those).
 
     For official files named ``sample_model_N.p`` the released t of model N is used when
-    ``percent_t`` is not given.
+    ``percent_t`` is not given. With ``fuse`` the BatchNorms are folded into the convolutions
+    (:func:`mammogmic.models.fuse_for_inference`: same outputs to float32 rounding, faster).
 
     Raises:
         CheckpointError: unreadable/unsafe file, or an official file whose t is unknown.
     """
-    from mammogmic.models import RELEASED_PERCENT_T, load_model, load_official_checkpoint
+    from mammogmic.models import RELEASED_PERCENT_T, fuse_for_inference, load_model, load_official_checkpoint
 
     model: Any
     if path.suffix == ".p":
@@ -333,6 +334,8 @@ def load_member(path: Path, percent_t: float | None = None, device: str = "cpu")
     else:
         model = load_model(path, device=device)
     model.eval()
+    if fuse:
+        model = fuse_for_inference(model)
     if getattr(model.config, "in_channels", 1) != 1:
         raise CheckpointError(
             f"{path}: model expects {model.config.in_channels} input channels; predict feeds 1"
