@@ -237,3 +237,19 @@ def test_npy_cache_entries(tmp_path: Path) -> None:
     np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ImageReadError, match=r"objects\.npy: truncated or corrupt \.npy file"):
         read_image(objects)  # object arrays would need unpickling: refused
+
+
+def test_dicom_without_file_meta_header(tmp_path: Path) -> None:
+    import pydicom
+
+    pixels = synthetic_breast((64, 48))
+    path = write_dicom(tmp_path / "full.dcm", pixels)
+    ds = pydicom.dcmread(path)
+    bare = tmp_path / "bare_L_CC.dcm"
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(bare, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert bare.read_bytes()[128:132] != b"DICM"  # no preamble, no file meta
+    out, meta = read_image(bare)
+    np.testing.assert_array_equal(out, pixels)
+    assert meta.format == "dicom" and (meta.laterality, meta.view) == ("L", "CC")

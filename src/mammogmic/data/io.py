@@ -361,6 +361,7 @@ def _read_dicom(path: Path, data: bytes, *, apply_voi: bool) -> tuple[np.ndarray
         raise ImageReadError(
             f"{path}: multi-frame DICOM ({frames} frames, e.g. tomosynthesis); expected a 2-D mammogram"
         )
+    _ensure_transfer_syntax(ds)
     try:
         stored = ds.pixel_array
     except Exception as exc:
@@ -378,7 +379,10 @@ def _read_dicom(path: Path, data: bytes, *, apply_voi: bool) -> tuple[np.ndarray
     bits_stored = int(ds.get("BitsStored", stored.dtype.itemsize * 8) or stored.dtype.itemsize * 8)
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     pad_mask = _padding_mask(ds, stored, notes)
-    values, lo, hi = _apply_value_transforms(ds, stored, bits_stored, signed, apply_voi, notes)
+    try:
+        values, lo, hi = _apply_value_transforms(ds, stored, bits_stored, signed, apply_voi, notes)
+    except (ValueError, IndexError, TypeError, KeyError, AttributeError) as exc:
+        raise ImageReadError(f"{path}: cannot apply the DICOM modality/VOI transforms ({exc})") from exc
     if photometric == "MONOCHROME1":
         values = (lo + hi) - values
         notes.append("MONOCHROME1 inverted")
@@ -403,11 +407,27 @@ def _read_dicom(path: Path, data: bytes, *, apply_voi: bool) -> tuple[np.ndarray
         study_uid=_dicom_str(ds, "StudyInstanceUID"),
         sop_instance_uid=_dicom_str(ds, "SOPInstanceUID"),
         manufacturer=_dicom_str(ds, "Manufacturer"),
-        transfer_syntax=str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.file_meta else None,
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         pixel_spacing_mm=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
         notes=notes,
     )
     return pixels, meta
+
+
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """Files without a file-meta header (no preamble, old exports) get the syntax pydicom parsed them with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = FileMetaDataset()
+        ds.file_meta = meta
+    if "TransferSyntaxUID" not in meta:
+        implicit = getattr(ds, "is_implicit_VR", None)
+        if implicit is None:
+            implicit = getattr(ds, "original_encoding", (True, True))[0]
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
 
 
 def _padding_mask(ds: Any, stored: np.ndarray, notes: list[str]) -> np.ndarray | None:
