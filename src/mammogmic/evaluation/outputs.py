@@ -126,7 +126,7 @@ class PredictionWriter:
                 "error": prepared.error or "",
             }
         )
-        logger.warning("skipped %s: %s", prepared.item.path, prepared.error)
+        logger.warning("skipped image %s: %s", prepared.item.image_id, prepared.error)
 
     def add_result(self, res: ImageResult) -> None:
         """Record one prediction (and write its saliency file when asked)."""
