@@ -253,3 +253,15 @@ def test_dicom_without_file_meta_header(tmp_path: Path) -> None:
     out, meta = read_image(bare)
     np.testing.assert_array_equal(out, pixels)
     assert meta.format == "dicom" and (meta.laterality, meta.view) == ("L", "CC")
+
+
+def test_dicom_voi_lut_sequence(tmp_path: Path) -> None:
+    pixels = synthetic_breast((64, 48))
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    lut = (np.arange(4096, dtype=np.uint32) * 10).astype(np.uint16)  # a simple 10x stretch
+    item.add_new(0x00283006, "US", lut.tolist())  # LUTData as US values
+    path = write_dicom(tmp_path / "lut.dcm", pixels, VOILUTSequence=[item], WindowCenter=10, WindowWidth=2)
+    out, meta = read_image(path)
+    assert "VOI LUT sequence applied" in meta.notes  # the LUT wins over the window
+    np.testing.assert_array_equal(out, pixels.astype(np.uint32) * 10)

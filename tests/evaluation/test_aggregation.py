@@ -87,3 +87,18 @@ def test_explicit_columns_used() -> None:
     )
     b = breast_level(t, name_column="image_id").set_index("breast_id")
     assert b.loc["e_L", "malignant_pred"] == pytest.approx(0.4)
+
+
+def test_group_table_levels() -> None:
+    from mammogmic.evaluation.table import group_table
+
+    t = _images()
+    assert group_table(t, "malignant_label", ["malignant_pred"], "image") is t
+    breasts = group_table(t, "malignant_label", ["malignant_pred"], "breast")
+    assert len(breasts) == 4
+    exams = group_table(t, "malignant_label", ["malignant_pred"], "exam").set_index("exam_id")
+    # exam 1: breasts 1_L (0.8, label 1) and 1_R (0.1, label unknown) → max score 0.8, label 1
+    assert exams.loc["1", "malignant_pred"] == pytest.approx(0.8)
+    assert exams.loc["1", "malignant_label"] == 1
+    with pytest.raises(ValueError, match="group must be"):
+        group_table(t, "malignant_label", ["malignant_pred"], "patient")
