@@ -189,3 +189,10 @@ def test_crop_equals_scipy_reference_on_random_blobs(seed: int) -> None:
     assert (top, bottom, left) == (max(rows[0] - 3, 0), min(rows[-1] + 4, 90), cols[0])
     assert right == min(cols[-1] + 4, 70)
     assert info.bottommost_points[0] == rows[-1] - top
+
+
+def test_chest_wall_side_with_noisy_background() -> None:
+    rng = np.random.default_rng(0)
+    image = synthetic_breast((120, 80), "L") + rng.integers(1, 40, size=(120, 80)).astype(np.uint16)
+    assert (image > 0).all()  # no zero background at all
+    assert chest_wall_side(image) == "left" and chest_wall_side(image[:, ::-1]) == "right"

@@ -99,20 +99,20 @@ def orient(image: np.ndarray, view: str, horizontal_flip: str = "NO") -> np.ndar
 def chest_wall_side(image: np.ndarray) -> str:
     """Which side of the raw image the chest wall is on, judged from the pixels.
 
-    The breast is widest at the chest wall, so the half of the image with more non-zero pixels
-    (ties: more total intensity) holds it.
+    The breast is widest at the chest wall, so the half of the image with more signal (total
+    intensity; ties: more non-zero pixels) holds it. Using intensity rather than a non-zero count keeps
+    the answer right when the background is not exactly zero.
 
     Returns:
         ``"left"`` or ``"right"``.
     """
-    mask = image > 0
-    half = image.shape[1] // 2
-    left, right = int(mask[:, :half].sum()), int(mask[:, image.shape[1] - half :].sum())
+    arr = np.asarray(image)
+    half = arr.shape[1] // 2
+    left = float(arr[:, :half].sum(dtype=np.float64))
+    right = float(arr[:, arr.shape[1] - half :].sum(dtype=np.float64))
     if left == right:
-        left_sum = float(image[:, :half].sum(dtype=np.float64))
-        right_sum = float(image[:, image.shape[1] - half :].sum(dtype=np.float64))
-        return "left" if left_sum >= right_sum else "right"
-    return "left" if left > right else "right"
+        left, right = float((arr[:, :half] > 0).sum()), float((arr[:, arr.shape[1] - half :] > 0).sum())
+    return "left" if left >= right else "right"
 
 
 def expected_chest_wall_side(view: str, horizontal_flip: str = "NO") -> str:
