@@ -16,6 +16,7 @@ from mammogmic.errors import ConfigError
         ("calcification_fraction", 2),
         ("mass_diameter_mm", (15.0, 5.0)),
         ("mass_diameter_mm", 7),
+        ("calc_cluster_mm", (1.0, 10.0)),
         ("mass_contrast", (0.2, float("nan"))),
         ("calc_contrast", (0.1, 1.5)),
         ("density_weights", (0, 0, 0, 0)),

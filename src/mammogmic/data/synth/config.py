@@ -75,6 +75,7 @@ class SynthConfig:
         calcification_fraction: probability that a finding is a calcification cluster rather than a mass.
         mass_diameter_mm: range of mass diameters (both classes draw from the same range, so size does
             not give the class away).
+        calc_cluster_mm: range of the extent of calcification clusters (both classes).
         mass_contrast: range of a mass's peak density added to the tissue, as a fraction of the
             fat-to-gland contrast.
         calc_contrast: range of calcification brightness, as a fraction of the 12-bit range.
@@ -90,6 +91,7 @@ class SynthConfig:
     benign_rate: float = 0.25
     calcification_fraction: float = 0.35
     mass_diameter_mm: tuple[float, float] = (8.0, 15.0)
+    calc_cluster_mm: tuple[float, float] = (9.0, 16.0)
     mass_contrast: tuple[float, float] = (0.45, 0.7)
     calc_contrast: tuple[float, float] = (0.22, 0.4)
     min_detail_px: float = 1.3
@@ -112,6 +114,9 @@ class SynthConfig:
             object.__setattr__(self, name, _prob(name, getattr(self, name)))
         object.__setattr__(
             self, "mass_diameter_mm", _range("mass_diameter_mm", self.mass_diameter_mm, 1.0, 60.0)
+        )
+        object.__setattr__(
+            self, "calc_cluster_mm", _range("calc_cluster_mm", self.calc_cluster_mm, 2.0, 60.0)
         )
         object.__setattr__(self, "mass_contrast", _range("mass_contrast", self.mass_contrast, 0.0, 3.0))
         object.__setattr__(self, "calc_contrast", _range("calc_contrast", self.calc_contrast, 0.0, 1.0))

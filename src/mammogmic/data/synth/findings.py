@@ -84,7 +84,7 @@ def plan_findings(rng: np.random.Generator, config: SynthConfig) -> list[Finding
             size = float(rng.uniform(*config.mass_diameter_mm))
             contrast = float(rng.uniform(*config.mass_contrast))
         else:
-            size = float(rng.uniform(9.0, 16.0))
+            size = float(rng.uniform(*config.calc_cluster_mm))
             contrast = float(rng.uniform(*config.calc_contrast))
         seed = int(rng.integers(0, 2**31 - 1))
         out.append(Finding(cls, kind, f"{cls}_{kind}", depth, across_cc, across_mlo, size, contrast, seed))
