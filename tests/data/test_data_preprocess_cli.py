@@ -154,3 +154,29 @@ def test_prepare_refuses_out_inside_source_and_existing(tmp_path: Path) -> None:
     existing.write_text("keep")
     assert main(["prepare", "vindr", str(source), "--out", str(existing)]) == 2
     assert existing.read_text() == "keep"
+
+
+def test_unexpected_error_in_one_image_does_not_stop_the_batch(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mammogmic.data.cache as cache
+
+    real_crop = cache.crop_breast
+
+    def flaky_crop(image: np.ndarray, view: str, *args: object, **kwargs: object) -> object:
+        if view == "R-MLO":
+            raise RuntimeError("simulated library failure")
+        return real_crop(image, view, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache, "crop_breast", flaky_crop)
+    summary = preprocess_manifest(
+        load_manifest(dataset / "manifest.csv"),
+        tmp_path / "out",
+        settings=PreprocessSettings(iterations=3, buffer_size=5, window_shape=(64, 48)),
+    )
+    assert (summary.processed, summary.failed) == (2, 5)
+    with open(tmp_path / "out" / "errors.csv", newline="", encoding="utf-8") as handle:
+        errors = {r["image_id"]: r for r in csv.DictReader(handle)}
+    assert errors["g2"]["stage"] == "crop"
+    assert "RuntimeError: simulated library failure" in errors["g2"]["reason"]
+    assert "good_R.png" in errors["g2"]["reason"]

@@ -204,12 +204,14 @@ def _process_one(task: dict[str, Any]) -> dict[str, Any]:
             **mask_paths,
         }
         return {"ok": True, "image_id": row.image_id, "record": record, "extra": extra}
-    except (MammogmicError, OSError, ValueError, MemoryError) as exc:
+    except Exception as exc:  # one bad file must never stop the batch: every failure becomes a row
         reason = str(exc)
         if isinstance(exc, PreprocessingError) and str(source) not in reason:
             reason = f"{source}: {reason}"
         if not isinstance(exc, (ImageReadError, PreprocessingError)):
-            reason = f"{type(exc).__name__}: {reason}"
+            reason = f"{source}: {type(exc).__name__}: {reason}"
+            if not isinstance(exc, (MammogmicError, OSError)):
+                logger.debug("unexpected error on %s", source, exc_info=True)
         return {"ok": False, "image_id": row.image_id, "file": str(source), "stage": stage, "reason": reason}
 
 
