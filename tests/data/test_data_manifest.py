@@ -101,3 +101,21 @@ def test_check_files_and_label_consistency(tmp_path: Path) -> None:
     assert "line 3: image file not found" in message
     assert "line 4: malignant_label is 1 but breast_malignant_label is 0" in message
     assert isinstance(Manifest([], tmp_path).filter(split="train"), Manifest)
+
+
+def test_unreadable_and_non_utf8_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(HEADER.encode() + "a,\xe9.png,p,e,L,CC,,,,\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"latin\.csv: not a UTF-8 CSV file"):
+        load_manifest(latin)
+    locked = _write(tmp_path / "locked.csv", HEADER)
+    real_open = open
+
+    def fake_open(file: object, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        if Path(str(file)) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    with pytest.raises(ManifestError, match=r"locked\.csv: permission denied"):
+        load_manifest(locked)

@@ -388,6 +388,10 @@ def load_manifest(path: str | os.PathLike[str], *, check_files: bool = False) ->
                 start = reader.line_num + 1
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{file_path}: not a UTF-8 CSV file ({exc.reason})") from exc
+    except PermissionError as exc:
+        raise ManifestError(f"{file_path}: permission denied (cannot read the manifest)") from exc
+    except OSError as exc:
+        raise ManifestError(f"{file_path}: cannot read the manifest ({exc.strerror or exc})") from exc
     except csv.Error as exc:
         raise ManifestError(f"{file_path}: malformed CSV ({exc})") from exc
     if not columns:
