@@ -196,7 +196,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     print(
-        "| model | mode | batch | dtype | channels-last | s/image | peak RSS MiB | stages s/image (global, retrieve, crops, local, attn+fusion) |"
+        "| model | mode | batch | dtype | channels-last | fused | s/image | peak RSS MiB | stages s/image (global, retrieve, crops, local, attn+fusion) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
