@@ -141,3 +141,22 @@ def test_calcification_morphology_differs_in_fine_detail() -> None:
     # malignant: many fine specks; benign: few coarse ones (area in mm^2)
     assert min(count["malignant"]) > max(count["benign"])
     assert np.median(area["benign"]) > 5 * np.median(area["malignant"])
+
+
+def _solidity(mask: np.ndarray) -> float:
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    c = max(contours, key=cv2.contourArea)
+    return float(cv2.contourArea(c) / cv2.contourArea(cv2.convexHull(c)))
+
+
+def test_non_spiculated_malignant_masses_have_irregular_outlines() -> None:
+    cfg = SynthConfig.demo(spiculated_fraction=0.0)
+    for seed in range(6):
+        solidity = {}
+        for cls in ("benign", "malignant"):
+            f = Finding(cls, "mass", "m", 0.5, 0.0, 0.0, 12.0, 0.6, seed)
+            solidity[cls] = _solidity(render_finding(f, "CC", (100.0, 100.0), 3.16, cfg).mask)
+        assert solidity["benign"] > 0.95, solidity
+        assert solidity["malignant"] < 0.9, solidity

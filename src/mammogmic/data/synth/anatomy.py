@@ -9,6 +9,7 @@ reduced working grid and upsampled; sharp ones (breast edge, skin line, findings
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -79,6 +80,7 @@ class BreastShape:
     params: tuple[float, ...]
     wiggle: tuple[tuple[float, float], ...]  # (amplitude, phase) of low-order outline harmonics
     muscle: tuple[float, float, float] | None  # MLO: (x at top, y at chest wall, curvature exponent)
+    nipple_bump: tuple[float, float] = (0.0, 0.0)  # nipple in profile: (height / W, half-width / H)
 
     def edge(self, y: np.ndarray) -> np.ndarray:
         """Normalised x of the skin edge at normalised heights ``y`` (0 outside [y_top, y_bottom])."""
@@ -99,6 +101,9 @@ class BreastShape:
         for k, (a, ph) in enumerate(self.wiggle, start=1):
             mod += a * np.sin(k * np.pi * u + ph)
         x = x * mod
+        bump_h, bump_w = self.nipple_bump
+        if bump_h > 0:
+            x = x + bump_h * np.exp(-(((y - self.nipple[0]) / bump_w) ** 2))
         inside = (y >= self.y_top) & (y <= self.y_bottom)
         return np.where(inside, np.maximum(x, 0.0), 0.0)
 
@@ -152,17 +157,18 @@ def random_shapes(rng: np.random.Generator) -> dict[str, BreastShape]:
         wiggle=wig_mlo,
         muscle=(x_top * rng.uniform(0.75, 0.98), rng.uniform(0.36, 0.58), rng.uniform(0.7, 1.05)),
     )
-    # the nipple is where the outline reaches furthest from the chest wall
+    # the nipple is where the outline reaches furthest from the chest wall; it shows in profile as a
+    # small bump (~3-6 mm high, ~8-12 mm wide on a full-field image)
+    bump = (float(rng.uniform(0.012, 0.028)), float(rng.uniform(0.017, 0.026)))
+    out: dict[str, BreastShape] = {}
     for name, shape in (("CC", cc), ("MLO", mlo)):
         ys = np.linspace(shape.y_top, shape.y_bottom, 801)
         xs = shape.edge(ys)
         i = int(np.argmax(xs))
-        nip = (float(ys[i]), float(xs[i]))
-        if name == "CC":
-            cc = BreastShape(cc.view, cc.y_top, cc.y_bottom, nip, cc.params, cc.wiggle, cc.muscle)
-        else:
-            mlo = BreastShape(mlo.view, mlo.y_top, mlo.y_bottom, nip, mlo.params, mlo.wiggle, mlo.muscle)
-    return {"CC": cc, "MLO": mlo}
+        out[name] = dataclasses.replace(
+            shape, nipple=(float(ys[i]), float(xs[i]) + bump[0]), nipple_bump=bump
+        )
+    return out
 
 
 def fill_mask(shape: BreastShape, size: tuple[int, int], antialias: bool) -> np.ndarray:
@@ -193,6 +199,39 @@ def muscle_mask(shape: BreastShape, size: tuple[int, int], px_per_mm: float) -> 
     return m
 
 
+def draw_vessels(
+    rng: np.random.Generator, mask: np.ndarray, nipple: tuple[float, float], ppm: float, count: int
+) -> np.ndarray:
+    """Blood vessels: ``count`` faint tortuous tubes, 0.8-1.6 mm wide, from the chest-wall side toward the nipple.
+
+    Returns the added intensity (float32, same shape as ``mask``).
+    """
+    h, w = mask.shape
+    canvas = np.zeros((h, w), np.float32)
+    yn, xn = nipple
+    for _ in range(count):
+        width = float(rng.uniform(0.8, 1.6)) * ppm
+        x, y = float(rng.uniform(0.03, 0.25)) * xn, yn + float(rng.uniform(-0.35, 0.35)) * h
+        target_y = yn + float(rng.uniform(-0.12, 0.12)) * h
+        pts = [(x, y)]
+        step = 3.0 * ppm
+        angle = math.atan2(target_y - y, xn - x)
+        while x < 0.85 * xn and len(pts) < 400:
+            want = math.atan2(target_y - y, xn - x)
+            angle += 0.25 * (want - angle) + float(rng.normal(0, 0.18))
+            x += step * math.cos(angle)
+            y += step * math.sin(angle)
+            pts.append((x, y))
+        contrast = float(rng.uniform(0.05, 0.09))
+        poly = np.round(np.array(pts) * 16).astype(np.int32)
+        cv2.polylines(
+            canvas, [poly], False, contrast, thickness=max(1, round(width)), lineType=cv2.LINE_8, shift=4
+        )
+    sigma = max(0.25 * float(np.mean([0.8, 1.6])) * ppm, 0.5)
+    blurred: np.ndarray = cv2.GaussianBlur(canvas, (0, 0), sigma)
+    return blurred * (mask > 0)
+
+
 @dataclass
 class Parenchyma:
     """Smooth anatomy of one view on the working grid."""
@@ -220,6 +259,7 @@ def parenchyma(
     beta: float,
     thickness_params: tuple[float, float],
     gland_bias: float,
+    vessels: int = 0,
 ) -> Parenchyma:
     """Thickness fall-off, fibroglandular pattern and pectoral muscle on the working grid.
 
@@ -231,6 +271,7 @@ def parenchyma(
         beta: power-law exponent of the texture.
         thickness_params: (relative thickness at the skin edge, fall-off length in mm).
         gland_bias: per-breast offset in [-1, 1] shifting where the glandular tissue concentrates.
+        vessels: at most this many blood vessels (thin tortuous lines toward the nipple) are drawn.
     """
     h, w = work_size(out_size)
     ppm = pixels_per_mm(out_size) * h / out_size[0]
@@ -292,6 +333,10 @@ def parenchyma(
     gland = np.clip(gland + fat_structure, 0.0, 1.0).astype(np.float32)
 
     tissue = FAT_LEVEL + (GLAND_LEVEL - FAT_LEVEL) * gland
+    if vessels > 0:
+        # vessels show less against dense tissue
+        vess = draw_vessels(rng, mask, (yn, xn), ppm, int(rng.integers(1, vessels + 1)))
+        tissue = tissue + vess * sub * (1.0 - 0.7 * gland)
     if shape.muscle is not None:
         # pectoral muscle: bright, brightest toward the axilla corner, with a few fibre streaks
         level = rng.uniform(0.52, 0.64)

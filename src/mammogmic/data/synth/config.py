@@ -81,6 +81,9 @@ class SynthConfig:
         calc_contrast: range of calcification brightness, as a fraction of the 12-bit range.
         min_detail_px: lower bound, in output pixels, for fine structures (spicule width, fine
             calcification diameter), so that the class evidence survives at reduced image sizes.
+        vessels: at most this many blood vessels per view (0: none).
+        spiculated_fraction: share of malignant masses with spicules; the others are irregular with an
+            indistinct, microlobulated margin and at most a few short spicules.
         noise: scale of the acquisition (quantum + electronic) noise; 0 disables it.
         texture_beta: exponent of the power-law (1/f^beta) parenchymal texture.
         split_fractions: train/val/test fractions of exams (normalised to sum to 1).
@@ -95,6 +98,8 @@ class SynthConfig:
     mass_contrast: tuple[float, float] = (0.45, 0.7)
     calc_contrast: tuple[float, float] = (0.22, 0.4)
     min_detail_px: float = 1.3
+    vessels: int = 3
+    spiculated_fraction: float = 0.7
     noise: float = 1.0
     texture_beta: float = 3.0
     split_fractions: tuple[float, float, float] = field(default=(0.7, 0.15, 0.15))
@@ -110,7 +115,9 @@ class SynthConfig:
             raise ConfigError(f"density_weights: expected four non-negative weights for A..D, got {dw!r}")
         s = sum(dw)
         object.__setattr__(self, "density_weights", tuple(v / s for v in dw))
-        for name in ("malignant_rate", "benign_rate", "calcification_fraction"):
+        if not isinstance(self.vessels, int) or isinstance(self.vessels, bool) or not 0 <= self.vessels <= 20:
+            raise ConfigError(f"vessels: expected an integer in [0, 20], got {self.vessels!r}")
+        for name in ("malignant_rate", "benign_rate", "calcification_fraction", "spiculated_fraction"):
             object.__setattr__(self, name, _prob(name, getattr(self, name)))
         object.__setattr__(
             self, "mass_diameter_mm", _range("mass_diameter_mm", self.mass_diameter_mm, 1.0, 60.0)
@@ -157,6 +164,7 @@ class SynthConfig:
             "mass_contrast": (0.55, 0.8),
             "calc_contrast": (0.28, 0.45),
             "min_detail_px": 1.5,
+            "spiculated_fraction": 1.0,
         }
         base.update(overrides)
         return cls(**base)

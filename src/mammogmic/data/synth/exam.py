@@ -110,7 +110,9 @@ def _render_view(
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     h, w = size
     ppm = anatomy.pixels_per_mm(size)
-    par = anatomy.parenchyma(rng, shape, size, dense_fraction, config.texture_beta, thick, gland_bias)
+    par = anatomy.parenchyma(
+        rng, shape, size, dense_fraction, config.texture_beta, thick, gland_bias, vessels=config.vessels
+    )
     if par.tissue.shape != (h, w):
         # band-limit before enlarging so that the working grid's pixels do not show as blocks
         sigma = 0.35 * h / par.tissue.shape[0]

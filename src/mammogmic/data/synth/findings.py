@@ -212,25 +212,40 @@ def _render_mass(
             dens = dens - 0.35 * halo
         inside = rho < 1.0
     else:
-        bnd = np.ones_like(r)
+        # spiculated, or irregular with an indistinct microlobulated margin and few short spicules
+        spiculated = rng.random() < config.spiculated_fraction
+        macro, micro = (0.11, 0.035) if spiculated else (0.16, 0.055)
+        lobes = np.ones_like(r)  # macro-lobulation (orders 2-7)
+        fine = np.zeros_like(r)  # micro-lobulation (orders 8-20)
         for k in range(2, 21):
-            amp = rng.normal(0, 0.11 / math.sqrt(k)) if k <= 7 else rng.normal(0, 0.035)
-            bnd = bnd + amp * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
-        bnd = np.clip(bnd, 0.6, 1.45)
-        rho = r / (radius * bnd * np.where(np.abs(np.sin(phi)) > 0, 1.0, 1.0))
-        rho = np.hypot(u / radius, v / (radius * s_across)) / bnd
-        core = np.clip(1.0 - rho * rho, 0.0, 1.0) ** 0.5
-        # indistinct margin: density fades over ~1 mm outside the outline
-        tail = 0.35 * np.exp(-np.maximum(rho - 1.0, 0.0) * radius / max(0.9 * ppm, min_px)) * (rho >= 1.0)
+            if k <= 7:
+                lobes = lobes + rng.normal(0, macro / math.sqrt(k)) * np.cos(
+                    k * phi + rng.uniform(0, 2 * np.pi)
+                )
+            else:
+                fine = fine + rng.normal(0, micro) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
+        ell = np.hypot(u / radius, v / (radius * s_across))
+        rho = ell / np.clip(lobes + fine, 0.6, 1.45)
+        # smooth dome inside; the (micro)lobulated outline only shapes the steep rim (a dome built on
+        # rho itself would carry the outline's wiggles inward as streaks)
+        smooth = ell / np.clip(lobes, 0.6, 1.45)
+        core = np.clip(1.0 - smooth * smooth, 0.0, 1.0) ** 0.5 * np.clip(1.0 - rho**8, 0.0, 1.0) ** 0.5
+        # indistinct margin: density fades over ~1 mm (irregular type: ~1.6 mm) beyond the lobulated
+        # outline; measured against the smooth lobes so that the fade itself has no radial streaks
+        fade_mm, fade_amp = (0.9, 0.35) if spiculated else (1.6, 0.5)
+        fade = max(fade_mm * ppm, min_px)
+        outside = np.maximum(ell / np.clip(lobes, 0.6, 1.45) - 1.0, 0.0)
+        tail = fade_amp * np.exp(-outside * radius / fade)
         dens = np.maximum(core, tail)
         # spicules: thin tapering lines radiating from the margin
         canvas = np.zeros(yy.shape, np.uint8)
-        n_sp = int(rng.integers(10, 21))
+        n_sp = int(rng.integers(10, 21)) if spiculated else int(rng.integers(0, 5))
+        sp_len = (0.8, 1.7) if spiculated else (0.3, 0.7)
         base_angles = np.sort(rng.uniform(0, 2 * np.pi, n_sp))
         w0_px = max(min_px, 0.6 * ppm)
         ctr = np.array([(center[1] - origin[1]) * ss, (center[0] - origin[0]) * ss])
         for ang in base_angles:
-            length = radius * float(rng.uniform(0.8, 1.7))
+            length = radius * float(rng.uniform(*sp_len))
             width = w0_px * float(rng.uniform(1.0, 1.35))
             start = 0.6 * radius
             drift = float(rng.normal(0, 0.12))

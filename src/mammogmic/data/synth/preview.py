@@ -76,7 +76,7 @@ def finding_gallery(size: tuple[int, int] = (736, 480), seed: int = 0, tile: int
     from mammogmic.data.synth.config import SynthConfig
     from mammogmic.data.synth.exam import generate_exam
 
-    half = max(8, round(34 * size[0] / 736))
+    half = max(8, round(42 * size[0] / 736))
     wanted = [
         ("benign", "mass"),
         ("malignant", "mass"),
@@ -128,10 +128,10 @@ def docs_figure(path: str, size: tuple[int, int] = (736, 480)) -> None:
     from mammogmic.data.synth.config import SynthConfig
     from mammogmic.data.synth.exam import generate_exam
 
-    for seed in range(100):  # an exam that shows both classes
+    for seed in range(300):  # an exam that shows both classes, in a scattered-density breast
         exam = generate_exam(seed, size, SynthConfig.demo())
         labels = {f["label"] for _, _, _, meta in exam for f in meta["findings"]}
-        if labels == {"benign", "malignant"}:
+        if labels == {"benign", "malignant"} and exam[0][3]["density"] == "B":
             break
     sheet = contact_sheet([exam], height=300, outline=True)
     gallery = finding_gallery(size)
