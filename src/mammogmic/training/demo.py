@@ -11,7 +11,7 @@ Everything is written under one folder::
     DIR/figures/       GMIC explanation figures of a few test images
 
 Saliency Dice (``test.malignant_dice``): on every test image that holds a malignant lesion, the malignant
-saliency map (stride-64 grid) is upsampled to the input size by nearest neighbour, thresholded at 0.5 and
+saliency map (the global network's stride-32 grid) is upsampled to the input size by nearest neighbour, thresholded at 0.5 and
 compared with the malignant lesion mask (``2|S∩M| / (|S|+|M|)``); the figure is the mean over those images
 (:func:`mammogmic.evaluation.localization.dice_scores`). The soft variant (no threshold) is reported beside it.
 Benign images and normal images do not enter the malignant Dice. A map that never reaches 0.5 scores 0.
@@ -59,10 +59,10 @@ class DemoSettings:
     """
 
     n_exams: int = 600
-    size: tuple[int, int] = (736, 480)
+    size: tuple[int, int] = (512, 320)
     seed: int = 0
     workers: int = 2
-    epochs: int = 8
+    epochs: int = 10
     threads: int | None = None
     amp: str = "auto"
     n_figures: int = 4
@@ -71,8 +71,8 @@ class DemoSettings:
 def demo_synth_config() -> Any:
     """The synthetic-data settings of the demo: the generator's demo preset with larger, mostly mass findings.
 
-    Larger lesions (16-24 mm) keep a lesion comparable to one cell of GMIC's stride-64 saliency grid at the
-    reduced 736x480 size, so that a coarse map can localise it at all.
+    Larger masses (16-24 mm) make a lesion cover about one cell of the saliency grid at the reduced 512x320
+    size, so that a coarse map can localise it at all.
     """
     from mammogmic.data.synth import SynthConfig
 
@@ -80,7 +80,13 @@ def demo_synth_config() -> Any:
 
 
 def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSettings()) -> TrainConfig:
-    """A reduced GMIC (global ResNet-22 width 8, local ResNet-18 width 16, K=4 patches of 96x96)."""
+    """A reduced GMIC for 512x320 inputs.
+
+    The global network is the ResNet-18 (v1) variant (the official code's ``use_v1_global`` option) at width 8:
+    its stride is 32 instead of ResNet-22's 64, so the saliency grid at 512x320 is 16x10 cells of 32x32 pixels,
+    comparable to a 16-24 mm mass at this size. The local network is a
+    ResNet-18 at width 16 on K=4 patches of 64x64 (the paper's 256x256 crop scaled like the image).
+    """
     amp = settings.amp
     if amp == "auto":
         amp = "bf16" if _cpu_bf16_fast() else "none"
@@ -88,16 +94,16 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
     return TrainConfig.from_dict(
         {
             "model": {
-                "global_arch": "resnet22",
+                "global_arch": "resnet18",
                 "global_width": 8,
                 "local_arch": "resnet18",
                 "local_width": 16,
                 "percent_t": 0.02,
                 "num_patches": 4,
-                "crop_size": [96, 96],
+                "crop_size": [64, 64],
                 "attention_dim": 32,
             },
-            "loss": {"beta": 1.0e-3},
+            "loss": {"beta": 3.0e-3},
             "optim": {"lr": 1.0e-3, "scheduler": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.05},
             "data": {
                 "manifest": str(manifest),
@@ -105,8 +111,8 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 "batch_size": 16,
                 "eval_batch_size": 32,
                 "augment": True,
-                "max_crop_noise": [16, 16],
-                "max_crop_size_noise": 16,
+                "max_crop_noise": [12, 12],
+                "max_crop_size_noise": 12,
                 "tta": 1,
                 "test_split": "",
             },
@@ -165,7 +171,7 @@ def run_demo(
 
     t2 = time.perf_counter()
     metrics = evaluate_with_localization(
-        config, out / "run" / "best.pt", out, callback=callback, n_figures=settings.n_figures
+        config, _best_or_last(out / "run"), out, callback=callback, n_figures=settings.n_figures
     )
     timings["evaluate"] = time.perf_counter() - t2
     report = {
@@ -194,6 +200,12 @@ def run_demo(
     return report
 
 
+def _best_or_last(run: Path) -> Path:
+    """``best.pt``, or ``last.pt`` when validation never produced a finite metric (tiny validation splits)."""
+    best = run / "best.pt"
+    return best if best.exists() else run / "last.pt"
+
+
 def _clean(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _clean(v) for k, v in obj.items()}
@@ -214,8 +226,13 @@ def evaluate_with_localization(
     split: str = "test",
     callback: Callback | None = None,
     n_figures: int = 4,
+    heads: bool = False,
 ) -> dict[str, Any]:
-    """Test AUROC + saliency Dice of the checkpoint on ``split``; writes predictions, ROC and figures to ``out``."""
+    """Test AUROC + saliency Dice of the checkpoint on ``split``; writes predictions, ROC and figures to ``out``.
+
+    With ``heads`` the result also holds ``heads``: AUROCs of the global, local and fusion heads and of the
+    global/local average, all from this one model.
+    """
     from mammogmic.evaluation.localization import dice_scores
     from mammogmic.models import GMIC
     from mammogmic.training.checkpoint import load_checkpoint
@@ -234,10 +251,14 @@ def evaluate_with_localization(
     soft = np.full((n, 2), np.nan)
     hard = np.full((n, 2), np.nan)
     keep: dict[int, dict[str, Any]] = {}
+    head_probs = {h: np.zeros((n, 2)) for h in ("fusion", "global", "local")}
 
     def on_batch(o: Any, batch: dict[str, Any]) -> None:
         res = dice_scores(o.saliency.float(), batch["mask"], threshold=0.5)
         idx = batch["index"].numpy()
+        head_probs["fusion"][idx] = o.y_fusion.float().numpy()
+        head_probs["global"][idx] = o.y_global.float().numpy()
+        head_probs["local"][idx] = o.y_local.float().numpy()
         soft[idx] = res.soft
         hard[idx] = res.hard
         for j, i in enumerate(idx):
@@ -270,6 +291,10 @@ def evaluate_with_localization(
         "n_benign": int(np.nansum(labels[:, 0])),
         "n_malignant_with_mask": int(np.isfinite(hard[:, 1]).sum()),
     }
+    head_metrics: dict[str, dict[str, float]] = {}
+    if heads:
+        head_probs["average"] = (head_probs["global"] + head_probs["local"]) / 2
+        head_metrics = {h: classification_metrics(p, labels) for h, p in head_probs.items()}
     with open(out / "predictions.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(
@@ -297,6 +322,8 @@ def evaluate_with_localization(
             )
 
     figures: list[str] = []
+    if n_figures <= 0:
+        return {"test": test, "figures": figures, "heads": head_metrics}
     try:
         from mammogmic.visualization import plot_roc, save_gmic_figure
 
@@ -329,7 +356,7 @@ def evaluate_with_localization(
             figures.append(str(path.relative_to(out)))
     except ImportError as exc:  # pragma: no cover - visualization package absent
         logger.warning("figures skipped: %s", exc)
-    return {"test": test, "figures": figures}
+    return {"test": test, "figures": figures, "heads": head_metrics}
 
 
 def _fmt(v: float) -> str:
