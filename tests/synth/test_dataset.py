@@ -116,6 +116,11 @@ def test_refuses_to_overwrite_and_validates_arguments(tmp_path: Path) -> None:
     with pytest.raises(MammogmicError, match="already exists"):
         generate_dataset(tmp_path / "x", 1, SIZE, seed=0)
     generate_dataset(tmp_path / "x", 1, SIZE, seed=0, overwrite=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("user data")
+    with pytest.raises(MammogmicError, match="other files.*notes.txt"):
+        generate_dataset(tmp_path / "mine", 1, SIZE, seed=0)
+    assert not (tmp_path / "mine" / "images").exists()
     with pytest.raises(ConfigError, match="^n_exams:"):
         generate_dataset(tmp_path / "y", 0, SIZE)
     with pytest.raises(ConfigError, match="^workers:"):

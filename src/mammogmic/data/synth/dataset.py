@@ -57,6 +57,20 @@ FINDING_COLUMNS: tuple[str, ...] = (
     "y_max",
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Entries the generator writes into its output folder (anything else there is someone else's).
+OWN_ENTRIES: frozenset[str] = frozenset(
+    {
+        "images",
+        "masks",
+        "dicom",
+        "manifest.csv",
+        "manifest_dicom.csv",
+        "findings.csv",
+        "synth.json",
+        "preview.png",
+    }
+    | {f"{n}.tmp" for n in ("manifest.csv", "manifest_dicom.csv", "findings.csv")}
+)
 
 
 def exam_seed(master_seed: int, index: int) -> int:
@@ -239,7 +253,8 @@ def generate_dataset(
     The result depends only on (n_exams, size, seed, config), never on ``workers``.
 
     Args:
-        out_dir: output folder (created; must not already hold a manifest unless ``overwrite``).
+        out_dir: output folder (created). Without ``overwrite`` it must not hold a finished set
+            (``manifest.csv``) or files the generator does not write; an interrupted set is completed.
         n_exams: number of exams (four images each).
         size: (H, W) of every image.
         seed: master seed; exam i uses a seed derived from (seed, i).
@@ -270,6 +285,13 @@ def generate_dataset(
         )
     if out.exists() and not out.is_dir():
         raise MammogmicError(f"{out}: exists and is not a folder")
+    if out.is_dir() and not overwrite:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
+        if foreign:
+            raise MammogmicError(
+                f"{out}: folder holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                "choose an empty or new output folder, or allow overwriting (--overwrite)"
+            )
     for sub in ("images", "masks") + (("dicom",) if dicom else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
