@@ -92,6 +92,17 @@ def test_dicom_tags(small_dataset: Path) -> None:
         assert np.array_equal(ds.pixel_array, png)
 
 
+def test_project_reader_reads_the_dicoms(small_dataset: Path) -> None:
+    from mammogmic.data import read_image
+
+    root = small_dataset.parent
+    for r in _rows(root / "manifest_dicom.csv")[:4]:
+        pixels, meta = read_image(root / r["image_path"])
+        assert (meta.laterality, meta.view) == (r["laterality"], r["view"])
+        png = cv2.imread(str(root / r["image_path"].replace("dicom/", "images/").replace(".dcm", ".png")), -1)
+        assert np.array_equal(pixels, png)
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()
