@@ -62,7 +62,7 @@ class DemoSettings:
     size: tuple[int, int] = (512, 320)
     seed: int = 0
     workers: int = 2
-    epochs: int = 10
+    epochs: int = 12
     threads: int | None = None
     amp: str = "auto"
     n_figures: int = 4
@@ -71,12 +71,15 @@ class DemoSettings:
 def demo_synth_config() -> Any:
     """The synthetic-data settings of the demo: the generator's demo preset with larger, mostly mass findings.
 
-    Larger masses (16-24 mm) make a lesion cover about one cell of the saliency grid at the reduced 512x320
-    size, so that a coarse map can localise it at all.
+    Larger masses (22-32 mm) and calcification clusters (18-28 mm) make a lesion body span about two cells of
+    the saliency grid at the reduced 512x320 size. With smaller lesions the network's evidence (the spicules
+    around a malignant mass) lies mostly outside the lesion mask and the coarse map cannot overlap the mask.
     """
     from mammogmic.data.synth import SynthConfig
 
-    return SynthConfig.demo(mass_diameter_mm=(16.0, 24.0), calcification_fraction=0.2)
+    return SynthConfig.demo(
+        mass_diameter_mm=(22.0, 32.0), calc_cluster_mm=(18.0, 28.0), calcification_fraction=0.15
+    )
 
 
 def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSettings()) -> TrainConfig:
@@ -98,7 +101,7 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 "global_width": 8,
                 "local_arch": "resnet18",
                 "local_width": 16,
-                "percent_t": 0.02,
+                "percent_t": 0.03,
                 "num_patches": 4,
                 "crop_size": [64, 64],
                 "attention_dim": 32,
