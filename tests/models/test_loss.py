@@ -67,3 +67,17 @@ def test_heads_follow_prediction_mode() -> None:
 def test_bad_loss_config(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         LossConfig(**{field: value})
+
+
+def test_bce_on_probabilities_matches_torch_and_propagates_nan() -> None:
+    import torch.nn.functional as F
+
+    p = torch.tensor([[0.0, 1e-9], [0.3, 1.0]])
+    y = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    out = fake_output(0.5, 0.0, torch.zeros(2, 2, 1, 1))
+    out.y_global = p
+    ours = GMICLoss(LossConfig(beta=0), prediction="global")(out, y).bce_global
+    ref = F.binary_cross_entropy(p, y, reduction="sum") / 2
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    out.y_global = torch.tensor([[float("nan"), 0.5], [0.5, 0.5]])
+    assert torch.isnan(GMICLoss(LossConfig(beta=0), prediction="global")(out, y).total)

@@ -64,7 +64,11 @@ def _masked_bce(pred: torch.Tensor, target: torch.Tensor, known: torch.Tensor, l
     if logits:
         per = F.binary_cross_entropy_with_logits(pred, safe_target, reduction="none")
     else:
-        per = F.binary_cross_entropy(pred.clamp(0.0, 1.0), safe_target, reduction="none")
+        # BCE on probabilities with logs clamped at -100 like torch's BCELoss, written out so that a NaN
+        # prediction gives a NaN loss (for the trainer's non-finite check) instead of raising.
+        log_p = torch.log(pred).clamp_min(-100.0)
+        log_1mp = torch.log1p(-pred).clamp_min(-100.0)
+        per = -(safe_target * log_p + (1 - safe_target) * log_1mp)
     per = per * known
     n_images = known.any(dim=1).sum().clamp_min(1)
     return per.sum() / n_images
