@@ -98,7 +98,7 @@ def add_parser(subparsers: Any) -> None:
     )
     d.add_argument("--out", required=True, type=Path, help="report folder (must be new or empty)")
     d.add_argument("--exams", type=int, default=None, help="synthetic exams (default 600)")
-    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
     d.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     d.add_argument("--workers", type=int, default=None, help="data-generation processes (default 2)")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -28,7 +28,7 @@ from typing import Any
 
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.demo import DemoSettings, _best_or_last, demo_synth_config, demo_train_config
-from mammogmic.training.loop import Callback, Trainer
+from mammogmic.training.loop import Callback, NonFiniteLossError, Trainer
 
 __all__ = ["AblationSettings", "run_ablations"]
 
@@ -108,7 +108,16 @@ def run_ablations(
         run = out / "runs" / name.replace(" ", "_").replace("=", "")
         t0 = time.perf_counter()
         resume = (run / "last.pt").exists()
-        Trainer(cfg, run, callback=callback, tensorboard=False).fit(resume=resume)
+        try:
+            Trainer(cfg, run, callback=callback, tensorboard=False).fit(resume=resume)
+        except NonFiniteLossError as exc:  # a diverged variant is a result too: report it, go on
+            logger.warning("%s diverged: %s", name, exc)
+            nan = {"malignant_auroc": float("nan"), "benign_auroc": float("nan")}
+            rows.append(
+                _row(group, f"{name} (diverged)", nan, {"test": {"malignant_dice": float("nan")}}, 0.0)
+            )
+            _write(out, rows, settings, base)
+            continue
         res = evaluate_with_localization(cfg, _best_or_last(run), run, n_figures=0, heads=True)
         seconds = time.perf_counter() - t0
         heads = res["heads"]

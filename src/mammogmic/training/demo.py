@@ -11,10 +11,16 @@ Everything is written under one folder::
     DIR/figures/       GMIC explanation figures of a few test images
 
 Saliency Dice (``test.malignant_dice``): on every test image that holds a malignant lesion, the malignant
-saliency map (the global network's stride-32 grid) is upsampled to the input size by nearest neighbour, thresholded at 0.5 and
-compared with the malignant lesion mask (``2|S∩M| / (|S|+|M|)``); the figure is the mean over those images
-(:func:`mammogmic.evaluation.localization.dice_scores`). The soft variant (no threshold) is reported beside it.
-Benign images and normal images do not enter the malignant Dice. A map that never reaches 0.5 scores 0.
+saliency map is upsampled to the input size, thresholded at 0.5 and compared with the malignant lesion mask
+(``2|S∩M| / (|S|+|M|)``); the figure is the mean over those images. Benign and normal images do not enter it; a
+map that never reaches 0.5 scores 0.
+
+Upsampling: cell ``(i, j)`` of a stride-``s`` network whose convolutions are zero-padded "same" (GMIC's global
+networks) is centred on input pixel ``(s*i, s*j)``, not on ``(s*i + s/2, s*j + s/2)``: every stride-2 layer maps
+output index ``k`` to input index ``2k``. The headline Dice therefore interpolates bilinearly between cell values
+placed at their receptive-field centres (``aligned_upsample``). The paper's convention, nearest-neighbour blocks
+``[s*i, s*(i+1))`` (:func:`mammogmic.evaluation.localization.dice_scores`), shifts every value by half a cell and
+is reported beside it as ``test.malignant_dice_nearest``; soft (unthresholded) variants are reported too.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from mammogmic.training.config import TrainConfig
 from mammogmic.training.data import ManifestImages
 from mammogmic.training.loop import Callback, Trainer, classification_metrics, predict
 
-__all__ = ["DemoSettings", "demo_synth_config", "demo_train_config", "run_demo"]
+__all__ = ["DemoSettings", "aligned_upsample", "demo_synth_config", "demo_train_config", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +131,32 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
     )
 
 
+def aligned_upsample(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of ``(N, C, h, w)`` maps to ``size`` with cell ``(i, j)`` centred on pixel
+    ``(i * H / h, j * W / w)`` (its receptive-field centre; see the module docstring); border values extend."""
+    n, c, h, w = saliency.shape
+    height, width = size
+    ys = torch.arange(height, dtype=torch.float32) * h / height  # position in cell units
+    xs = torch.arange(width, dtype=torch.float32) * w / width
+    gy = ys / max(h - 1, 1) * 2 - 1
+    gx = xs / max(w - 1, 1) * 2 - 1
+    grid = torch.stack([gx[None, :].expand(height, width), gy[:, None].expand(height, width)], dim=-1)
+    grid = grid[None].expand(n, height, width, 2)
+    return torch.nn.functional.grid_sample(
+        saliency.float(), grid, mode="bilinear", padding_mode="border", align_corners=True
+    )
+
+
+def _dice_per_image(pred: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Dice over the last two axes of (N, C, H, W) arrays; NaN where the mask is empty."""
+    m = mask.astype(np.float32)
+    inter = (pred * m).sum(axis=(-2, -1))
+    total = pred.sum(axis=(-2, -1)) + m.sum(axis=(-2, -1))
+    out = np.where(total > 0, 2 * inter / np.maximum(total, 1e-12), np.nan)
+    out[m.sum(axis=(-2, -1)) == 0] = np.nan
+    return out
+
+
 def _cpu_bf16_fast() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -189,8 +221,10 @@ def run_demo(
         "train_config": config.to_dict(),
         "torch_threads": torch.get_num_threads(),
         "dice_definition": (
-            "malignant saliency upsampled to the input by nearest neighbour, thresholded at 0.5, Dice vs the "
-            "malignant lesion mask, mean over test images with a malignant lesion"
+            "malignant_dice: malignant saliency upsampled bilinearly to the input with each cell centred on its "
+            "receptive-field centre (pixel stride*i), thresholded at 0.5, Dice vs the malignant lesion mask, mean "
+            "over test images with a malignant lesion; malignant_dice_nearest: same with the paper's "
+            "nearest-neighbour blocks; *_soft_*: without threshold"
         ),
         "report": {
             "roc": "roc.png",
@@ -253,17 +287,23 @@ def evaluate_with_localization(
     n = len(images)
     soft = np.full((n, 2), np.nan)
     hard = np.full((n, 2), np.nan)
+    near_soft = np.full((n, 2), np.nan)
+    near_hard = np.full((n, 2), np.nan)
     keep: dict[int, dict[str, Any]] = {}
     head_probs = {h: np.zeros((n, 2)) for h in ("fusion", "global", "local")}
 
     def on_batch(o: Any, batch: dict[str, Any]) -> None:
         res = dice_scores(o.saliency.float(), batch["mask"], threshold=0.5)
         idx = batch["index"].numpy()
+        near_soft[idx] = res.soft
+        near_hard[idx] = res.hard
+        up = aligned_upsample(o.saliency, tuple(batch["mask"].shape[-2:])).numpy()
+        masks = batch["mask"].numpy() > 0
         head_probs["fusion"][idx] = o.y_fusion.float().numpy()
         head_probs["global"][idx] = o.y_global.float().numpy()
         head_probs["local"][idx] = o.y_local.float().numpy()
-        soft[idx] = res.soft
-        hard[idx] = res.hard
+        soft[idx] = _dice_per_image(up, masks)
+        hard[idx] = _dice_per_image((up >= 0.5).astype(np.float32), masks)
         for j, i in enumerate(idx):
             keep[int(i)] = {
                 "saliency": o.saliency[j].float().numpy(),
@@ -288,7 +328,10 @@ def evaluate_with_localization(
         "malignant_soft_dice": float(np.nanmean(soft[:, 1]))
         if np.isfinite(soft[:, 1]).any()
         else float("nan"),
-        "benign_dice": float(np.nanmean(hard[:, 0])) if np.isfinite(hard[:, 0]).any() else float("nan"),
+        "malignant_dice_nearest": _nanmean(near_hard[:, 1]),
+        "malignant_soft_dice_nearest": _nanmean(near_soft[:, 1]),
+        "benign_dice": _nanmean(hard[:, 0]),
+        "benign_dice_nearest": _nanmean(near_hard[:, 0]),
         "n_images": n,
         "n_malignant": int(np.nansum(labels[:, 1])),
         "n_benign": int(np.nansum(labels[:, 0])),
@@ -360,6 +403,10 @@ def evaluate_with_localization(
     except ImportError as exc:  # pragma: no cover - visualization package absent
         logger.warning("figures skipped: %s", exc)
     return {"test": test, "figures": figures, "heads": head_metrics}
+
+
+def _nanmean(v: np.ndarray) -> float:
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
 
 def _fmt(v: float) -> str:
