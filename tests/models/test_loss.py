@@ -81,3 +81,13 @@ def test_bce_on_probabilities_matches_torch_and_propagates_nan() -> None:
     assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
     out.y_global = torch.tensor([[float("nan"), 0.5], [0.5, 0.5]])
     assert torch.isnan(GMICLoss(LossConfig(beta=0), prediction="global")(out, y).total)
+
+
+def test_saturated_probabilities_give_finite_gradients() -> None:
+    p = torch.tensor([[0.0, 1.0], [1.0, 0.5]], requires_grad=True)
+    out = fake_output(0.5, 0.0, torch.zeros(2, 2, 1, 1))
+    out.y_global = p
+    labels = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss = GMICLoss(LossConfig(beta=0), prediction="global")(out, labels).bce_global
+    loss.backward()
+    assert torch.isfinite(loss) and p.grad is not None and torch.isfinite(p.grad).all()

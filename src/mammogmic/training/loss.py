@@ -65,9 +65,11 @@ def _masked_bce(pred: torch.Tensor, target: torch.Tensor, known: torch.Tensor, l
         per = F.binary_cross_entropy_with_logits(pred, safe_target, reduction="none")
     else:
         # BCE on probabilities with logs clamped at -100 like torch's BCELoss, written out so that a NaN
-        # prediction gives a NaN loss (for the trainer's non-finite check) instead of raising.
-        log_p = torch.log(pred).clamp_min(-100.0)
-        log_1mp = torch.log1p(-pred).clamp_min(-100.0)
+        # prediction gives a NaN loss (for the trainer's non-finite check) instead of raising. The clamp sits
+        # *inside* the log: a saturated probability (exactly 0 or 1) then gets a zero gradient, not 0/0 = NaN.
+        tiny = torch.finfo(pred.dtype).tiny
+        log_p = torch.log(pred.clamp_min(tiny)).clamp_min(-100.0)
+        log_1mp = torch.log((1 - pred).clamp_min(tiny)).clamp_min(-100.0)
         per = -(safe_target * log_p + (1 - safe_target) * log_1mp)
     per = per * known
     n_images = known.any(dim=1).sum().clamp_min(1)
