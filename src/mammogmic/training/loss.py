@@ -68,8 +68,9 @@ def _masked_bce(pred: torch.Tensor, target: torch.Tensor, known: torch.Tensor, l
         # prediction gives a NaN loss (for the trainer's non-finite check) instead of raising. The clamp sits
         # *inside* the log: a saturated probability (exactly 0 or 1) then gets a zero gradient, not 0/0 = NaN.
         tiny = torch.finfo(pred.dtype).tiny
-        log_p = torch.log(pred.clamp_min(tiny)).clamp_min(-100.0)
-        log_1mp = torch.log((1 - pred).clamp_min(tiny)).clamp_min(-100.0)
+        floor = torch.full_like(pred, -100.0)
+        log_p = torch.where(pred <= 0, floor, torch.log(pred.clamp_min(tiny))).clamp_min(-100.0)
+        log_1mp = torch.where(pred >= 1, floor, torch.log((1 - pred).clamp_min(tiny))).clamp_min(-100.0)
         per = -(safe_target * log_p + (1 - safe_target) * log_1mp)
     per = per * known
     n_images = known.any(dim=1).sum().clamp_min(1)
