@@ -106,7 +106,7 @@ def add_parser(subparsers: Any) -> None:
         "--amp",
         choices=("auto", "bf16", "none"),
         default=None,
-        help="bf16 autocast on CPU (auto: when the CPU has native bf16)",
+        help="none (float32, default), bf16 autocast (faster on CPUs with native bf16, less stable) or auto",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=run_demo_cmd)

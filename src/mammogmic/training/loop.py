@@ -500,7 +500,7 @@ class Trainer:
             self.train_images if self.train_images is not None else self._images(cfg.data.train_split, True)
         )
         val_images = self.val_images
-        if val_images is None and cfg.data.val_split:
+        if val_images is None and cfg.data.val_split and cfg.data.manifest:
             val_images = self._images(cfg.data.val_split, False)
         if val_images is not None and len(val_images) == 0:
             logger.warning("validation split %r is empty: no early stopping", cfg.data.val_split)
@@ -758,7 +758,7 @@ class Trainer:
 
         test_metrics: dict[str, float] = {}
         test_images = self.test_images
-        if test_images is None and cfg.data.test_split:
+        if test_images is None and cfg.data.test_split and cfg.data.manifest:
             candidate = self._images(cfg.data.test_split, cfg.data.tta > 1)
             test_images = candidate if len(candidate) else None
         if test_images is not None and info.is_main:
