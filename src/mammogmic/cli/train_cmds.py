@@ -106,7 +106,7 @@ def add_parser(subparsers: Any) -> None:
         "--amp",
         choices=("auto", "bf16", "none"),
         default=None,
-        help="none (float32, default), bf16 autocast (faster on CPUs with native bf16, less stable) or auto",
+        help="auto (default: bf16 autocast where the CPU has native bf16/AMX, else float32), bf16 or none (float32)",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=run_demo_cmd)

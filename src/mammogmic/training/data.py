@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from mammogmic.errors import ImageReadError, ManifestError
+from mammogmic.errors import ManifestError
 
 __all__ = ["ManifestImages", "SeededSamples", "read_manifest_table"]
 
@@ -33,25 +33,10 @@ logger = logging.getLogger(__name__)
 
 
 def read_manifest_table(path: str | Path) -> Any:
-    """Read a manifest CSV as a pandas DataFrame (through the data package's validator when it is present)."""
-    import pandas as pd
+    """Read and validate a manifest CSV (:func:`mammogmic.data.load_manifest`) as a DataFrame of strings."""
+    from mammogmic.data.manifest import load_manifest
 
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found")
-    try:
-        from mammogmic.data.manifest import load_manifest
-
-        table = load_manifest(path)
-        if isinstance(table, pd.DataFrame):
-            return table
-    except ImportError:
-        pass
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = {"image_id", "image_path", "laterality", "view"} - set(table.columns)
-    if missing:
-        raise ManifestError(f"{path}: missing required column(s) {', '.join(sorted(missing))}")
-    return table
+    return load_manifest(path).to_dataframe()
 
 
 def _label(value: Any) -> float:
@@ -65,17 +50,10 @@ def _label(value: Any) -> float:
 
 
 def _read_gray(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise ImageReadError(f"{path}: image file not found")
-    if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    else:
-        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if arr is None:
-            raise ImageReadError(f"{path}: cannot decode image")
-    if arr.ndim != 2:
-        raise ImageReadError(f"{path}: expected a single-channel image, got shape {arr.shape}")
-    return arr
+    """Pixels of a PNG, DICOM or ``.npy`` cache file through the project's reader (same checks and errors)."""
+    from mammogmic.data.io import read_image
+
+    return read_image(path)[0]
 
 
 @dataclass(frozen=True)

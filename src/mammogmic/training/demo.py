@@ -60,8 +60,9 @@ class DemoSettings:
         workers: processes generating the data.
         epochs: training epochs.
         threads: torch CPU threads (``None`` = torch default).
-        amp: ``none`` (float32, the default), ``bf16`` (about 1.3x faster on CPUs with AVX512-BF16/AMX, but
-            runs of the demo diverged to NaN late in training in bf16) or ``auto`` (bf16 where the CPU has it).
+        amp: ``auto`` (the default: bf16 autocast where the CPU has native bf16/AMX, else float32), ``bf16`` or
+            ``none`` (float32). (An earlier bf16 NaN was the loss's 0/0 gradient at saturated probabilities,
+            fixed in ``GMICLoss``.)
         n_figures: explanation figures to draw.
     """
 
@@ -71,7 +72,7 @@ class DemoSettings:
     workers: int = 2
     epochs: int = 12
     threads: int | None = None
-    amp: str = "none"
+    amp: str = "auto"
     n_figures: int = 4
 
 
