@@ -18,11 +18,11 @@ from mammogmic.runtime import tune_allocator
 
 # Order is the order shown by ``mammogmic --help``.
 COMMAND_MODULES: tuple[str, ...] = (
-    "mammogmic.cli.model_cmds",
-    "mammogmic.cli.eval_cmds",
+    "mammogmic.cli.train_cmds",
     "mammogmic.cli.synth_cmd",
     "mammogmic.cli.data_cmds",
-    "mammogmic.cli.train_cmds",
+    "mammogmic.cli.eval_cmds",
+    "mammogmic.cli.model_cmds",
 )
 
 
