@@ -209,7 +209,8 @@ def _view_code(code: str) -> list[Dataset]:
     return [item]
 
 
-def test_cmmd(tmp_path: Path) -> None:
+@pytest.mark.parametrize("table_format", ["csv", "xlsx"])
+def test_cmmd(tmp_path: Path, table_format: str) -> None:
     src = tmp_path / "cmmd"
     for patient, side, code, number in [("D1-0001", "L", "399162004", 1), ("D1-0001", "L", "399368009", 2),
                                         ("D1-0002", "R", "399162004", 1), ("D1-0002", "L", "399162004", 2)]:  # fmt: skip
@@ -218,14 +219,17 @@ def test_cmmd(tmp_path: Path) -> None:
             synthetic_breast(SHAPE, side), laterality=side, view=None, PatientID=patient,
             ViewCodeSequence=_view_code(code), StudyInstanceUID=f"1.2.{patient[-1]}",
         )  # fmt: skip
-    _csv(
-        src / "CMMD_clinicaldata_revision.csv",
-        ["ID1", "LeftRight", "Age", "number", "abnormality", "classification", "subtype"],
-        [
-            ["D1-0001", "L", "44", "2", "calcification", "Benign", ""],
-            ["D1-0002", "R", "50", "1", "mass", "Malignant", "Luminal A"],
-        ],
-    )
+    header = ["ID1", "LeftRight", "Age", "number", "abnormality", "classification", "subtype"]
+    rows = [
+        ["D1-0001", "L", "44", "2", "calcification", "Benign", ""],
+        ["D1-0002", "R", "50", "1", "mass", "Malignant", "Luminal A"],
+    ]
+    if table_format == "csv":
+        _csv(src / "CMMD_clinicaldata_revision.csv", header, rows)
+    else:  # the sheet as TCIA distributes it
+        import pandas as pd
+
+        pd.DataFrame(rows, columns=header).to_excel(src / "CMMD_clinicaldata_revision.xlsx", index=False)
     out = tmp_path / "cmmd.csv"
     assert main(["prepare", "cmmd", str(src), "--out", str(out)]) == 0
     got = list(_rows(out).values())

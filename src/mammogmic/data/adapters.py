@@ -426,7 +426,7 @@ def _read_table(path: Path) -> list[dict[str, str]]:
             frame = pd.read_excel(path, dtype=str)
         except ImportError as exc:
             raise ManifestError(
-                f"{path}: reading .xlsx needs openpyxl (pip install openpyxl) or save the sheet as CSV"
+                f"{path}: reading .xlsx needs openpyxl (a mammogmic dependency: reinstall it) or save the sheet as CSV"
             ) from exc
         return [
             {str(k).strip(): ("" if v is None or v != v else str(v)) for k, v in r.items()}
