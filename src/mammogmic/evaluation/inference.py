@@ -315,7 +315,8 @@ def load_member(path: Path, percent_t: float | None = None, device: str = "cpu",
 
     For official files named ``sample_model_N.p`` the released t of model N is used when
     ``percent_t`` is not given. With ``fuse`` the BatchNorms are folded into the convolutions
-    (:func:`mammogmic.models.fuse_for_inference`: same outputs to float32 rounding, faster).
+    (:func:`mammogmic.models.fuse_for_inference`) and the weights are made channels-last: same outputs to
+    float32 rounding, faster.
 
     Raises:
         CheckpointError: unreadable/unsafe file, or an official file whose t is unknown.
@@ -335,7 +336,11 @@ def load_member(path: Path, percent_t: float | None = None, device: str = "cpu",
         model = load_model(path, device=device)
     model.eval()
     if fuse:
-        model = fuse_for_inference(model)
+        # Inference-only fast path: BatchNorms folded and channels-last weights (about 1.4x faster on CPU,
+        # benchmarks/README.md), equal to the plain model to float32 rounding.
+        import torch
+
+        model = fuse_for_inference(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if getattr(model.config, "in_channels", 1) != 1:
         raise CheckpointError(
             f"{path}: model expects {model.config.in_channels} input channels; predict feeds 1"
