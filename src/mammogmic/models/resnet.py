@@ -95,9 +95,10 @@ class ResNet22(nn.Module):
             return self.stem_pool(self.stem_conv(x))
         conv = self.stem_conv
         pooled_cols = ((x.shape[3] + 6 - 7) // 2 + 1 - 3) // 2 + 1
-        out = x.new_empty((x.shape[0], conv.out_channels, pooled_rows, pooled_cols))
-        if conv.weight.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous(memory_format=torch.channels_last)
+        # Allocated in its final layout: converting an empty NCHW buffer would copy 22 MB of garbage.
+        layout = torch.channels_last if self._channels_last() else torch.contiguous_format
+        shape = (x.shape[0], conv.out_channels, pooled_rows, pooled_cols)
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
         for p0 in range(0, pooled_rows, tile_rows):
             p1 = min(p0 + tile_rows, pooled_rows)
             s0, s1 = 2 * p0, 2 * (p1 - 1) + 3  # stem rows [s0, s1) feed pooled rows [p0, p1)
@@ -107,6 +108,11 @@ class ResNet22(nn.Module):
             stem = nn.functional.conv2d(band, conv.weight, None, conv.stride, (0, 3))
             out[:, :, p0:p1] = self.stem_pool(stem)
         return out
+
+    def _channels_last(self) -> bool:
+        # The stem's 1-channel kernel is contiguous in both layouts; the first stage's kernel is not.
+        first: PreActBlock = self.stages[0][0]  # type: ignore[index]
+        return first.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
