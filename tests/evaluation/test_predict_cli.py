@@ -309,3 +309,19 @@ def test_predict_refuses_bad_device_and_clobbering_outputs(
         assert "no CUDA device" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "o"), "--device", "tpu7"]) == 2
     assert "not a device name" in capsys.readouterr().err
+
+
+def test_predict_compiled_matches_eager(tmp_path: Path, tiny_model: Path, breast_png, size_args) -> None:  # type: ignore[no-untyped-def]
+    scans = tmp_path / "scans"
+    breast_png(scans / "0_L-CC.png", "L", 0)
+    breast_png(scans / "0_R-MLO.png", "R", 1)
+    base = ["predict", str(scans), "--model", str(tiny_model), *size_args, "--batch-size", "2"]
+    assert main([*base, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*base, "--out", str(tmp_path / "compiled"), "--compile"]) == 0
+    eager = pd.read_csv(tmp_path / "eager" / "image_predictions.csv").set_index("image_index")
+    compiled = pd.read_csv(tmp_path / "compiled" / "image_predictions.csv").set_index("image_index")
+    assert list(compiled.index) == list(eager.index) == ["0_L-CC", "0_R-MLO"]
+    diff = (compiled[["benign_pred", "malignant_pred"]] - eager[["benign_pred", "malignant_pred"]]).abs()
+    assert float(diff.to_numpy().max()) < 1e-5
+    run = json.loads((tmp_path / "compiled" / "run.json").read_text())
+    assert run["compiled"] is True

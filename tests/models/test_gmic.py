@@ -207,3 +207,29 @@ def test_fused_baseline_matches() -> None:
     x = torch.randn(1, 1, 96, 64)
     with torch.no_grad():
         assert torch.allclose(model(x).logits, fuse_for_inference(model)(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_inference_matches_eager() -> None:
+    from mammogmic.models import compile_for_inference, fuse_for_inference
+
+    torch.manual_seed(0)
+    model = GMIC(TINY).eval()
+    x = torch.randn(2, 1, 256, 192)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = compile_for_inference(fuse_for_inference(model).to(memory_format=torch.channels_last))
+        out = compiled(x)
+    assert torch.equal(out.patch_locations, ref.patch_locations)
+    assert torch.allclose(out.y_fusion, ref.y_fusion, atol=1e-5)
+    assert torch.allclose(out.saliency, ref.saliency, atol=1e-5)
+    assert out.patch_attention.shape == ref.patch_attention.shape
+    assert compiled.config == model.config  # attribute access reaches the wrapped model
+
+
+def test_compile_without_a_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mammogmic.errors import MammogmicError
+    from mammogmic.models import compile_for_inference
+
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(MammogmicError, match="no-such-compiler-xyz.*not on PATH"):
+        compile_for_inference(GMIC(TINY))

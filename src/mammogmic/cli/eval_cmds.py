@@ -295,6 +295,12 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep BatchNorm layers separate (default: fold them into the convolutions; same outputs, faster)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the models with TorchInductor (needs g++; the first batch takes 20-40 s to compile, "
+        "then about 1.3x faster on CPU: worth it for hundreds of images)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -422,7 +428,9 @@ def _load_members(args: argparse.Namespace, device: str) -> list[Any]:
     members = []
     for path in args.models:
         t = next(ts, None) if path.suffix == ".p" else None
-        members.append(load_member(path, percent_t=t, device=device, fuse=not args.no_fuse))
+        members.append(
+            load_member(path, percent_t=t, device=device, fuse=not args.no_fuse, compile=args.compile)
+        )
     names = [m.name for m in members]
     for i, m in enumerate(members):
         if names.count(m.name) > 1:
@@ -526,6 +534,7 @@ def _run_inference(
         "device": device,
         "dtype": args.dtype,
         "fused": not args.no_fuse,
+        "compiled": args.compile,
         "tta": args.tta,
         "seed": args.seed,
         "input_size": list(settings.input_shape),

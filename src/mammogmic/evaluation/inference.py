@@ -310,18 +310,32 @@ class Member:
     percent_t: float | None = None
 
 
-def load_member(path: Path, percent_t: float | None = None, device: str = "cpu", fuse: bool = True) -> Member:
+def load_member(
+    path: Path,
+    percent_t: float | None = None,
+    device: str = "cpu",
+    fuse: bool = True,
+    compile: bool = False,
+) -> Member:
     """Load our ``.safetensors`` model or an official ``.p`` file (``percent_t`` needed for those).
 
     For official files named ``sample_model_N.p`` the released t of model N is used when
     ``percent_t`` is not given. With ``fuse`` the BatchNorms are folded into the convolutions
     (:func:`mammogmic.models.fuse_for_inference`) and the weights are made channels-last: same outputs to
-    float32 rounding, faster.
+    float32 rounding, faster. With ``compile`` the model also goes through
+    :func:`mammogmic.models.compile_for_inference` (TorchInductor; compiles on the first batch of each shape).
 
     Raises:
         CheckpointError: unreadable/unsafe file, or an official file whose t is unknown.
+        MammogmicError: ``compile`` without a C++ compiler.
     """
-    from mammogmic.models import RELEASED_PERCENT_T, fuse_for_inference, load_model, load_official_checkpoint
+    from mammogmic.models import (
+        RELEASED_PERCENT_T,
+        compile_for_inference,
+        fuse_for_inference,
+        load_model,
+        load_official_checkpoint,
+    )
 
     model: Any
     if path.suffix == ".p":
@@ -345,6 +359,8 @@ def load_member(path: Path, percent_t: float | None = None, device: str = "cpu",
         raise CheckpointError(
             f"{path}: model expects {model.config.in_channels} input channels; predict feeds 1"
         )
+    if compile:
+        model = compile_for_inference(model)
     return Member(name=path.stem, model=model, source=str(path), percent_t=percent_t)
 
 

@@ -10,7 +10,7 @@ from mammogmic.models.checkpoint import (
     save_official_checkpoint,
 )
 from mammogmic.models.config import BaselineConfig, GMICConfig
-from mammogmic.models.fuse import fuse_for_inference
+from mammogmic.models.fuse import compile_for_inference, fuse_for_inference
 from mammogmic.models.gmic import GMIC, BaselineOutput, GatedAttention, GMICOutput, ResNetBaseline
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "GMICOutput",
     "GatedAttention",
     "ResNetBaseline",
+    "compile_for_inference",
     "fuse_for_inference",
     "load_model",
     "load_official_checkpoint",

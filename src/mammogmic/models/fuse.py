@@ -1,4 +1,7 @@
-"""Inference-only speed-up: fold every BatchNorm that directly follows a convolution into that convolution.
+"""Inference-only speed-ups: BatchNorm folding (:func:`fuse_for_inference`) and TorchInductor compilation
+(:func:`compile_for_inference`).
+
+Folding: every BatchNorm that directly follows a convolution goes into that convolution.
 
 In eval mode ``BN(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` and
 ``b' = (b - m) * g / sqrt(v + eps) + beta``, so one full pass over each activation disappears. In GMIC's
@@ -11,10 +14,14 @@ rounding (measured on the fixture checkpoint: y_fusion 1.5e-7, saliency 3e-7, h_
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from typing import Any
 
 import torch
 from torch import nn
 
+from mammogmic.errors import MammogmicError
 from mammogmic.models.gmic import GMIC, ResNetBaseline
 from mammogmic.models.resnet import BasicBlock, Bottleneck, PreActBlock, ResNetV1
 
@@ -79,3 +86,27 @@ def fuse_for_inference(model: GMIC | ResNetBaseline) -> GMIC | ResNetBaseline:
     for p in fused.parameters():
         p.requires_grad_(False)
     return fused
+
+
+def compile_for_inference(model: GMIC | ResNetBaseline) -> Any:
+    """``torch.compile`` (TorchInductor, weights frozen as constants) of ``model`` (put in eval mode), for
+    fp32 CPU inference at a fixed input size.
+
+    Inductor folds the BatchNorms, fuses convolution + ReLU + residual add into oneDNN post-ops, prepacks the
+    weights and generates C++ for the elementwise rest. Measured on a 2-vCPU CPU at 2944x1920: about 1.3x
+    faster than the fused channels-last eager model, outputs equal to float32 rounding (benchmarks/README.md).
+    The first call of each input shape compiles (20-40 s on 2 cores; Inductor caches the result on disk, so
+    later processes take a few seconds) and the compiled model holds a second copy of the weights.
+    Use it for runs over many images; it runs under ``torch.no_grad()`` or ``torch.inference_mode()`` only.
+
+    Raises:
+        MammogmicError: no C++ compiler for Inductor (``$CXX`` or ``g++``) on ``PATH``.
+    """
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise MammogmicError(
+            f"compiling the model needs a C++ compiler for TorchInductor and {compiler!r} is not on PATH: "
+            "install g++ (or set CXX), or run without compilation"
+        )
+    model.eval()
+    return torch.compile(model, options={"freezing": True}, dynamic=False)
