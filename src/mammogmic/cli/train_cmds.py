@@ -44,7 +44,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, allocator_profile="fast")
 
     t = subparsers.add_parser(
         "tune",
@@ -84,7 +84,7 @@ def add_parser(subparsers: Any) -> None:
     t.add_argument("--top-k", type=int, default=5, help="models to export for ensembling (default 5)")
     t.add_argument("--seed", type=int, default=0, help="seed of the random search")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=run_tune)
+    t.set_defaults(func=run_tune, allocator_profile="fast")
 
     d = subparsers.add_parser(
         "demo",
@@ -109,7 +109,7 @@ def add_parser(subparsers: Any) -> None:
         help="auto (default: bf16 autocast where the CPU has native bf16/AMX, else float32), bf16 or none (float32)",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
-    d.set_defaults(func=run_demo_cmd)
+    d.set_defaults(func=run_demo_cmd, allocator_profile="fast")
 
     a = subparsers.add_parser(
         "ablate",
@@ -134,7 +134,7 @@ def add_parser(subparsers: Any) -> None:
         help="comma-separated subset of head,attention,patches,aggregation,k",
     )
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a.set_defaults(func=run_ablate)
+    a.set_defaults(func=run_ablate, allocator_profile="fast")
 
 
 # -- progress ---------------------------------------------------------------------------------------------
