@@ -5,10 +5,17 @@ Each configuration runs in its own process so that peak RSS (``ru_maxrss``) belo
     python benchmarks/bench_model.py                      # the default matrix, markdown table on stdout
     python benchmarks/bench_model.py --models gmic --modes infer --batches 1 --repeats 5
     python benchmarks/bench_model.py --json results.json
+    python benchmarks/bench_model.py --roofline            # GFLOP per image and this CPU's GEMM peak
 
 Columns: seconds per image (median over repeats, after one warm-up), per-stage seconds per image for GMIC
 (global network + saliency + top-t, retrieve_roi, crop gather, local network, attention + fusion; from a
-separate staged pass, so they need not add up exactly), and the process's peak RSS in MiB.
+separate staged pass, so they need not add up exactly), and the process's peak RSS in MiB. ``--compile yes``
+(inference only) runs :func:`mammogmic.models.compile_for_inference`; its warm-up call is the compilation,
+reported as ``compile_s``, and it has no stage breakdown (the staged pass would run the eager modules).
+
+``--roofline`` prints the arithmetic lower bound instead: the model's floating-point operations per image
+(``torch.utils.flop_counter``; convolutions are >99.9% of them) divided by the throughput of a large matrix
+multiply measured in the same process with the same threads, the best rate this CPU sustains on this work.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -74,13 +82,15 @@ def run_single(
     repeats: int,
     tune: bool = True,
     fuse: bool = False,
+    compile: bool = False,
+    mmap_threshold_mib: float = 1.0,
 ) -> dict[str, Any]:
     import torch
 
     from mammogmic.runtime import tune_allocator
 
-    if tune:  # what the mammogmic command-line tools do
-        tune_allocator()
+    # What the mammogmic command-line tools do: huge pages always; "lean" also fixes glibc's mmap threshold.
+    tune_allocator("lean" if tune else "fast", int(mmap_threshold_mib * 2**20))
 
     torch.manual_seed(0)
     model = _build(model_name)
@@ -92,6 +102,10 @@ def run_single(
 
         model = fuse_for_inference(model)
         x = x.contiguous(memory_format=torch.channels_last)
+    if compile:
+        from mammogmic.models import compile_for_inference
+
+        model = compile_for_inference(model.eval())
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     labels = torch.rand(batch, 2).round()
     stages: dict[str, float] = {}
@@ -113,13 +127,15 @@ def run_single(
             model.zero_grad(set_to_none=True)
 
     model.train(mode == "train")
-    step()  # warm-up
+    t = time.perf_counter()
+    step()  # warm-up (and, with compile, the compilation)
+    warmup = time.perf_counter() - t
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    if model_name == "gmic" and mode == "infer":
+    if model_name == "gmic" and mode == "infer" and not compile:
         with torch.inference_mode(), autocast:
             runs = [_staged_gmic(model, x) for _ in range(max(1, repeats // 2))]
         stages = {k: round(statistics.median(r[k] for r in runs) / batch, 4) for k in runs[0]}
@@ -133,8 +149,70 @@ def run_single(
         "stages_per_image": stages,
         "peak_rss_mib": round(_peak_mib(), 1),
         "threads": torch.get_num_threads(),
-        "allocator_tuned": tune,
+        "allocator": "lean" if tune else "fast",
+        "mmap_threshold_mib": mmap_threshold_mib if tune else None,
+        "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "fused": fuse,
+        "compiled": compile,
+        "compile_s": round(warmup, 1) if compile else None,
+        "seconds_min": round(min(times) / batch, 4),
+        "torch": torch.__version__,
+    }
+
+
+def _median_seconds(fn: Any, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def roofline() -> dict[str, Any]:
+    """GFLOP per image (inference; training step = forward + backward) and the best rate this CPU reaches."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    rates: dict[str, dict[str, float]] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        key = "fp32" if dtype == torch.float32 else "bf16"
+        a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+        # One of GMIC's own layers (global stage 4: 128 -> 128 channels, 3x3, 92x60), channels-last.
+        x = torch.randn(1, 128, 92, 60, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(128, 128, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        conv_flop = 2 * 92 * 60 * 128 * 128 * 9
+        rates[key] = {
+            "gemm_4096": 2 * 4096**3 / _median_seconds(lambda: a @ b) / 1e9,  # noqa: B023
+            "conv3x3_128": conv_flop / _median_seconds(lambda: torch.conv2d(x, w, padding=1), 21) / 1e9,  # noqa: B023
+        }
+    peak = {k: max(v.values()) for k, v in rates.items()}
+    rows = {}
+    x = torch.randn(1, 1, 2944, 1920)
+    for name in ("gmic", "resnet34"):
+        model = _build(name)
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            model.eval()(x)
+        infer = counter.get_total_flops() / 1e9
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = model.train()(x)
+            (out.y_fusion.sum() + (out.y_global.sum() if name == "gmic" else 0)).backward()
+        train = counter.get_total_flops() / 1e9
+        rows[name] = {
+            "infer_gflop": round(infer, 2),
+            "train_gflop": round(train, 2),
+            "infer_bound_s": {k: round(infer / v, 3) for k, v in peak.items()},
+            "train_bound_s": {k: round(train / v, 3) for k, v in peak.items()},
+        }
+    return {
+        "threads": torch.get_num_threads(),
+        "gflops_measured": {k: {n: round(r, 1) for n, r in v.items()} for k, v in rates.items()},
+        "gflops_peak_used": {k: round(v, 1) for k, v in peak.items()},
+        "models": rows,
         "torch": torch.__version__,
     }
 
@@ -153,7 +231,10 @@ def main() -> int:
     p.add_argument(
         "--no-tune-allocator",
         action="store_true",
-        help="leave glibc malloc at its defaults (the CLI fixes the mmap threshold; see mammogmic.runtime)",
+        help="allocator profile 'fast' (glibc's own mmap threshold) instead of 'lean' (see mammogmic.runtime)",
+    )
+    p.add_argument(
+        "--mmap-threshold-mib", type=float, default=1.0, help="glibc mmap threshold when tuned (1)"
     )
     p.add_argument(
         "--skip-baseline-batch4",
@@ -161,6 +242,14 @@ def main() -> int:
         default=True,
         help="skip ResNet-34 at batch 4 (several GiB; default on)",
     )
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        default=["no"],
+        choices=["no", "yes"],
+        help="TorchInductor compilation (inference only; needs g++)",
+    )
+    p.add_argument("--roofline", action="store_true", help="print GFLOP per image and the GEMM-bound seconds")
     p.add_argument("--json", help="also write the rows as JSON to this path")
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -168,11 +257,14 @@ def main() -> int:
         spec = json.loads(args.single)
         print(json.dumps(run_single(**spec)))
         return 0
+    if args.roofline:
+        print(json.dumps(roofline(), indent=2))
+        return 0
     rows = []
-    for model, mode, batch, dtype, cl, fuse in itertools.product(
-        args.models, args.modes, args.batches, args.dtypes, args.channels_last, args.fuse
+    for model, mode, batch, dtype, cl, fuse, comp in itertools.product(
+        args.models, args.modes, args.batches, args.dtypes, args.channels_last, args.fuse, args.compile
     ):
-        if fuse == "yes" and mode == "train":
+        if (fuse == "yes" or comp == "yes") and mode == "train":
             continue
         if model == "resnet34" and batch > 1 and args.skip_baseline_batch4:
             continue
@@ -185,6 +277,8 @@ def main() -> int:
             "repeats": args.repeats,
             "tune": not args.no_tune_allocator,
             "fuse": fuse == "yes",
+            "compile": comp == "yes",
+            "mmap_threshold_mib": args.mmap_threshold_mib,
         }
         res = subprocess.run(
             [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True
@@ -196,16 +290,17 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     print(
-        "| model | mode | batch | dtype | channels-last | fused | s/image | peak RSS MiB | stages s/image (global, retrieve, crops, local, attn+fusion) |"
+        "| model | mode | batch | dtype | channels-last | fused | compiled | allocator | s/image (median) "
+        "| s/image (min) | peak RSS MiB | stages s/image (global, retrieve, crops, local, attn+fusion) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         st = r["stages_per_image"]
         stages = ", ".join(f"{st[k]:.3f}" for k in st) if st else ""
         print(
             f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | {'yes' if r['channels_last'] else 'no'} "
-            f"| {'yes' if r['fused'] else 'no'} "
-            f"| {r['seconds_per_image']:.3f} | {r['peak_rss_mib']:.0f} | {stages} |"
+            f"| {'yes' if r['fused'] else 'no'} | {'yes' if r['compiled'] else 'no'} | {r['allocator']} "
+            f"| {r['seconds_per_image']:.3f} | {r['seconds_min']:.3f} | {r['peak_rss_mib']:.0f} | {stages} |"
         )
     if args.json:
         with open(args.json, "w") as f:
