@@ -572,8 +572,11 @@ class Trainer:
         if info.is_main:
             cfg.save(run / "config.yaml")
             if ckpt is not None:
+                # Rows carry the step count (1-based) and the epoch index (0-based); the checkpoint counts
+                # steps and epochs done. A kill between an epoch's log row and its checkpoint leaves a row
+                # that the resumed run writes again, so it goes.
                 steps_log.truncate_after(state["global_step"])
-                epochs_log.truncate_after(state["epoch"])
+                epochs_log.truncate_after(state["epoch"] - 1)
 
         def checkpoint_state() -> dict[str, Any]:
             return {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
