@@ -14,13 +14,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _timing import median_seconds
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -30,16 +30,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / ".." / "shared" / "fixtures" / "official_gmic"
-
-
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _write_dicoms(png: Path, folder: Path) -> dict[str, Path]:
@@ -105,20 +95,22 @@ def main() -> int:
             **{f"{k} 3328x2560": v for k, v in _write_dicoms(full, tmp).items()},
         }
         for label, path in sources.items():
-            read_s = _time(lambda p=path: read_image(p), args.repeats)
+            read_s = median_seconds(lambda p=path: read_image(p), args.repeats)
 
             def pipeline(p: Path = path) -> np.ndarray:
                 image, _ = read_image(p)
                 info = crop_breast(image, "L-CC")
                 return model_input(info.cropped, "L-CC", best_center(info))
 
-            total_s = _time(pipeline, args.repeats)
+            total_s = median_seconds(pipeline, args.repeats)
             rows.append((f"raw {label} -> model input", total_s, f"read {read_s * 1000:.0f} ms"))
         image, _ = read_image(full)
         mask = image > 0
-        crop_s = _time(lambda: crop_breast(image, "L-CC"), args.repeats)
-        erode_ours = _time(lambda: _erode(mask, 100), args.repeats)
-        erode_scipy = _time(lambda: ndimage.binary_erosion(mask, iterations=100), max(1, args.repeats // 2))
+        crop_s = median_seconds(lambda: crop_breast(image, "L-CC"), args.repeats)
+        erode_ours = median_seconds(lambda: _erode(mask, 100), args.repeats)
+        erode_scipy = median_seconds(
+            lambda: ndimage.binary_erosion(mask, iterations=100), max(1, args.repeats // 2)
+        )
         rows.append(("crop_breast (whole stage)", crop_s, ""))
         rows.append(
             ("erosion x100: distance transform", erode_ours, f"scipy iterations: {erode_scipy * 1000:.0f} ms")
@@ -145,7 +137,7 @@ def main() -> int:
                 state["i"] += 1
                 return ds[state["i"] % len(ds)]
 
-            sample_s = _time(sample, args.repeats * len(dataset))
+            sample_s = median_seconds(sample, args.repeats * len(dataset))
             note = "mmap read + noisy window + cubic resize + standardise" if mode == "train" else "no noise"
             rows.append((f"cache -> {mode} sample 2944x1920", sample_s, note))
 

@@ -31,6 +31,8 @@ import sys
 import time
 from typing import Any
 
+from _timing import median_seconds
+
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -160,16 +162,6 @@ def run_single(
     }
 
 
-def _median_seconds(fn: Any, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def roofline() -> dict[str, Any]:
     """GFLOP per image (inference; training step = forward + backward) and the best rate this CPU reaches."""
     import torch
@@ -185,8 +177,8 @@ def roofline() -> dict[str, Any]:
         w = torch.randn(128, 128, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
         conv_flop = 2 * 92 * 60 * 128 * 128 * 9
         rates[key] = {
-            "gemm_4096": 2 * 4096**3 / _median_seconds(lambda: a @ b) / 1e9,  # noqa: B023
-            "conv3x3_128": conv_flop / _median_seconds(lambda: torch.conv2d(x, w, padding=1), 21) / 1e9,  # noqa: B023
+            "gemm_4096": 2 * 4096**3 / median_seconds(lambda: a @ b) / 1e9,  # noqa: B023
+            "conv3x3_128": conv_flop / median_seconds(lambda: torch.conv2d(x, w, padding=1), 21) / 1e9,  # noqa: B023
         }
     peak = {k: max(v.values()) for k, v in rates.items()}
     rows = {}
