@@ -121,6 +121,7 @@ def run_ablations(
         res = evaluate_with_localization(cfg, _best_or_last(run), run, n_figures=0, heads=True)
         seconds = time.perf_counter() - t0
         heads = res["heads"]
+        main_row = _row(group, name, heads["fusion"], res, seconds)
         if group == "base":
             label = {
                 "fusion": "fusion (GMIC)",
@@ -134,9 +135,9 @@ def run_ablations(
                         _row("head" if head != "fusion" else "base", label[head], heads[head], res, seconds)
                     )
         else:
-            rows.append(_row(group, name, heads["fusion"], res, seconds))
+            rows.append(main_row)
         if on_run is not None:
-            on_run(name, rows[-1])
+            on_run(name, main_row)  # the run's own model (its fusion head), not the last head row
         _write(out, rows, settings, base)
     return rows
 
