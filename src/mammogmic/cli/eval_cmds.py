@@ -298,8 +298,8 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="compile the models with TorchInductor (needs g++; the first batch takes 20-40 s to compile, "
-        "then about 1.3x faster on CPU: worth it for hundreds of images)",
+        help="compile the models with TorchInductor (needs g++; the first batch takes 20-50 s to compile, "
+        "then 1.1-1.5x faster on CPU: worth it for hundreds of images)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

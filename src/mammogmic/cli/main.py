@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ALLOCATOR_PROFILES,
         default=None,
         help="memory profile: lean (less resident memory; the default of inference commands) or fast "
-        "(about 25%% quicker full-size passes, ~150 MiB more; the default of training commands). "
+        "(measured 10-25%% quicker full-size passes for ~150-300 MiB more; the default of training commands). "
         "See mammogmic.runtime",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

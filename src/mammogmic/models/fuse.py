@@ -92,10 +92,10 @@ def compile_for_inference(model: GMIC | ResNetBaseline) -> Any:
     """``torch.compile`` (TorchInductor, weights frozen as constants) of ``model`` (put in eval mode), for
     fp32 CPU inference at a fixed input size.
 
-    Inductor folds the BatchNorms, fuses convolution + ReLU + residual add into oneDNN post-ops, prepacks the
-    weights and generates C++ for the elementwise rest. Measured on a 2-vCPU CPU at 2944x1920: about 1.3x
-    faster than the fused channels-last eager model, outputs equal to float32 rounding (benchmarks/README.md).
-    The first call of each input shape compiles (20-40 s on 2 cores; Inductor caches the result on disk, so
+    The convolutions stay oneDNN's; Inductor generates C++ kernels for the BatchNorm, ReLU, pooling and
+    residual work between them. Measured on a 2-vCPU CPU at 2944x1920: 1.1-1.5x faster than the fused
+    channels-last eager model, outputs equal to float32 rounding (benchmarks/README.md).
+    The first call of each input shape compiles (20-50 s on 2 cores; Inductor caches the result on disk, so
     later processes take a few seconds) and the compiled model holds a second copy of the weights.
     Use it for runs over many images; it runs under ``torch.no_grad()`` or ``torch.inference_mode()`` only.
 
