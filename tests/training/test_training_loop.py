@@ -25,7 +25,7 @@ def test_loss_goes_down_on_a_fixed_batch() -> None:
     data = BlobImages(8)
     batch = [data.load(i) for i in range(8)]
     x = torch.stack([b["image"] for b in batch])
-    y = torch.stack([b["label"] for b in batch])
+    y = torch.stack([b["labels"] for b in batch])
     losses = []
     for _ in range(8):
         opt.zero_grad()

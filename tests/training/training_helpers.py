@@ -42,7 +42,7 @@ class BlobImages:
             img = np.roll(img, int(rng.integers(-2, 3)), axis=1)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0),
-            "label": torch.from_numpy(self.labels[index].astype(np.float32)),
+            "labels": torch.from_numpy(self.labels[index].astype(np.float32)),
             "index": index,
         }
 

@@ -270,16 +270,20 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=None, help="preprocessing processes (default: by CPU count)"
     )
     p.add_argument(
-        "--tta", type=int, default=1, help="average N random windows per image (default 1: no TTA)"
+        "--tta",
+        type=int,
+        default=None,
+        help="average N random windows per image (default: the model's own setting, 1 = no TTA)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the TTA windows")
     p.add_argument(
         "--input-size",
         nargs=2,
         type=int,
-        default=(2944, 1920),
+        default=None,
         metavar=("H", "W"),
-        help="model input size (official 2944 1920)",
+        help="model input size (default: the one the model was trained with, stored in its file; "
+        "official .p files: 2944 1920). A value that contradicts the model's is used, with a warning",
     )
     p.add_argument(
         "--window-size",
@@ -287,9 +291,14 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar=("H", "W"),
-        help="window cut from the image before resizing to --input-size (default: the input size)",
+        help="window cut from the image before resizing to --input-size (default: the model's)",
     )
-    p.add_argument("--crop-iterations", type=int, default=100, help="breast-crop morphology iterations (100)")
+    p.add_argument(
+        "--crop-iterations",
+        type=int,
+        default=None,
+        help="breast-crop morphology iterations (default: the model's; official 100)",
+    )
     p.add_argument(
         "--no-fuse",
         action="store_true",
@@ -438,6 +447,43 @@ def _load_members(args: argparse.Namespace, device: str) -> list[Any]:
     return members
 
 
+def _apply_contract_overrides(args: argparse.Namespace, members: list[Any]) -> None:
+    """Explicit size/crop flags replace the models' stored values; a contradiction is allowed but warned."""
+    import dataclasses
+
+    overrides: dict[str, Any] = {}
+    if args.input_size is not None:
+        overrides["input_shape"] = (int(args.input_size[0]), int(args.input_size[1]))
+    if args.window_size is not None:
+        overrides["window_shape"] = (int(args.window_size[0]), int(args.window_size[1]))
+    if args.crop_iterations is not None:
+        overrides["crop_iterations"] = int(args.crop_iterations)
+    if not overrides:
+        return
+    flags = {
+        "input_shape": "--input-size",
+        "window_shape": "--window-size",
+        "crop_iterations": "--crop-iterations",
+    }
+    for member in members:
+        stored = member.contract
+        for name, value in overrides.items():
+            own = getattr(stored, name)
+            if name == "window_shape":
+                own = stored.window
+            if own != value:
+                logger.warning(
+                    "%s: the model was trained with %s %s; %s %s overrides it (its inputs will differ from "
+                    "training)",
+                    member.source,
+                    name,
+                    own,
+                    flags[name],
+                    value,
+                )
+        member.contract = dataclasses.replace(stored, **overrides)
+
+
 def _resolve_device(name: str) -> str:
     """``auto`` → cuda when available; a CUDA device that is not there is a clear error."""
     import torch
@@ -476,14 +522,16 @@ def _run_inference(
     _check_inputs_untouched(args, items)
     device = _resolve_device(args.device)
     members = _load_members(args, device)
-    settings = PrepareSettings(
-        input_shape=(int(args.input_size[0]), int(args.input_size[1])),
-        window_shape=tuple(args.window_size) if args.window_size else None,
-        tta=args.tta,
-        seed=args.seed,
-        crop_iterations=args.crop_iterations,
-        load_masks=keep_images,
-    )
+    _apply_contract_overrides(args, members)
+    tta = args.tta
+    if tta is None:
+        defaults = sorted({m.contract.tta for m in members})
+        if len(defaults) > 1:
+            logger.warning(
+                "the models' TTA defaults differ (%s); using %d (pass --tta)", defaults, defaults[-1]
+            )
+        tta = defaults[-1]
+    settings = PrepareSettings(tta=tta, seed=args.seed, load_masks=keep_images)
     todo = items
     if writer is not None:
         done = writer.done_ids
@@ -530,15 +578,22 @@ def _run_inference(
     )
     bar.close()
     info = {
-        "models": [{"name": m.name, "path": m.source, "percent_t": m.percent_t} for m in members],
+        "models": [
+            {
+                "name": m.name,
+                "path": m.source,
+                "sha256": m.sha256,
+                "percent_t": m.percent_t,
+                "input_contract": m.contract.to_dict(),
+            }
+            for m in members
+        ],
         "device": device,
         "dtype": args.dtype,
         "fused": not args.no_fuse,
         "compiled": args.compile,
-        "tta": args.tta,
+        "tta": tta,
         "seed": args.seed,
-        "input_size": list(settings.input_shape),
-        "window_size": list(settings.window_shape or settings.input_shape),
         "n_inputs": len(items),
         "n_run": len(todo),
         "seconds": round(time.perf_counter() - start, 3),

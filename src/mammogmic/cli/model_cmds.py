@@ -23,7 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=2944, help="input height (default 2944)")
     p.add_argument("--width", type=int, default=1920, help="input width (default 1920)")
     p.add_argument("--weights", type=Path, help="a mammogmic .safetensors model or an official .p file")
-    p.add_argument("--percent-t", type=float, default=0.02, help="t for an official .p file (default 0.02)")
+    p.add_argument(
+        "--percent-t",
+        type=float,
+        default=None,
+        help="t for an official .p file (default: the released t of sample_model_N.p, else required)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_smoke)
 
@@ -36,16 +41,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("source", type=Path)
     c.add_argument("dest", type=Path)
     c.add_argument(
-        "--percent-t", type=float, default=0.02, help="t of the official model (1: 0.02, 2-3: 0.03, ...)"
+        "--percent-t",
+        type=float,
+        default=None,
+        help="t of an official .p source (default: the released t of sample_model_N.p: 1: 0.02, 2-3: 0.03, "
+        "4: 0.05, 5: 0.10; required for other names); refused for .safetensors sources, whose t is in their config",
     )
     c.add_argument("--to-official", action="store_true", help="write the official .p format instead")
     c.set_defaults(func=run_convert)
 
 
-def _load(path: Path, percent_t: float) -> GMIC | ResNetBaseline:
-    from mammogmic import load_model, load_official_checkpoint
+def _load(path: Path, percent_t: float | None) -> GMIC | ResNetBaseline:
+    from mammogmic.errors import CheckpointError
+    from mammogmic.models import load_model, load_official_checkpoint, official_percent_t
 
-    return load_official_checkpoint(path, percent_t=percent_t) if path.suffix == ".p" else load_model(path)
+    if path.suffix == ".p":
+        return load_official_checkpoint(path, percent_t=official_percent_t(path, percent_t))
+    if percent_t is not None:
+        raise CheckpointError(
+            f"{path}: --percent-t applies to official .p files; this model's t is in its config"
+        )
+    return load_model(path)
 
 
 def run_smoke(args: argparse.Namespace) -> int:
@@ -89,8 +105,10 @@ def run_smoke(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from mammogmic import GMIC, save_model
+    from mammogmic.data.cache import sha256_file
+    from mammogmic.data.sample import OFFICIAL_CONTRACT
     from mammogmic.errors import MammogmicError
-    from mammogmic.models import save_official_checkpoint
+    from mammogmic.models import read_model_metadata, save_official_checkpoint
 
     try:
         model = _load(args.source, args.percent_t)
@@ -101,9 +119,15 @@ def run_convert(args: argparse.Namespace) -> int:
                 raise MammogmicError("only GMIC models have an official format")
             save_official_checkpoint(model, args.dest)
         else:
-            save_model(
-                model, args.dest, metadata={"converted_from": str(args.source), "percent_t": args.percent_t}
-            )
+            # The model file carries its input contract, like a trained one: official files were made for the
+            # official pipeline; our files keep theirs.
+            if args.source.suffix == ".p":
+                extra: dict[str, object] = {"input_contract": OFFICIAL_CONTRACT.to_dict()}
+            else:
+                extra = dict(read_model_metadata(args.source).get("extra") or {})
+            extra["converted_from"] = str(args.source)
+            extra["converted_from_sha256"] = sha256_file(args.source)
+            save_model(model, args.dest, metadata=extra)
     except (MammogmicError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""A torch ``Dataset`` of model inputs over a (preprocessed) manifest.
+"""A torch ``Dataset`` of model inputs over a manifest, built by the one sample path (:mod:`mammogmic.data.sample`).
 
 Usage::
 
@@ -16,45 +16,40 @@ Usage::
 
 Modes:
 
-* ``"train"``: random window per call (official crop-position and crop-size noise, ``TRAIN_NOISE``
-  scaled to the window size),
-  optional vertical flips (the only flip that keeps the "faces right" convention). The random generator
-  is ``numpy.random.default_rng([seed, epoch, index])``, so a sample does not depend on which worker
-  loads it; with ``seed=None`` each worker uses its own generator seeded by :func:`seed_worker`.
-* ``"eval"``: the deterministic official window (no noise); reproduces the official model input.
-* ``"tta"``: ``tta`` noisy windows per image (the paper's 10-crop test-time augmentation), stacked as
-  ``image`` ``(T, 1, H, W)``; fixed per (seed, index).
+* ``"train"``: random window per call (the contract's crop-position and crop-size noise), optional vertical
+  flips (the only flip that keeps the "faces right" convention). The generator is
+  ``numpy.random.default_rng([seed, 0, epoch, index])``, so a sample does not depend on which worker loads it;
+  with ``seed=None`` each worker uses its own generator seeded by :func:`seed_worker`.
+* ``"eval"``: the deterministic official window (no noise): exactly ``mammogmic predict``'s model input.
+* ``"tta"``: ``tta`` noisy windows per image stacked as ``image`` ``(T, 1, H, W)``: exactly the windows
+  ``mammogmic predict --tta T --seed S`` averages.
 
-Rows with ``cached_path`` + ``best_center`` (written by ``mammogmic preprocess``) load the memory-mapped
-crop; other rows are read and preprocessed on the fly (slow: run ``mammogmic preprocess`` for training).
-
-``out_shape`` is the model-input size; ``window_shape`` (default ``out_shape``) is the window size in
-source pixels. For full-size mammograms and a reduced model input, pass ``window_shape=(2944, 1920)``.
+The trainer uses :meth:`MammogramDataset.load` (``rng`` given: augmented window; ``None``: deterministic).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mammogmic.data.io import read_image, read_mask
-from mammogmic.data.manifest import Manifest, ManifestRow, load_manifest
-from mammogmic.data.preprocessing import (
-    MODEL_INPUT_SHAPE,
-    CropNoise,
-    best_center,
-    crop_breast,
-    model_input,
-    scaled_train_noise,
+from mammogmic.data.manifest import Manifest, load_manifest
+from mammogmic.data.preprocessing import CropNoise, scaled_train_noise
+from mammogmic.data.sample import (
+    ImageItem,
+    InputContract,
+    SampleError,
+    items_from_manifest,
+    load_source,
+    window_sample,
+    window_samples,
 )
-from mammogmic.errors import PreprocessingError
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +83,18 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         manifest: A :class:`~mammogmic.data.manifest.Manifest` or a manifest CSV path.
         split: Keep only rows of this split (``None``: all rows).
         mode: ``"train"``, ``"eval"`` or ``"tta"``.
+        contract: How files become inputs (:class:`~mammogmic.data.sample.InputContract`); the keyword
+            arguments below override single fields of it.
         out_shape: Model-input ``(height, width)``.
         window_shape: Window in source pixels (default ``out_shape``).
-        noise: Window noise for ``train``/``tta`` (default the official ``TRAIN_NOISE``, 100 pixels, scaled
-            to ``window_shape`` when that is not 2944x1920).
-        tta: Windows per image in ``tta`` mode.
+        noise: Window noise for ``train``/``tta`` (default the official 100 pixels scaled to the window).
+        tta: Windows per image in ``tta`` mode (default 10).
         label_level: ``"image"`` (default) or ``"breast"`` labels.
         masks: Also return ``masks`` ``(2, H, W)`` uint8 (zeros where a class has no mask).
-        vflip_prob: Probability of a vertical flip in ``train`` mode (default 0: the official recipe).
+        vflip_prob: Probability of a vertical flip of an augmented sample (default 0: the official recipe).
         seed: Base seed (``None``: per-worker generators, see :func:`seed_worker`).
-        crop_iterations: Erosion iterations for rows preprocessed on the fly.
-        crop_buffer_size: Crop buffer for rows preprocessed on the fly.
+        crop_iterations: Erosion iterations for rows cropped on the fly.
+        crop_buffer_size: Crop buffer for rows cropped on the fly.
     """
 
     def __init__(
@@ -107,7 +103,8 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         *,
         split: str | None = None,
         mode: str = "train",
-        out_shape: tuple[int, int] = MODEL_INPUT_SHAPE,
+        contract: InputContract | None = None,
+        out_shape: tuple[int, int] | None = None,
         window_shape: tuple[int, int] | None = None,
         noise: CropNoise | None = None,
         tta: int = 10,
@@ -115,8 +112,8 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         masks: bool = False,
         vflip_prob: float = 0.0,
         seed: int | None = 0,
-        crop_iterations: int = 100,
-        crop_buffer_size: int = 50,
+        crop_iterations: int | None = None,
+        crop_buffer_size: int | None = None,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
@@ -126,145 +123,110 @@ class MammogramDataset(Dataset[dict[str, Any]]):
             raise ValueError(f"vflip_prob must be in [0, 1], got {vflip_prob}")
         if tta < 1:
             raise ValueError(f"tta must be at least 1, got {tta}")
+        base = contract or InputContract()
+        changes: dict[str, Any] = {}
+        if out_shape is not None:
+            changes["input_shape"] = tuple(out_shape)
+        if window_shape is not None:
+            changes["window_shape"] = tuple(window_shape)
+        if crop_iterations is not None:
+            changes["crop_iterations"] = crop_iterations
+        if crop_buffer_size is not None:
+            changes["crop_buffer"] = crop_buffer_size
+        if contract is None or noise is not None or changes:
+            # Without an explicit contract the noise follows the window (the official 100 px at 2944x1920).
+            window = changes.get("window_shape") or changes.get("input_shape") or base.window
+            chosen = noise or (base.noise if contract is not None else scaled_train_noise(window))
+            changes["max_crop_noise"] = chosen.max_crop_noise
+            changes["max_crop_size_noise"] = chosen.max_crop_size_noise
+        self.contract = dataclasses.replace(base, **changes) if changes else base
         table = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-        if split is not None:
-            table = table.filter(split=split)
-        self.manifest = table
-        self.rows: list[ManifestRow] = table.rows
+        self.items: list[ImageItem] = items_from_manifest(table, split=split)
         self.mode = mode
-        self.out_shape = (int(out_shape[0]), int(out_shape[1]))
-        self.window_shape = tuple(int(v) for v in (window_shape or out_shape))
-        self.noise = noise if noise is not None else scaled_train_noise(self.window_shape)
         self.tta = int(tta)
         self.label_level = label_level
         self.with_masks = masks
         self.vflip_prob = float(vflip_prob)
         self.seed = seed
-        self.crop_iterations = crop_iterations
-        self.crop_buffer_size = crop_buffer_size
         self.epoch = 0
         self._worker_rng: np.random.Generator | None = None
-        self.labels = np.array(
-            [[np.nan if v is None else float(v) for v in row.labels(label_level)] for row in self.rows],
-            dtype=np.float32,
-        ).reshape(-1, 2)
-        self.image_ids = [row.image_id for row in self.rows]
-        uncached = sum(not row.preprocessed for row in self.rows)
+        self.labels = np.array([item.labels(label_level) for item in self.items], dtype=np.float32).reshape(
+            -1, 2
+        )
+        self.image_ids = [item.image_id for item in self.items]
+        self.breast_ids = [item.breast_id or item.image_id for item in self.items]
+        uncached = sum(item.cached_path is None for item in self.items)
         if uncached:
-            logger.warning(
-                "%d of %d rows are not preprocessed; they are cropped on the fly (run `mammogmic preprocess`)",
-                uncached,
-                len(self.rows),
+            logger.info(
+                "%d of %d rows are not preprocessed; they are cropped on the fly", uncached, len(self)
             )
 
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        return self.contract.input_shape
+
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.items)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose random windows ``train`` mode draws (call before each epoch)."""
         self.epoch = int(epoch)
 
-    def _rng(self, index: int) -> np.random.Generator:
-        if self.mode == "tta":
-            return np.random.default_rng([self.seed or 0, 1, index])
+    def _train_rng(self, index: int) -> np.random.Generator:
         if self.seed is None:
             if self._worker_rng is None:
                 self._worker_rng = np.random.default_rng()
             return self._worker_rng
         return np.random.default_rng([self.seed, 0, self.epoch, index])
 
-    def _load(self, row: ManifestRow) -> tuple[np.ndarray, Sequence[int], str, list[np.ndarray | None]]:
-        """Cropped raw-orientation pixels, best centre, horizontal_flip, cropped masks (or None)."""
-        masks: list[np.ndarray | None] = [None, None]
-        if row.preprocessed:
-            path = self.manifest.resolve(row.cached_path)
-            assert path is not None and row.best_center is not None
-            cropped = np.load(path, mmap_mode="r")
-            if self.with_masks:
-                for k, label in enumerate(("benign", "malignant")):
-                    mask_path = self.manifest.resolve(row.extra.get(f"cached_{label}_mask_path"))
-                    if mask_path is not None:
-                        masks[k] = np.load(mask_path, mmap_mode="r")
-            return cropped, row.best_center, row.horizontal_flip, masks
-        source = self.manifest.resolve(row.image_path)
-        assert source is not None
-        image, _ = read_image(source)
-        info = crop_breast(
-            image,
-            row.full_view,
-            row.horizontal_flip,
-            iterations=self.crop_iterations,
-            buffer_size=self.crop_buffer_size,
-        )
-        centre = best_center(info, window_shape=self.window_shape)  # type: ignore[arg-type]
-        if self.with_masks:
-            top, bottom, left, right = info.window_location
-            for k, mask_value in enumerate((row.benign_mask_path, row.malignant_mask_path)):
-                mask_path = self.manifest.resolve(mask_value)
-                if mask_path is not None:
-                    masks[k] = read_mask(mask_path, image.shape)[top:bottom, left:right]
-        return info.cropped, centre, row.horizontal_flip, masks
+    def _source(self, index: int) -> Any:
+        item = self.items[index]
+        try:
+            return load_source(item, self.contract, masks=self.with_masks)
+        except SampleError as exc:
+            raise SampleError(f"{item.image_id}: {exc}", exc.stage) from exc
 
-    def _window(
-        self,
-        cropped: np.ndarray,
-        row: ManifestRow,
-        centre: Sequence[int],
-        flip: str,
-        masks: list[np.ndarray | None],
-        rng: np.random.Generator | None,
-        noise: CropNoise | None,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        present = [m for m in masks if m is not None]
-        kwargs: dict[str, Any] = {
-            "rng": rng,
-            "noise": noise,
-            "out_shape": self.out_shape,
-            "horizontal_flip": flip,
-            "window_shape": self.window_shape,
-            "exact": self.mode == "eval",
-        }
-        if not (self.with_masks and present):
-            image = model_input(cropped, row.full_view, centre, **kwargs)
-            mask_out = np.zeros((2, *self.out_shape), np.uint8) if self.with_masks else None
-        else:
-            full = [m if m is not None else np.zeros(cropped.shape, np.uint8) for m in masks]
-            image, mask_out = model_input(cropped, row.full_view, centre, masks=full, **kwargs)
-        if (
-            self.mode == "train"
-            and self.vflip_prob > 0
-            and rng is not None
-            and rng.random() < self.vflip_prob
-        ):
+    def _masks(self, masks: np.ndarray | None, n: int | None = None) -> torch.Tensor:
+        if masks is None:
+            shape = (2, *self.out_shape) if n is None else (n, 2, *self.out_shape)
+            return torch.zeros(shape, dtype=torch.uint8)
+        return torch.from_numpy(masks)
+
+    def load(self, index: int, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        """Sample ``index``: ``rng`` given → an augmented window (training), ``None`` → the deterministic one.
+
+        Returns:
+            ``image`` (1, H, W) float32, ``labels`` (2,), ``index``, ``image_id`` and, with masks, ``masks``.
+        """
+        image, masks = window_sample(self._source(index), self.contract, rng=rng)
+        if rng is not None and self.vflip_prob > 0 and rng.random() < self.vflip_prob:
             image = np.ascontiguousarray(image[::-1])
-            if mask_out is not None:
-                mask_out = np.ascontiguousarray(mask_out[:, ::-1])
-        return image, mask_out
+            masks = None if masks is None else np.ascontiguousarray(masks[:, ::-1])
+        sample: dict[str, Any] = {
+            "image": torch.from_numpy(image[None]),
+            "labels": torch.from_numpy(self.labels[index].copy()),
+            "index": index,
+            "image_id": self.items[index].image_id,
+        }
+        if self.with_masks:
+            sample["masks"] = self._masks(masks)
+        return sample
+
+    def windows(self, index: int, tta: int, seed: int) -> dict[str, Any]:
+        """The ``tta`` windows ``mammogmic predict --tta`` averages for this image (``image`` (T, 1, H, W))."""
+        item = self.items[index]
+        images, masks = window_samples(self._source(index), self.contract, tta, seed, item.image_id)
+        sample: dict[str, Any] = {
+            "image": torch.from_numpy(images[:, None]),
+            "labels": torch.from_numpy(self.labels[index].copy()),
+            "index": index,
+            "image_id": item.image_id,
+        }
+        if self.with_masks:
+            sample["masks"] = self._masks(masks)
+        return sample
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[index]
-        try:
-            cropped, centre, flip, masks = self._load(row)
-        except PreprocessingError as exc:
-            raise PreprocessingError(f"{row.image_id} ({row.image_path}): {exc}") from exc
-        sample: dict[str, Any] = {
-            "labels": torch.from_numpy(self.labels[index].copy()),
-            "image_id": row.image_id,
-            "index": index,
-        }
         if self.mode == "tta":
-            tta_rng = self._rng(index)
-            pairs = [
-                self._window(cropped, row, centre, flip, masks, tta_rng, self.noise) for _ in range(self.tta)
-            ]
-            sample["image"] = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
-            if self.with_masks:
-                sample["masks"] = torch.from_numpy(np.stack([p[1] for p in pairs]))  # type: ignore[misc]
-            return sample
-        rng: np.random.Generator | None = self._rng(index) if self.mode == "train" else None
-        noise = self.noise if self.mode == "train" else None
-        image, mask_out = self._window(cropped, row, centre, flip, masks, rng, noise)
-        sample["image"] = torch.from_numpy(image[None])
-        if mask_out is not None:
-            sample["masks"] = torch.from_numpy(mask_out)
-        return sample
+            return self.windows(index, self.tta, self.seed or 0)
+        return self.load(index, self._train_rng(index) if self.mode == "train" else None)

@@ -1,9 +1,11 @@
 """Batch prediction with GMIC models on raw or preprocessed mammograms (the engine of ``mammogmic predict``).
 
-Pipeline per image: read (PNG/DICOM) → breast crop → optimal centre → model-input window → standardise
-(:mod:`mammogmic.data`), or the cropped image and centre of a preprocess cache when the manifest has
-``cached_path`` and ``best_center``. Every member model of the ensemble runs on every window
-(``tta`` random windows, or the one deterministic window), and the probabilities are averaged.
+Inputs are built by the one sample path that training uses (:mod:`mammogmic.data.sample`), under each model's
+own :class:`~mammogmic.data.sample.InputContract` (stored in the model file by the trainer): read (PNG/DICOM)
+→ breast crop → optimal centre → model-input window → standardise, or the cropped image and centre of a
+preprocess cache when the manifest has ``cached_path`` and ``best_center``. Every member model of the ensemble
+runs on every window (``tta`` random windows, or the one deterministic window), and the probabilities are
+averaged.
 
 A failure on one image (unreadable file, no breast found, unknown view) is recorded with the stage it
 happened in and the batch goes on.
@@ -12,17 +14,25 @@ happened in and the batch goes on.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
-import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mammogmic.data.cache import sha256_file
+from mammogmic.data.sample import (
+    OFFICIAL_CONTRACT,
+    ImageItem,
+    InputContract,
+    SampleError,
+    items_from_manifest,
+    load_source,
+    window_samples,
+)
 from mammogmic.errors import CheckpointError, MammogmicError
 
 logger = logging.getLogger(__name__)
@@ -38,6 +48,7 @@ __all__ = [
     "items_from_manifest",
     "items_from_paths",
     "load_member",
+    "model_contract",
     "predict_items",
     "prepare_item",
 ]
@@ -45,59 +56,30 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".dcm", ".dicom")
 
 
-@dataclass
-class ImageItem:
-    """One image to predict, with whatever the manifest knows about it."""
-
-    image_id: str
-    path: Path
-    view: str | None = None  # "L-CC" style; read from the file (tags or name) when None
-    horizontal_flip: str = "NO"
-    exam_id: str | None = None
-    patient_id: str | None = None
-    breast_id: str | None = None
-    benign_label: float = math.nan
-    malignant_label: float = math.nan
-    cached_path: Path | None = None
-    best_center: tuple[int, int] | None = None
-    window_location: tuple[int, int, int, int] | None = None  # crop box of the cache in the raw image
-    benign_mask_path: Path | None = None
-    malignant_mask_path: Path | None = None
-    cached_benign_mask_path: Path | None = None  # masks already cropped by ``mammogmic preprocess``
-    cached_malignant_mask_path: Path | None = None
-
-
 @dataclass(frozen=True)
 class PrepareSettings:
-    """How images become model inputs.
+    """How predict turns images into inputs beyond each model's own :class:`InputContract`.
 
     Attributes:
-        input_shape: model input ``(height, width)`` (official 2944×1920).
-        window_shape: window cut around the optimal centre in source pixels; resized to ``input_shape``
-            when different (default: ``input_shape``, the official behaviour).
-        tta: number of random windows (official crop noise) averaged per image; ``<= 1`` = the single
+        tta: number of random windows (the contract's crop noise) averaged per image; ``<= 1`` = the single
             deterministic window.
         seed: base seed of the TTA windows (each image derives its own from its id, so results do not
             depend on batch order).
-        crop_iterations: erosion/dilation iterations of the breast crop (official 100).
-        load_masks: also bring the manifest's lesion masks through the same geometry.
+        load_masks: also bring the lesion masks through the same geometry.
     """
 
-    input_shape: tuple[int, int] = (2944, 1920)
-    window_shape: tuple[int, int] | None = None
     tta: int = 1
     seed: int = 0
-    crop_iterations: int = 100
     load_masks: bool = False
 
 
 @dataclass
 class Prepared:
-    """Model inputs of one image (or the error that stopped it)."""
+    """Model inputs of one image, one ``(T, H, W)`` float32 array per contract (or the error that stopped it)."""
 
     item: ImageItem
-    inputs: np.ndarray | None = None  # (T, H, W) float32
-    masks: np.ndarray | None = None  # (2, H, W) uint8 benign/malignant, when asked and available
+    inputs: list[np.ndarray] = field(default_factory=list)
+    masks: np.ndarray | None = None  # (2, H, W) uint8 benign/malignant of the first contract, when asked
     view: str | None = None
     error: str | None = None
     stage: str | None = None
@@ -146,168 +128,65 @@ def items_from_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[ImageI
     return items
 
 
-def items_from_manifest(path: Path) -> list[ImageItem]:
-    """Items from a manifest CSV, read and validated by :func:`mammogmic.data.manifest.load_manifest`.
-
-    Labels and masks are used when present; rows written by ``mammogmic preprocess`` (``cached_path``
-    + ``best_center``) load the cached crop and skip the crop and centre stages.
-
-    Raises:
-        ManifestError: unreadable manifest or bad rows (all listed by line).
-    """
-    from mammogmic.data.manifest import load_manifest
-
-    manifest = load_manifest(path)
-
-    def label(value: int | None) -> float:
-        return math.nan if value is None else float(value)
-
-    items = []
-    for row in manifest:
-        cached = row.preprocessed
-        window = row.window_location
-        items.append(
-            ImageItem(
-                image_id=row.image_id,
-                path=manifest.resolve(row.image_path) or manifest.root,
-                view=row.full_view,
-                horizontal_flip=row.horizontal_flip,
-                exam_id=row.exam_id,
-                patient_id=row.patient_id,
-                breast_id=row.breast_id,
-                benign_label=label(row.benign_label),
-                malignant_label=label(row.malignant_label),
-                cached_path=manifest.resolve(row.cached_path) if cached else None,
-                best_center=(int(row.best_center[0]), int(row.best_center[1]))
-                if cached and row.best_center
-                else None,
-                window_location=(
-                    (int(window[0]), int(window[1]), int(window[2]), int(window[3]))
-                    if cached and window
-                    else None
-                ),
-                benign_mask_path=manifest.resolve(row.benign_mask_path),
-                malignant_mask_path=manifest.resolve(row.malignant_mask_path),
-                cached_benign_mask_path=manifest.resolve(row.extra.get("cached_benign_mask_path"))
-                if cached
-                else None,
-                cached_malignant_mask_path=(
-                    manifest.resolve(row.extra.get("cached_malignant_mask_path")) if cached else None
-                ),
-            )
-        )
-    return items
-
-
-def _read_cached(path: Path) -> np.ndarray:
-    """A cached crop or mask: ``.npy`` from ``mammogmic preprocess`` (never unpickled) or an image file."""
-    from mammogmic.data import read_image
-    from mammogmic.errors import ImageReadError
-
-    if path.suffix.lower() == ".npy":
+def prepare_item(item: ImageItem, contracts: Sequence[InputContract], settings: PrepareSettings) -> Prepared:
+    """Inputs of one image for each contract (:mod:`mammogmic.data.sample`); errors are returned, not raised."""
+    inputs = []
+    masks = None
+    view = None
+    for index, contract in enumerate(contracts):
         try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ImageReadError(
-                f"{path}: unreadable cache file ({exc}); rerun mammogmic preprocess"
-            ) from exc
-        if array.ndim != 2:
-            raise ImageReadError(f"{path}: cache array has shape {array.shape}, expected 2-D")
-        return np.asarray(array)
-    return read_image(path)[0]
-
-
-def _tta_rng(settings: PrepareSettings, image_id: str) -> np.random.Generator:
-    return np.random.default_rng([settings.seed, zlib.crc32(image_id.encode("utf-8"))])
-
-
-def prepare_item(item: ImageItem, settings: PrepareSettings) -> Prepared:
-    """Read and preprocess one image into ``(T, H, W)`` standardised windows; errors are returned, not raised."""
-    from mammogmic.data import TRAIN_NOISE, best_center, crop_breast, model_input, read_image, read_mask
-
-    stage = "read"
-    try:
-        window = settings.window_shape or settings.input_shape
-        if item.cached_path is not None and item.best_center is not None:
-            cropped = _read_cached(item.cached_path)
-            if item.view is None:
-                raise MammogmicError(
-                    f"{item.cached_path}: cached image without laterality/view in the manifest"
-                )
-            view = item.view
-            center = item.best_center
-            crop_box = item.window_location
-        else:
-            pixels, meta = read_image(item.path)
-            view = item.view or meta.full_view
-            stage = "crop"
-            crop = crop_breast(pixels, view, item.horizontal_flip, iterations=settings.crop_iterations)
-            cropped = crop.cropped
-            stage = "center"
-            center = best_center(crop, horizontal_flip=item.horizontal_flip, window_shape=window)
-            crop_box = crop.window_location
-        masks = None
-        sources = (
-            (item.cached_benign_mask_path, item.benign_mask_path),
-            (item.cached_malignant_mask_path, item.malignant_mask_path),
-        )
-        if settings.load_masks and any(c or r for c, r in sources):
-            stage = "masks"
-            masks = []
-            for cached_mask, raw_mask in sources:
-                if cached_mask is not None:
-                    mask = _read_cached(cached_mask) != 0
-                elif raw_mask is not None:
-                    mask = read_mask(raw_mask)
-                    if crop_box is None:
-                        raise MammogmicError(
-                            f"{raw_mask}: cannot align the mask: the manifest has no window_location"
-                        )
-                    top, bottom, left, right = crop_box  # raw-image coordinates: crop like the image
-                    mask = mask[top:bottom, left:right]
-                else:
-                    mask = np.zeros(cropped.shape, dtype=bool)
-                if mask.shape != cropped.shape:
-                    path = cached_mask or raw_mask
-                    raise MammogmicError(
-                        f"{path}: mask does not cover the image (after cropping {mask.shape} vs {cropped.shape})"
-                    )
-                masks.append(mask)
-        stage = "window"
-        n = max(1, settings.tta)
-        rng = _tta_rng(settings, item.image_id) if settings.tta > 1 else None
-        noise = TRAIN_NOISE if settings.tta > 1 else None
-        windows = []
-        out_masks = None
-        for t in range(n):
-            kwargs: dict[str, Any] = {
-                "rng": rng,
-                "noise": noise,
-                "out_shape": settings.input_shape,
-                "horizontal_flip": item.horizontal_flip,
-                "window_shape": window,
-            }
-            if masks is not None and t == 0:
-                image, out_masks = model_input(cropped, view, center, masks=masks, **kwargs)
-            else:
-                image = model_input(cropped, view, center, **kwargs)
-            windows.append(image)
-        return Prepared(item, np.stack(windows).astype(np.float32, copy=False), out_masks, view)
-    except (MammogmicError, OSError, ValueError) as exc:
-        message = str(exc)
-        if str(item.path) not in message:  # every error names the file it is about
-            message = f"{item.path}: {message}"
-        return Prepared(item, error=message, stage=stage)
+            source = load_source(item, contract, masks=settings.load_masks and index == 0)
+        except SampleError as exc:
+            return Prepared(item, error=str(exc), stage=exc.stage)
+        try:
+            windows, window_masks = window_samples(
+                source, contract, settings.tta, settings.seed, item.image_id
+            )
+        except (MammogmicError, ValueError) as exc:
+            return Prepared(item, error=f"{item.path}: {exc}", stage="window")
+        inputs.append(windows)
+        if index == 0:
+            masks, view = window_masks, source.view
+    return Prepared(item, inputs, masks, view)
 
 
 @dataclass
 class Member:
-    """One model of an ensemble."""
+    """One model of an ensemble, with the input contract it was trained with."""
 
     name: str
     model: Any  # GMIC or ResNetBaseline
     source: str
     percent_t: float | None = None
+    contract: InputContract = OFFICIAL_CONTRACT
+    sha256: str | None = None
+
+
+def model_contract(path: Path) -> InputContract:
+    """The input contract a model file was trained with.
+
+    Official ``.p`` files: the official pipeline. Our ``.safetensors``: the contract the trainer stored;
+    files written before contracts existed fall back to their training config's input size (or the official
+    pipeline when they have none).
+
+    Raises:
+        CheckpointError: a stored contract that is not valid.
+    """
+    from mammogmic.models import read_model_metadata
+
+    if path.suffix == ".p":
+        return OFFICIAL_CONTRACT
+    extra = read_model_metadata(path).get("extra") or {}
+    stored = extra.get("input_contract")
+    if stored is not None:
+        try:
+            return InputContract.from_dict(stored)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: bad input_contract in the model metadata: {exc}") from None
+    data = (extra.get("training_config") or {}).get("data") or {}
+    if data.get("out_shape"):
+        return InputContract(input_shape=tuple(data["out_shape"]))
+    return OFFICIAL_CONTRACT
 
 
 def load_member(
@@ -317,37 +196,39 @@ def load_member(
     fuse: bool = True,
     compile: bool = False,
 ) -> Member:
-    """Load our ``.safetensors`` model or an official ``.p`` file (``percent_t`` needed for those).
+    """Load our ``.safetensors`` model or an official ``.p`` file, with its input contract.
 
-    For official files named ``sample_model_N.p`` the released t of model N is used when
-    ``percent_t`` is not given. With ``fuse`` the BatchNorms are folded into the convolutions
+    For official files the t comes from :func:`mammogmic.models.official_percent_t` (``percent_t``, else the
+    released t of ``sample_model_N.p``). With ``fuse`` the BatchNorms are folded into the convolutions
     (:func:`mammogmic.models.fuse_for_inference`) and the weights are made channels-last: same outputs to
     float32 rounding, faster. With ``compile`` the model also goes through
     :func:`mammogmic.models.compile_for_inference` (TorchInductor; compiles on the first batch of each shape).
 
     Raises:
-        CheckpointError: unreadable/unsafe file, or an official file whose t is unknown.
+        CheckpointError: unreadable/unsafe file, an official file whose t is unknown, or ``percent_t`` given
+            for one of our files (its t is part of its config).
         MammogmicError: ``compile`` without a C++ compiler.
     """
     from mammogmic.models import (
-        RELEASED_PERCENT_T,
         compile_for_inference,
         fuse_for_inference,
         load_model,
         load_official_checkpoint,
+        official_percent_t,
     )
 
     model: Any
     if path.suffix == ".p":
-        if percent_t is None:
-            match = re.fullmatch(r"sample_model_(\d)", path.stem)
-            if match and int(match.group(1)) in RELEASED_PERCENT_T:
-                percent_t = RELEASED_PERCENT_T[int(match.group(1))]
-            else:
-                raise CheckpointError(f"{path}: official checkpoint needs its t: pass --percent-t for it")
+        percent_t = official_percent_t(path, percent_t)
         model = load_official_checkpoint(path, percent_t=percent_t).to(device)
     else:
+        if percent_t is not None:
+            raise CheckpointError(
+                f"{path}: --percent-t applies to official .p files; this model's t is in its config"
+            )
         model = load_model(path, device=device)
+        percent_t = getattr(model.config, "percent_t", None)
+    contract = model_contract(path)
     model.eval()
     if fuse:
         # Inference-only fast path: BatchNorms folded and channels-last weights (about 1.4x faster on CPU,
@@ -361,7 +242,14 @@ def load_member(
         )
     if compile:
         model = compile_for_inference(model)
-    return Member(name=path.stem, model=model, source=str(path), percent_t=percent_t)
+    return Member(
+        name=path.stem,
+        model=model,
+        source=str(path),
+        percent_t=percent_t,
+        contract=contract,
+        sha256=sha256_file(path),
+    )
 
 
 @dataclass
@@ -381,23 +269,21 @@ class ImageResult:
     masks: np.ndarray | None = None
 
 
-def _batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]
-
-
 class _PrepareDataset:
     """Map-style dataset for a torch DataLoader (parallel preprocessing)."""
 
-    def __init__(self, items: Sequence[ImageItem], settings: PrepareSettings) -> None:
+    def __init__(
+        self, items: Sequence[ImageItem], contracts: Sequence[InputContract], settings: PrepareSettings
+    ) -> None:
         self.items = items
+        self.contracts = contracts
         self.settings = settings
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Prepared:
-        return prepare_item(self.items[index], self.settings)
+        return prepare_item(self.items[index], self.contracts, self.settings)
 
 
 def predict_items(
@@ -441,8 +327,11 @@ def predict_items(
     if not members:
         raise ValueError("no models given")
     dev = torch.device(device)
+    # Members trained with different contracts each get their own inputs; equal contracts share them.
+    contracts = list(dict.fromkeys(m.contract for m in members))
+    member_input = [contracts.index(m.contract) for m in members]
     loader: DataLoader[Prepared] = DataLoader(
-        _PrepareDataset(items, settings),  # type: ignore[arg-type]
+        _PrepareDataset(items, contracts, settings),  # type: ignore[arg-type]
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=list,
@@ -455,9 +344,11 @@ def predict_items(
             if p.error is not None and on_error is not None:
                 on_error(p)
         if good:
-            arrays = [p.inputs for p in good if p.inputs is not None]
-            x = torch.from_numpy(np.concatenate(arrays))[:, None].to(dev)  # (B·T, 1, H, W)
-            counts = [a.shape[0] for a in arrays]
+            counts = [p.inputs[0].shape[0] for p in good]
+            xs = [
+                torch.from_numpy(np.concatenate([p.inputs[c] for p in good]))[:, None].to(dev)
+                for c in range(len(contracts))
+            ]
             probs_sum = torch.zeros(len(good), 2, dtype=torch.float64)
             member_probs: list[dict[str, tuple[float, float]]] = [{} for _ in good]
             first_out = None
@@ -466,7 +357,8 @@ def predict_items(
                     torch.inference_mode(),
                     torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16"),
                 ):
-                    out = member.model(x)
+                    out = member.model(xs[member_input[m_index]])
+                # Scores in float64 whatever the compute precision; windows of an image are averaged.
                 pred = out.prediction.float().cpu().double()
                 per_image = torch.stack([chunk.mean(0) for chunk in torch.split(pred, counts)])
                 probs_sum += per_image
@@ -492,7 +384,7 @@ def predict_items(
                     res.patch_attention = first_out.patch_attention[j].float().cpu().numpy()
                     res.crop_size = tuple(members[0].model.config.crop_size)
                 if keep_images:
-                    res.image = arrays[i][0]
+                    res.image = p.inputs[member_input[0]][0]
                 results.append(res)
                 if on_result is not None:
                     on_result(res)

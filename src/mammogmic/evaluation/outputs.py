@@ -33,12 +33,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mammogmic.data.sample import ImageItem
 from mammogmic.evaluation.aggregation import IMAGE_NAME, breast_level, exam_level, metarepository_breast_table
 from mammogmic.evaluation.inference import ImageResult, Prepared
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PredictionWriter", "atomic_write_text", "file_stem"]
+__all__ = ["PredictionWriter", "atomic_write_text", "file_stem", "image_row", "image_table"]
 
 IMAGE_CSV = "image_predictions.csv"
 ERRORS_CSV = "errors.csv"
@@ -131,23 +132,7 @@ class PredictionWriter:
     def add_result(self, res: ImageResult) -> None:
         """Record one prediction (and write its saliency file when asked)."""
         item = res.item
-        lat, _, view = res.view.partition("-")
-        row: dict[str, Any] = {
-            "image_index": item.image_id,
-            "benign_pred": res.benign,
-            "malignant_pred": res.malignant,
-            "benign_label": item.benign_label,
-            "malignant_label": item.malignant_label,
-            "image_id": item.image_id,
-            "exam_id": item.exam_id if item.exam_id is not None else _exam_from_name(item.image_id),
-            "patient_id": item.patient_id,
-            "breast_id": item.breast_id,
-            "laterality": lat or None,
-            "view": view or None,
-            "path": str(item.path),
-        }
-        if row["breast_id"] is None and lat:
-            row["breast_id"] = f"{row['exam_id']}_{lat}"
+        row = image_row(item, res.view, res.benign, res.malignant)
         for name, (benign, malignant) in res.member_probs.items():
             row[f"benign_pred__{name}"] = benign
             row[f"malignant_pred__{name}"] = malignant
@@ -178,13 +163,7 @@ class PredictionWriter:
 
     def image_table(self) -> pd.DataFrame:
         """All predictions so far, label columns dropped when no label is known."""
-        df = pd.DataFrame(self.rows)
-        if df.empty:
-            return pd.DataFrame(columns=["image_index", "benign_pred", "malignant_pred"])
-        for col in ("benign_label", "malignant_label"):
-            if col in df.columns and pd.to_numeric(df[col], errors="coerce").isna().all():
-                df = df.drop(columns=col)
-        return df
+        return image_table(self.rows)
 
     def flush(self) -> None:
         """Rewrite the image CSV (called after each batch)."""
@@ -221,6 +200,42 @@ class PredictionWriter:
         atomic_write_text(self.out_dir / "run.json", json.dumps(info, indent=2, default=_json_default) + "\n")
         written["run"] = self.out_dir / "run.json"
         return written
+
+
+def image_row(item: ImageItem, view: str, benign: float, malignant: float) -> dict[str, Any]:
+    """One row of ``image_predictions.csv``: the one place image results become table rows (``predict``,
+    ``visualize`` and the trainer's validation all go through it, then through the same aggregation)."""
+    lat, _, view_name = view.partition("-")
+    row: dict[str, Any] = {
+        "image_index": item.image_id,
+        "benign_pred": benign,
+        "malignant_pred": malignant,
+        "benign_label": item.benign_label,
+        "malignant_label": item.malignant_label,
+        "breast_benign_label": item.breast_benign_label,
+        "breast_malignant_label": item.breast_malignant_label,
+        "image_id": item.image_id,
+        "exam_id": item.exam_id if item.exam_id is not None else _exam_from_name(item.image_id),
+        "patient_id": item.patient_id,
+        "breast_id": item.breast_id,
+        "laterality": lat or None,
+        "view": view_name or None,
+        "path": str(item.path),
+    }
+    if row["breast_id"] is None and lat:
+        row["breast_id"] = f"{row['exam_id']}_{lat}"
+    return row
+
+
+def image_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Rows of :func:`image_row` as the image table; label columns dropped when no label is known."""
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        return pd.DataFrame(columns=["image_index", "benign_pred", "malignant_pred"])
+    for col in ("benign_label", "malignant_label", "breast_benign_label", "breast_malignant_label"):
+        if col in df.columns and pd.to_numeric(df[col], errors="coerce").isna().all():
+            df = df.drop(columns=col)
+    return df
 
 
 def _exam_from_name(image_id: str) -> str:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from mammogmic.evaluation.aggregation import breast_level, exam_level
 from mammogmic.evaluation.metrics import (
+    auroc,
     column_metrics,
     fit_ensemble_weights,
     hybrid_auroc,
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "GROUPS",
+    "auroc_summary",
     "evaluate_table",
     "group_table",
     "lambda_key",
@@ -71,6 +73,29 @@ def group_table(df: pd.DataFrame, label: str, columns: Sequence[str], group: str
     if group == "breast":
         return breasts
     return exam_level(breasts, score_columns=list(columns), label_columns=[label])
+
+
+def auroc_summary(table: pd.DataFrame, level: str = "image", prefix: str = "") -> dict[str, float]:
+    """Benign, malignant and mean AUROC of an image table (``image_predictions.csv`` columns) at ``level``.
+
+    The numbers ``mammogmic evaluate --group LEVEL`` reports (same aggregation, same AUROC), without the
+    bootstrap; the trainer validates with it. NaN for a class whose labels are missing or all equal.
+    """
+    out: dict[str, float] = {}
+    for name in ("benign", "malignant"):
+        label, score = f"{name}_label", f"{name}_pred"
+        value = float("nan")
+        if label in table.columns and len(table):
+            grouped = group_table(table, label, [score], level)
+            y = pd.to_numeric(grouped[label], errors="coerce").to_numpy(dtype=np.float64)
+            s = pd.to_numeric(grouped[score], errors="coerce").to_numpy(dtype=np.float64)
+            ok = np.isfinite(y) & np.isfinite(s)
+            if ok.any() and 0 < y[ok].sum() < ok.sum():
+                value = float(auroc(y[ok].astype(int), s[ok]))
+        out[f"{prefix}{name}_auroc"] = value
+    known = [v for v in out.values() if np.isfinite(v)]
+    out[f"{prefix}mean_auroc"] = float(np.mean(known)) if known else float("nan")
+    return out
 
 
 def _labels(df: pd.DataFrame, label: str, source: str) -> pd.Series:

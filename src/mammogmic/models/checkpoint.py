@@ -303,3 +303,24 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         raise CheckpointError(f"{path}: unknown model_type {meta.get('model_type')!r}")
     _check_and_load(model, load_file(str(path)), path, official=False)
     return model.to(device).eval()
+
+
+def official_percent_t(path: str | os.PathLike[str], percent_t: float | None = None) -> float:
+    """The t to run an official ``.p`` file with: ``percent_t`` when given, else the released t of
+    ``sample_model_N.p`` (:data:`RELEASED_PERCENT_T`). The one rule ``convert``, ``predict`` and ``train --init``
+    share.
+
+    Raises:
+        CheckpointError: neither given nor a released model's file name.
+    """
+    if percent_t is not None:
+        if not 0.0 < float(percent_t) <= 1.0:
+            raise CheckpointError(f"{path}: t must be in (0, 1], got {percent_t}")
+        return float(percent_t)
+    match = re.fullmatch(r"sample_model_(\d+)", Path(path).stem)
+    if match and int(match.group(1)) in RELEASED_PERCENT_T:
+        return RELEASED_PERCENT_T[int(match.group(1))]
+    raise CheckpointError(
+        f"{path}: the t of an official checkpoint is not in the file; pass --percent-t "
+        f"(the released models use {', '.join(f'{k}: {v}' for k, v in sorted(RELEASED_PERCENT_T.items()))})"
+    )

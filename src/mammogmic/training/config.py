@@ -107,6 +107,11 @@ class DataConfig:
     Attributes:
         manifest: path of the manifest CSV (relative paths resolve against the config file's folder).
         out_shape: (height, width) of the network input after the best-center window and resize.
+        window_shape: (height, width) of the window cut around the optimal centre in source pixels, resized to
+            ``out_shape`` (``null``: the same as ``out_shape``, the official behaviour).
+        crop_iterations: erosion/dilation iterations of the breast crop for rows cropped on the fly (official
+            100, for full-field images; :func:`mammogmic.data.sample.scaled_crop_settings` for smaller ones).
+        crop_buffer: crop margin in pixels (official 50).
         label_level: ``image`` (each view carries its own label) or ``breast`` (each view gets its breast's label).
         balanced_sampling: each epoch uses all positive images plus an equal number of negatives drawn at random
             (seeded by ``runtime.seed`` and the epoch), as in the paper.
@@ -124,6 +129,9 @@ class DataConfig:
 
     manifest: str = ""
     out_shape: tuple[int, int] = (2944, 1920)
+    window_shape: tuple[int, int] | None = None
+    crop_iterations: int = 100
+    crop_buffer: int = 50
     label_level: LabelLevel = "image"
     balanced_sampling: bool = False
     positive_class: Literal["malignant", "benign", "any"] = "malignant"
@@ -141,6 +149,11 @@ class DataConfig:
         for i, s in enumerate(self.out_shape):
             if s < 32:
                 raise _fail(f"out_shape[{i}]", f"must be >= 32 pixels, got {s}")
+        for i, s in enumerate(self.window_shape or ()):
+            if s < 32:
+                raise _fail(f"window_shape[{i}]", f"must be >= 32 pixels, got {s}")
+        _check_positive("crop_iterations", self.crop_iterations)
+        _check_nonneg("crop_buffer", self.crop_buffer)
         _check_positive("batch_size", self.batch_size)
         _check_positive("eval_batch_size", self.eval_batch_size)
         for i, s in enumerate(self.max_crop_noise):

@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mammogmic.data.sample import scaled_crop_settings
 from mammogmic.errors import MammogmicError
 from mammogmic.training.config import TrainConfig
-from mammogmic.training.data import ManifestImages
+from mammogmic.training.data import split_dataset
 from mammogmic.training.loop import Callback, Trainer, classification_metrics, predict
 
 __all__ = ["DemoSettings", "aligned_upsample", "demo_synth_config", "demo_train_config", "run_demo"]
@@ -102,6 +103,7 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
     if amp == "auto":
         amp = "bf16" if _cpu_bf16_fast() else "none"
     h, w = settings.size
+    crop_iterations, crop_buffer = scaled_crop_settings(h)
     return TrainConfig.from_dict(
         {
             "model": {
@@ -119,6 +121,8 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
             "data": {
                 "manifest": str(manifest),
                 "out_shape": [h, w],
+                "crop_iterations": crop_iterations,
+                "crop_buffer": crop_buffer,
                 "batch_size": 16,
                 "eval_batch_size": 32,
                 "augment": True,
@@ -281,9 +285,7 @@ def evaluate_with_localization(
     model.load_state_dict(ckpt["model"])
     model.eval()
     d = config.data
-    images = ManifestImages(
-        d.manifest, split=split, out_shape=d.out_shape, label_level=d.label_level, with_masks=True
-    )
+    images = split_dataset(config, split, masks=True)
     if len(images) == 0:
         raise MammogmicError(f"{d.manifest}: split {split!r} is empty")
     n = len(images)
@@ -295,12 +297,12 @@ def evaluate_with_localization(
     head_probs = {h: np.zeros((n, 2)) for h in ("fusion", "global", "local")}
 
     def on_batch(o: Any, batch: dict[str, Any]) -> None:
-        res = dice_scores(o.saliency.float(), batch["mask"], threshold=0.5)
+        res = dice_scores(o.saliency.float(), batch["masks"], threshold=0.5)
         idx = batch["index"].numpy()
         near_soft[idx] = res.soft
         near_hard[idx] = res.hard
-        up = aligned_upsample(o.saliency, tuple(batch["mask"].shape[-2:])).numpy()
-        masks = batch["mask"].numpy() > 0
+        up = aligned_upsample(o.saliency, tuple(batch["masks"].shape[-2:])).numpy()
+        masks = batch["masks"].numpy() > 0
         head_probs["fusion"][idx] = o.y_fusion.float().numpy()
         head_probs["global"][idx] = o.y_global.float().numpy()
         head_probs["local"][idx] = o.y_local.float().numpy()
@@ -322,7 +324,7 @@ def evaluate_with_localization(
         callback=callback,
     )
     labels = images.labels
-    cls = classification_metrics(probs, labels)
+    cls = classification_metrics(images, probs)
     test: dict[str, Any] = {
         "malignant_auroc": cls["malignant_auroc"],
         "benign_auroc": cls["benign_auroc"],
@@ -342,7 +344,7 @@ def evaluate_with_localization(
     head_metrics: dict[str, dict[str, float]] = {}
     if heads:
         head_probs["average"] = (head_probs["global"] + head_probs["local"]) / 2
-        head_metrics = {h: classification_metrics(p, labels) for h, p in head_probs.items()}
+        head_metrics = {h: classification_metrics(images, p) for h, p in head_probs.items()}
     with open(out / "predictions.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(
@@ -396,8 +398,8 @@ def evaluate_with_localization(
                 patch_locations=k["locations"],
                 crop_size=config.model.crop_size,
                 patch_attention=k["attention"],
-                benign_mask=sample["mask"][0].numpy(),
-                malignant_mask=sample["mask"][1].numpy(),
+                benign_mask=sample["masks"][0].numpy(),
+                malignant_mask=sample["masks"][1].numpy(),
                 scores={"benign": float(probs[i, 0]), "malignant": float(probs[i, 1])},
                 title=f"{images.image_ids[i]} (labels benign={int(labels[i, 0])}, malignant={int(labels[i, 1])})",
             )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import itertools
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -44,7 +46,7 @@ from mammogmic.training.checkpoint import (
     save_checkpoint,
 )
 from mammogmic.training.config import TrainConfig
-from mammogmic.training.data import ManifestImages, SeededSamples
+from mammogmic.training.data import SeededSamples, TTASamples, input_contract, split_dataset
 from mammogmic.training.distributed import DistInfo, barrier, broadcast_flag, init_distributed, resolve_device
 from mammogmic.training.sampler import EpochSampler
 
@@ -196,11 +198,11 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "image": torch.stack([b["image"] for b in batch]),
-        "label": torch.stack([b["label"] for b in batch]),
+        "labels": torch.stack([b["labels"] for b in batch]),
         "index": torch.tensor([int(b["index"]) for b in batch], dtype=torch.long),
     }
-    if all("mask" in b for b in batch):
-        out["mask"] = torch.stack([b["mask"] for b in batch])
+    if all("masks" in b for b in batch):
+        out["masks"] = torch.stack([b["masks"] for b in batch])
     return out
 
 
@@ -212,51 +214,49 @@ def _seed_worker(worker_id: int) -> None:
 
 
 # -- evaluation ------------------------------------------------------------------------------------------
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    ok = ~np.isnan(labels)
-    y, s = labels[ok] > 0.5, scores[ok]
-    if y.all() or not y.any():
-        return float("nan")
-    try:
-        from mammogmic.evaluation.metrics import auroc
+def prediction_table(images: Any, probs: np.ndarray) -> pd.DataFrame:
+    """The image table ``mammogmic predict`` would write for these predictions (same rows, same ids).
 
-        return float(auroc(y.astype(int), s))
-    except ImportError:  # pragma: no cover - evaluation package absent
-        order = np.argsort(s, kind="mergesort")
-        ranks = np.empty(len(s))
-        ranks[order] = np.arange(1, len(s) + 1)
-        for v in np.unique(s):  # average ranks over ties
-            tie = s == v
-            ranks[tie] = ranks[tie].mean()
-        npos = int(y.sum())
-        return float((ranks[y].sum() - npos * (npos + 1) / 2) / (npos * (len(y) - npos)))
+    Datasets with ``items`` (:class:`~mammogmic.data.dataset.MammogramDataset`) give the manifest's ids, views
+    and labels; in-memory datasets give one pseudo-view per image grouped by ``breast_ids``.
+    """
+    from mammogmic.evaluation.outputs import image_row, image_table
+
+    items = getattr(images, "items", None)
+    if items is not None:
+        return image_table(
+            [
+                image_row(item, item.view or "", float(p[0]), float(p[1]))
+                for item, p in zip(items, probs, strict=True)
+            ]
+        )
+    labels = np.asarray(images.labels, dtype=np.float64)
+    breasts = list(getattr(images, "breast_ids", range(len(labels))))
+    rows = [
+        {
+            "image_index": str(i),
+            "benign_pred": float(probs[i, 0]),
+            "malignant_pred": float(probs[i, 1]),
+            "benign_label": labels[i, 0],
+            "malignant_label": labels[i, 1],
+            "exam_id": str(breasts[i]),
+            "breast_id": str(breasts[i]),
+            "laterality": "L",
+            "view": str(i),
+        }
+        for i in range(len(labels))
+    ]
+    return image_table(rows)
 
 
 def classification_metrics(
-    probs: np.ndarray, labels: np.ndarray, groups: list[str] | None = None, prefix: str = ""
+    images: Any, probs: np.ndarray, level: str = "image", prefix: str = ""
 ) -> dict[str, float]:
-    """Benign/malignant AUROC (NaN when a class is missing); with ``groups`` predictions are averaged per group
-    (e.g. breast) first and the group label is the max of its members' labels."""
-    if groups is not None:
-        keys = sorted(set(groups))
-        where = {k: i for i, k in enumerate(keys)}
-        gi = np.array([where[g] for g in groups])
-        gp = np.zeros((len(keys), 2))
-        gl = np.full((len(keys), 2), np.nan)
-        counts = np.bincount(gi, minlength=len(keys))[:, None]
-        np.add.at(gp, gi, probs)
-        gp /= np.maximum(counts, 1)
-        for i, lab in zip(gi, labels, strict=True):
-            gl[i] = np.fmax(gl[i], lab)
-        probs, labels = gp, gl
-    benign, malignant = _auroc(labels[:, 0], probs[:, 0]), _auroc(labels[:, 1], probs[:, 1])
-    return {
-        f"{prefix}benign_auroc": benign,
-        f"{prefix}malignant_auroc": malignant,
-        f"{prefix}mean_auroc": float(np.nanmean([benign, malignant]))
-        if not (math.isnan(benign) and math.isnan(malignant))
-        else float("nan"),
-    }
+    """Benign/malignant/mean AUROC of predictions on ``images``: exactly what ``mammogmic evaluate --group LEVEL``
+    reports on ``predict``'s table for the same images (:func:`mammogmic.evaluation.table.auroc_summary`)."""
+    from mammogmic.evaluation.table import auroc_summary
+
+    return auroc_summary(prediction_table(images, probs), level, prefix)
 
 
 @torch.inference_mode()
@@ -276,50 +276,49 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predictions ``model.prediction`` for every image, averaged over ``tta`` windows.
 
-    With ``tta == 1`` the deterministic window is used; with ``tta > 1`` that many random windows (seeded by
-    ``(seed, pass, index)``) are averaged, the paper's test-time augmentation.
+    With ``tta == 1`` the deterministic window is used; with ``tta > 1`` the images' own TTA windows
+    (``images.windows``: the ones ``mammogmic predict --tta N --seed S`` averages), probabilities averaged.
 
     Args:
-        on_batch: called as ``on_batch(output, batch)`` for every batch of the first pass (e.g. to collect saliency
-            maps); ``output`` is the model's output object.
+        on_batch: called as ``on_batch(output, batch)`` for every batch of deterministic windows (e.g. to
+            collect saliency maps); ``output`` is the model's output object.
 
     Returns:
-        ``probs`` (n, 2) and ``indices`` (n,) in dataset order.
+        ``probs`` (n, 2) float64 and ``indices`` (n,) in dataset order.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     n = len(images)
-    total = np.zeros((n, 2), dtype=np.float64)
-    passes = max(1, tta)
+    probs = np.zeros((n, 2), dtype=np.float64)
+    if tta > 1 and not hasattr(images, "windows"):
+        raise MammogmicError("test-time augmentation needs a dataset with TTA windows (MammogramDataset)")
+    dataset: Any = TTASamples(images, tta, seed) if tta > 1 else SeededSamples(images, augment=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, shuffle=False
+    )
+    done = 0
     try:
-        for p in range(passes):
-            ds = SeededSamples(images, augment=tta > 1, seed=seed + 7919)
-            order = [(i, p) for i in range(n)]
-            loader = torch.utils.data.DataLoader(
-                ds,
-                batch_size=batch_size,
-                sampler=order,
-                num_workers=num_workers,
-                collate_fn=_collate,
-            )
-            done = 0
-            for batch in loader:
-                x = batch["image"].to(device)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with _amp_context(device, amp):
-                    out = model(x)
-                pred = out.prediction.float().cpu().numpy()
-                total[batch["index"].numpy()] += pred
-                if on_batch is not None and p == 0:
-                    on_batch(out, batch)
-                done += len(x)
-                if callback is not None:
-                    callback("eval", {"pass": p, "passes": passes, "done": done, "total": n, "batch": len(x)})
+        for batch in loader:
+            x = batch["image"]
+            windows = x.shape[1] if x.dim() == 5 else 1
+            x = x.reshape(-1, *x.shape[-3:]).to(device)  # (B·T, 1, H, W)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _amp_context(device, amp):
+                out = model(x)
+            pred = out.prediction.float().cpu().double().reshape(-1, windows, 2).mean(1)
+            probs[batch["index"].numpy()] = pred.numpy()
+            if on_batch is not None and windows == 1:
+                on_batch(out, batch)
+            done += len(batch["index"])
+            if callback is not None:
+                callback(
+                    "eval", {"pass": 0, "passes": 1, "done": done, "total": n, "batch": len(batch["index"])}
+                )
     finally:
         model.train(was_training)
-    return total / passes, np.arange(n)
+    return probs, np.arange(n)
 
 
 def evaluate(
@@ -333,8 +332,8 @@ def evaluate(
     """:func:`predict` plus benign/malignant AUROC (per breast when ``label_level == "breast"``)."""
     probs, idx = predict(model, images, **kwargs)
     labels = np.asarray(images.labels, dtype=np.float64)
-    groups = list(images.breast_ids) if label_level == "breast" else None
-    metrics = classification_metrics(probs, labels, groups, prefix)
+    level = "breast" if label_level == "breast" else "image"
+    metrics = classification_metrics(images, probs, level, prefix)
     return EvalResult(probs=probs, labels=labels, indices=idx, metrics=metrics)
 
 
@@ -402,14 +401,40 @@ class _Tensorboard:
 _HIGHER_IS_BETTER = {"malignant_auroc": True, "benign_auroc": True, "mean_auroc": True, "val_loss": False}
 
 
+@dataclass
+class _Run:
+    """Everything one :meth:`Trainer.fit` call works with (built by :meth:`Trainer._setup`)."""
+
+    info: DistInfo
+    device: torch.device
+    model: nn.Module
+    net: nn.Module  # the model, or its DDP wrapper
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: Any
+    sampler: EpochSampler
+    steps_per_epoch: int
+    train_ds: SeededSamples
+    val_images: Any
+    state: dict[str, Any]
+    steps_log: _CsvLog
+    epochs_log: _CsvLog
+    tb: _Tensorboard
+
+
 class Trainer:
     """Trains one GMIC according to a :class:`TrainConfig`.
+
+    :meth:`fit` = :meth:`_setup` (data, model, optimizer, resume), then per epoch :meth:`train_one_epoch`,
+    :meth:`validate` and :meth:`_end_epoch` (early stopping, checkpoints, logs), then :meth:`test`.
 
     Args:
         config: the resolved configuration.
         run_dir: run folder (created).
-        train_images, val_images, test_images: datasets (default: the manifest's splits via
-            :class:`ManifestImages`). Anything with ``labels``, ``breast_ids``, ``__len__`` and ``load(i, rng)``.
+        train_images, val_images, test_images: datasets (default: the manifest's splits as
+            :class:`~mammogmic.data.dataset.MammogramDataset` under the run's input contract). Anything with
+            ``labels``, ``breast_ids``, ``__len__`` and ``load(i, rng)``.
         callback: ``callback(event, info)`` for progress display.
         tensorboard: also write TensorBoard event files.
     """
@@ -433,24 +458,10 @@ class Trainer:
         self.val_images = val_images
         self.test_images = test_images
         self.model: nn.Module | None = None
+        self.last_path = self.run_dir / "last.pt"
+        self.best_path = self.run_dir / "best.pt"
 
     # .. setup ..
-    def _images(self, split: str, augment: bool, with_masks: bool = False) -> Any:
-        d = self.config.data
-        if not d.manifest:
-            raise MammogmicError(
-                "data.manifest: no manifest given (set it in the YAML or with --set data.manifest=...)"
-            )
-        return ManifestImages(
-            d.manifest,
-            split=split,
-            out_shape=d.out_shape,
-            label_level=d.label_level,
-            max_crop_noise=d.max_crop_noise if augment else (0, 0),
-            max_crop_size_noise=d.max_crop_size_noise if augment else 0,
-            with_masks=with_masks,
-        )
-
     def _setup_runtime(self) -> tuple[DistInfo, torch.device]:
         rt = self.config.runtime
         info = init_distributed(rt.device)
@@ -465,55 +476,51 @@ class Trainer:
             raise MammogmicError("runtime.amp: fp16 autocast needs a CUDA device; use bf16 or none")
         return info, device
 
-    def fit(self, *, resume: bool = False) -> TrainResult:
-        """Train (or resume) to the end of the schedule or early stopping; then test the best model.
-
-        Raises:
-            NonFiniteLossError: the loss became NaN/inf (the last good ``last.pt`` is kept).
-            MammogmicError: bad configuration, data, or an existing run folder without ``resume``.
-        """
-        t_start = time.perf_counter()
+    def _datasets(self) -> tuple[Any, Any]:
         cfg = self.config
-        info, device = self._setup_runtime()
-        run = self.run_dir
-        last_path, best_path = run / "last.pt", run / "best.pt"
-        if info.is_main:
-            run.mkdir(parents=True, exist_ok=True)
-            if not resume and last_path.exists():
-                raise MammogmicError(
-                    f"{run}: already holds a run (last.pt); pass --resume to continue it or choose a new --out"
-                )
-        barrier(info)
-
-        ckpt = None
-        if resume:
-            if not last_path.exists():
-                raise MammogmicError(f"{run}: nothing to resume (no last.pt)")
-            ckpt = load_checkpoint(last_path)
-            saved = TrainConfig.from_dict(ckpt["config"])
-            if saved.model != cfg.model:
-                raise MammogmicError(f"{last_path}: checkpoint model config differs from the requested one")
-        # Seed before building the model so initialisation is reproducible.
-        torch.manual_seed(cfg.runtime.seed)
-
-        train_images = (
-            self.train_images if self.train_images is not None else self._images(cfg.data.train_split, True)
-        )
+        train_images = self.train_images
+        if train_images is None:
+            train_images = split_dataset(cfg, cfg.data.train_split)
         val_images = self.val_images
         if val_images is None and cfg.data.val_split and cfg.data.manifest:
-            val_images = self._images(cfg.data.val_split, False)
+            val_images = split_dataset(cfg, cfg.data.val_split)
         if val_images is not None and len(val_images) == 0:
             logger.warning("validation split %r is empty: no early stopping", cfg.data.val_split)
             val_images = None
         if len(train_images) == 0:
             raise MammogmicError(f"data.train_split: split {cfg.data.train_split!r} has no images")
+        return train_images, val_images
+
+    def _setup(self, resume: bool) -> _Run:
+        cfg = self.config
+        info, device = self._setup_runtime()
+        run = self.run_dir
+        if info.is_main:
+            run.mkdir(parents=True, exist_ok=True)
+            if not resume and self.last_path.exists():
+                raise MammogmicError(
+                    f"{run}: already holds a run (last.pt); pass --resume to continue it or choose a new --out"
+                )
+        barrier(info)
+        ckpt = None
+        if resume:
+            if not self.last_path.exists():
+                raise MammogmicError(f"{run}: nothing to resume (no last.pt)")
+            ckpt = load_checkpoint(self.last_path)
+            saved = TrainConfig.from_dict(ckpt["config"])
+            if saved.model != cfg.model:
+                raise MammogmicError(
+                    f"{self.last_path}: checkpoint model config differs from the requested one"
+                )
+        # Seed before building the model so initialisation is reproducible.
+        torch.manual_seed(cfg.runtime.seed)
+        train_images, val_images = self._datasets()
 
         model = build_model(cfg).to(device)
         if cfg.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if cfg.runtime.activation_checkpointing:
             enable_activation_checkpointing(model)
-        loss_fn = _build_loss(cfg)
         self.model = model  # exposed for callers/tests (the unwrapped module)
         net: nn.Module = model
         if info.enabled:
@@ -523,8 +530,7 @@ class Trainer:
         optimizer = build_optimizer(model, cfg)
 
         labels = np.asarray(train_images.labels, dtype=np.float64)
-        pc = cfg.data.positive_class
-        pos_cols = {"benign": [0], "malignant": [1], "any": [0, 1]}[pc]
+        pos_cols = {"benign": [0], "malignant": [1], "any": [0, 1]}[cfg.data.positive_class]
         positives = np.nan_to_num(labels[:, pos_cols], nan=0.0).max(axis=1) > 0.5
         sampler = EpochSampler(
             positives,
@@ -533,9 +539,8 @@ class Trainer:
             rank=info.rank,
             world_size=info.world_size,
         )
-        bs, accum = cfg.data.batch_size, cfg.runtime.grad_accum
-        micro_per_epoch = math.ceil(len(sampler.rank_indices(0)) / bs)
-        steps_per_epoch = math.ceil(micro_per_epoch / accum)
+        micro_per_epoch = math.ceil(len(sampler.rank_indices(0)) / cfg.data.batch_size)
+        steps_per_epoch = math.ceil(micro_per_epoch / cfg.runtime.grad_accum)
         if cfg.schedule.max_steps_per_epoch is not None:
             steps_per_epoch = min(steps_per_epoch, cfg.schedule.max_steps_per_epoch)
         scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
@@ -564,7 +569,9 @@ class Trainer:
                 scaler.load_state_dict(ckpt["scaler"])
             state.update(ckpt["state"])
             restore_rng_state(ckpt["rng"])
-            logger.info("resumed %s at epoch %d, step %d", last_path, state["epoch"], state["global_step"])
+            logger.info(
+                "resumed %s at epoch %d, step %d", self.last_path, state["epoch"], state["global_step"]
+            )
 
         steps_log = _CsvLog(run / "steps.csv", "step")
         epochs_log = _CsvLog(run / "epochs.csv", "epoch")
@@ -577,212 +584,47 @@ class Trainer:
                 # that the resumed run writes again, so it goes.
                 steps_log.truncate_after(state["global_step"])
                 epochs_log.truncate_after(state["epoch"] - 1)
+        return _Run(
+            info=info,
+            device=device,
+            model=model,
+            net=net,
+            loss_fn=_build_loss(cfg),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            sampler=sampler,
+            steps_per_epoch=steps_per_epoch,
+            train_ds=SeededSamples(train_images, augment=cfg.data.augment, seed=cfg.runtime.seed),
+            val_images=val_images,
+            state=state,
+            steps_log=steps_log,
+            epochs_log=epochs_log,
+            tb=tb,
+        )
 
-        def checkpoint_state() -> dict[str, Any]:
-            return {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
+    def fit(self, *, resume: bool = False) -> TrainResult:
+        """Train (or resume) to the end of the schedule or early stopping; then test the best model.
 
-        def write_last() -> None:
-            if info.is_main:
-                save_checkpoint(
-                    last_path,
-                    config=cfg.to_dict(),
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    state=checkpoint_state(),
-                    rng=capture_rng_state(),
-                )
-            barrier(info)
-
-        train_ds = SeededSamples(train_images, augment=cfg.data.augment, seed=cfg.runtime.seed)
-        higher = _HIGHER_IS_BETTER[cfg.schedule.val_metric]
+        Raises:
+            NonFiniteLossError: the loss became NaN/inf (the last good ``last.pt`` is kept).
+            MammogmicError: bad configuration, data, or an existing run folder without ``resume``.
+        """
+        t_start = time.perf_counter()
+        r = self._setup(resume)
+        state = r.state
         try:
-            while not state["finished"] and state["epoch"] < cfg.schedule.epochs:
-                epoch = state["epoch"]
+            while not state["finished"] and state["epoch"] < self.config.schedule.epochs:
                 t_epoch = time.perf_counter()
-                model.train()
-                if cfg.runtime.freeze_batchnorm:
-                    _freeze_batchnorm(model)
-                sampler.set_epoch(epoch, start=state["batches_done"] * bs)
-                loader = torch.utils.data.DataLoader(
-                    train_ds,
-                    batch_size=bs,
-                    sampler=sampler,
-                    num_workers=cfg.runtime.num_workers,
-                    collate_fn=_collate,
-                    worker_init_fn=_seed_worker,
-                    persistent_workers=False,
-                    pin_memory=device.type == "cuda",
-                )
-                it: Iterator[dict[str, Any]] = iter(loader)
-                steps_done_epoch = state["batches_done"] // accum
-                t_step, images_since = time.perf_counter(), 0
-                while steps_done_epoch < steps_per_epoch:
-                    micro = []
-                    for _ in range(accum):
-                        try:
-                            micro.append(next(it))
-                        except StopIteration:
-                            break
-                    if not micro:
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    step_loss, parts_sum = 0.0, dict[str, float]()
-                    n_micro = len(micro)
-                    for mi, batch in enumerate(micro):
-                        x = batch["image"].to(device, non_blocking=True)
-                        y = batch["label"].to(device, non_blocking=True)
-                        if cfg.runtime.channels_last:
-                            x = x.contiguous(memory_format=torch.channels_last)
-                        sync = mi == n_micro - 1 or not info.enabled
-                        ctx = contextlib.nullcontext() if sync else net.no_sync()  # type: ignore[operator]
-                        with ctx:
-                            with _amp_context(device, cfg.runtime.amp):
-                                out = net(x)
-                                total, parts = _loss_parts(loss_fn(out, y))
-                            value = float(total.detach().float())
-                            bad = broadcast_flag(not math.isfinite(value), info, device, any_rank=True)
-                            if bad:
-                                raise NonFiniteLossError(
-                                    f"non-finite loss ({value}) at epoch {epoch}, optimizer step "
-                                    f"{state['global_step'] + 1} (micro-batch {mi + 1} of {n_micro}); training "
-                                    f"stopped, the last good checkpoint is {last_path if last_path.exists() else 'none (no checkpoint yet)'}"
-                                )
-                            loss = total / n_micro
-                            if scaler is not None:
-                                scaler.scale(loss).backward()
-                            else:
-                                loss.backward()
-                        step_loss += value / n_micro
-                        for k, v in parts.items():
-                            parts_sum[k] = parts_sum.get(k, 0.0) + v / n_micro
-                        images_since += len(x)
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if cfg.optim.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    scheduler.step()
-                    state["global_step"] += 1
-                    state["batches_done"] += n_micro
-                    state["epoch_loss_sum"] += step_loss
-                    state["epoch_loss_count"] += 1
-                    steps_done_epoch += 1
-                    now = time.perf_counter()
-                    info_row = {
-                        "step": state["global_step"],
-                        "epoch": epoch,
-                        "loss": step_loss,
-                        **{f"loss_{k}": v for k, v in parts_sum.items()},
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "images_per_s": images_since * info.world_size / max(now - t_step, 1e-9),
-                    }
-                    if info.is_main and (
-                        state["global_step"] % cfg.schedule.log_every == 0
-                        or steps_done_epoch == steps_per_epoch
-                    ):
-                        steps_log.write(info_row)
-                        tb.scalars(info_row, state["global_step"], "train")
-                    if self.callback is not None and info.is_main:
-                        self.callback(
-                            "step",
-                            {
-                                **info_row,
-                                "step_in_epoch": steps_done_epoch,
-                                "steps_per_epoch": steps_per_epoch,
-                                "images": images_since * info.world_size,
-                            },
-                        )
-                    t_step, images_since = now, 0
-                    every = cfg.schedule.checkpoint_every_steps
-                    if every and state["global_step"] % every == 0 and steps_done_epoch < steps_per_epoch:
-                        write_last()
-                del it, loader
-
-                # .. end of epoch: validation, early stopping, checkpoints ..
-                train_loss = state["epoch_loss_sum"] / max(1, state["epoch_loss_count"])
-                row: dict[str, Any] = {
-                    "epoch": epoch,
-                    "step": state["global_step"],
-                    "train_loss": train_loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                }
-                improved = False
-                validate = val_images is not None and (
-                    (epoch + 1) % cfg.schedule.val_every == 0 or epoch + 1 == cfg.schedule.epochs
-                )
-                if validate and info.is_main:
-                    val = self._validate(model, val_images, loss_fn, device)
-                    row.update({k if k.startswith("val_") else f"val_{k}": v for k, v in val.items()})
-                    metric = val[cfg.schedule.val_metric]
-                    best = state["best_metric"]
-                    if math.isfinite(metric) and (
-                        best is None or (metric > best if higher else metric < best)
-                    ):
-                        improved = True
-                        state["best_metric"], state["best_epoch"], state["bad_validations"] = metric, epoch, 0
-                    else:
-                        state["bad_validations"] += 1
-                    self._update_top_k(model, state, metric, epoch, higher)
-                state["epoch"] = epoch + 1
-                state["batches_done"] = 0
-                state["epoch_loss_sum"], state["epoch_loss_count"] = 0.0, 0
-                patience = cfg.schedule.patience
-                stop = bool(validate and patience is not None and state["bad_validations"] >= patience)
-                stop = broadcast_flag(stop, info, device)
-                if stop:
-                    state["stopped_early"] = True
-                    state["finished"] = True
-                row["seconds"] = time.perf_counter() - t_epoch
-                if info.is_main:
-                    epochs_log.write(row)
-                    tb.scalars(row, epoch, "epoch")
-                    if improved or (val_images is None):
-                        save_checkpoint(
-                            best_path,
-                            config=cfg.to_dict(),
-                            model=model,
-                            state=checkpoint_state(),
-                            rng=capture_rng_state(),
-                        )
-                        self._export_model(model, run / "best_model.safetensors", {"epoch": epoch, **row})
-                if self.callback is not None and info.is_main:
-                    self.callback("epoch", dict(row, epochs=cfg.schedule.epochs, stopped=stop))
-                write_last()
+                self.train_one_epoch(r)
+                self._end_epoch(r, t_epoch)
             state["finished"] = True
-            write_last()
+            self._write_last(r)
         finally:
-            tb.close()
-
-        test_metrics: dict[str, float] = {}
-        test_images = self.test_images
-        if test_images is None and cfg.data.test_split and cfg.data.manifest:
-            candidate = self._images(cfg.data.test_split, cfg.data.tta > 1)
-            test_images = candidate if len(candidate) else None
-        if test_images is not None and info.is_main:
-            if best_path.exists():
-                model.load_state_dict(load_checkpoint(best_path)["model"])
-            res = evaluate(
-                model,
-                test_images,
-                label_level=cfg.data.label_level,
-                batch_size=cfg.data.eval_batch_size,
-                device=device,
-                amp=cfg.runtime.amp,
-                tta=cfg.data.tta,
-                seed=cfg.runtime.seed,
-                channels_last=cfg.runtime.channels_last,
-                num_workers=cfg.runtime.num_workers,
-                callback=self.callback,
-            )
-            test_metrics = res.metrics
+            r.tb.close()
+        test_metrics = self.test(r)
         result = TrainResult(
-            run_dir=run,
+            run_dir=self.run_dir,
             epochs_run=state["epoch"],
             global_step=state["global_step"],
             best_epoch=state["best_epoch"],
@@ -791,19 +633,185 @@ class Trainer:
             test_metrics=test_metrics,
             seconds=time.perf_counter() - t_start,
         )
-        if info.is_main:
-            (run / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=_json_default))
-        barrier(info)
+        if r.info.is_main:
+            (self.run_dir / "result.json").write_text(
+                json.dumps(_finite(result.to_dict()), indent=2, default=_json_default, allow_nan=False)
+            )
+        barrier(r.info)
         return result
 
-    def _validate(
+    # .. one epoch of optimizer steps ..
+    def train_one_epoch(self, r: _Run) -> None:
+        """The optimizer steps of the current epoch (from where a resumed run stopped), logged per step."""
+        cfg, state, info = self.config, r.state, r.info
+        epoch = state["epoch"]
+        bs, accum = cfg.data.batch_size, cfg.runtime.grad_accum
+        r.model.train()
+        if cfg.runtime.freeze_batchnorm:
+            _freeze_batchnorm(r.model)
+        r.sampler.set_epoch(epoch, start=state["batches_done"] * bs)
+        loader = torch.utils.data.DataLoader(
+            r.train_ds,
+            batch_size=bs,
+            sampler=r.sampler,
+            num_workers=cfg.runtime.num_workers,
+            collate_fn=_collate,
+            worker_init_fn=_seed_worker,
+            persistent_workers=False,
+            pin_memory=r.device.type == "cuda",
+        )
+        it: Iterator[dict[str, Any]] = iter(loader)
+        steps_done = state["batches_done"] // accum
+        t_step, images_since = time.perf_counter(), 0
+        while steps_done < r.steps_per_epoch:
+            micro = [b for b in itertools.islice(it, accum)]
+            if not micro:
+                break
+            step_loss, parts, images = self._optimizer_step(r, micro)
+            images_since += images
+            steps_done += 1
+            state["global_step"] += 1
+            state["batches_done"] += len(micro)
+            state["epoch_loss_sum"] += step_loss
+            state["epoch_loss_count"] += 1
+            now = time.perf_counter()
+            row = {
+                "step": state["global_step"],
+                "epoch": epoch,
+                "loss": step_loss,
+                **{f"loss_{k}": v for k, v in parts.items()},
+                "lr": r.optimizer.param_groups[0]["lr"],
+                "images_per_s": images_since * info.world_size / max(now - t_step, 1e-9),
+            }
+            if info.is_main and (
+                state["global_step"] % cfg.schedule.log_every == 0 or steps_done == r.steps_per_epoch
+            ):
+                r.steps_log.write(row)
+                r.tb.scalars(row, state["global_step"], "train")
+            if self.callback is not None and info.is_main:
+                extra = {"step_in_epoch": steps_done, "steps_per_epoch": r.steps_per_epoch}
+                self.callback("step", {**row, **extra, "images": images_since * info.world_size})
+            t_step, images_since = now, 0
+            every = cfg.schedule.checkpoint_every_steps
+            if every and state["global_step"] % every == 0 and steps_done < r.steps_per_epoch:
+                self._write_last(r)
+        del it, loader
+
+    def _optimizer_step(self, r: _Run, micro: list[dict[str, Any]]) -> tuple[float, dict[str, float], int]:
+        """Forward/backward over the micro-batches, then one optimizer and scheduler step."""
+        cfg, info, state = self.config, r.info, r.state
+        r.optimizer.zero_grad(set_to_none=True)
+        step_loss, parts_sum, images = 0.0, dict[str, float](), 0
+        for mi, batch in enumerate(micro):
+            x = batch["image"].to(r.device, non_blocking=True)
+            y = batch["labels"].to(r.device, non_blocking=True)
+            if cfg.runtime.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            sync = mi == len(micro) - 1 or not info.enabled
+            ctx = contextlib.nullcontext() if sync else r.net.no_sync()  # type: ignore[operator]
+            with ctx:
+                with _amp_context(r.device, cfg.runtime.amp):
+                    total, parts = _loss_parts(r.loss_fn(r.net(x), y))
+                value = float(total.detach().float())
+                if broadcast_flag(not math.isfinite(value), info, r.device, any_rank=True):
+                    last = self.last_path if self.last_path.exists() else "none (no checkpoint yet)"
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({value}) at epoch {state['epoch']}, optimizer step "
+                        f"{state['global_step'] + 1} (micro-batch {mi + 1} of {len(micro)}); training "
+                        f"stopped, the last good checkpoint is {last}"
+                    )
+                loss = total / len(micro)
+                (r.scaler.scale(loss) if r.scaler is not None else loss).backward()
+            step_loss += value / len(micro)
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / len(micro)
+            images += len(x)
+        if r.scaler is not None:
+            r.scaler.unscale_(r.optimizer)
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.optim.grad_clip)
+        if r.scaler is not None:
+            r.scaler.step(r.optimizer)
+            r.scaler.update()
+        else:
+            r.optimizer.step()
+        r.scheduler.step()
+        return step_loss, parts_sum, images
+
+    # .. end of an epoch: validation, early stopping, checkpoints ..
+    def _end_epoch(self, r: _Run, t_epoch: float) -> None:
+        cfg, state, info = self.config, r.state, r.info
+        epoch = state["epoch"]
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": state["global_step"],
+            "train_loss": state["epoch_loss_sum"] / max(1, state["epoch_loss_count"]),
+            "lr": r.optimizer.param_groups[0]["lr"],
+        }
+        improved = False
+        validate = r.val_images is not None and (
+            (epoch + 1) % cfg.schedule.val_every == 0 or epoch + 1 == cfg.schedule.epochs
+        )
+        if validate and info.is_main:
+            val = self.validate(r.model, r.val_images, r.loss_fn, r.device)
+            row.update({k if k.startswith("val_") else f"val_{k}": v for k, v in val.items()})
+            metric = val[cfg.schedule.val_metric]
+            best = state["best_metric"]
+            higher = _HIGHER_IS_BETTER[cfg.schedule.val_metric]
+            if math.isfinite(metric) and (best is None or (metric > best if higher else metric < best)):
+                improved = True
+                state["best_metric"], state["best_epoch"], state["bad_validations"] = metric, epoch, 0
+            else:
+                state["bad_validations"] += 1
+            self._update_top_k(r.model, state, metric, epoch, higher)
+        state["epoch"] = epoch + 1
+        state["batches_done"] = 0
+        state["epoch_loss_sum"], state["epoch_loss_count"] = 0.0, 0
+        patience = cfg.schedule.patience
+        stop = bool(validate and patience is not None and state["bad_validations"] >= patience)
+        if broadcast_flag(stop, info, r.device):
+            state["stopped_early"] = True
+            state["finished"] = True
+        row["seconds"] = time.perf_counter() - t_epoch
+        if info.is_main:
+            r.epochs_log.write(row)
+            r.tb.scalars(row, epoch, "epoch")
+            if improved or r.val_images is None:
+                save_checkpoint(
+                    self.best_path,
+                    config=cfg.to_dict(),
+                    model=r.model,
+                    state=_plain_state(state),
+                    rng=capture_rng_state(),
+                )
+                self._export_model(r.model, self.run_dir / "best_model.safetensors", {"epoch": epoch, **row})
+        if self.callback is not None and info.is_main:
+            self.callback("epoch", dict(row, epochs=cfg.schedule.epochs, stopped=state["stopped_early"]))
+        self._write_last(r)
+
+    def _write_last(self, r: _Run) -> None:
+        if r.info.is_main:
+            save_checkpoint(
+                self.last_path,
+                config=self.config.to_dict(),
+                model=r.model,
+                optimizer=r.optimizer,
+                scheduler=r.scheduler,
+                scaler=r.scaler,
+                state=_plain_state(r.state),
+                rng=capture_rng_state(),
+            )
+        barrier(r.info)
+
+    def validate(
         self, model: nn.Module, images: Any, loss_fn: nn.Module, device: torch.device
     ) -> dict[str, float]:
+        """Validation metrics (AUROCs as ``mammogmic evaluate`` computes them) and the validation loss."""
         cfg = self.config
         losses: list[float] = []
 
         def collect(out: Any, batch: dict[str, Any]) -> None:
-            y = batch["label"].to(device)
+            y = batch["labels"].to(device)
             if torch.isnan(y).any():
                 return
             total, _ = _loss_parts(loss_fn(out, y))
@@ -817,7 +825,6 @@ class Trainer:
             device=device,
             amp=cfg.runtime.amp,
             tta=1,
-            seed=cfg.runtime.seed,
             channels_last=cfg.runtime.channels_last,
             num_workers=cfg.runtime.num_workers,
             on_batch=collect,
@@ -827,16 +834,51 @@ class Trainer:
         metrics["val_loss"] = sum(losses) / max(1, len(images)) if losses else float("nan")
         return metrics
 
+    def test(self, r: _Run) -> dict[str, float]:
+        """Metrics of the best checkpoint on the test split (with the configured TTA); ``{}`` without one."""
+        cfg = self.config
+        test_images = self.test_images
+        if test_images is None and cfg.data.test_split and cfg.data.manifest:
+            candidate = split_dataset(cfg, cfg.data.test_split)
+            test_images = candidate if len(candidate) else None
+        if test_images is None or not r.info.is_main:
+            return {}
+        if self.best_path.exists():
+            r.model.load_state_dict(load_checkpoint(self.best_path)["model"])
+        res = evaluate(
+            r.model,
+            test_images,
+            label_level=cfg.data.label_level,
+            batch_size=cfg.data.eval_batch_size,
+            device=r.device,
+            amp=cfg.runtime.amp,
+            tta=cfg.data.tta,
+            seed=cfg.runtime.seed,
+            channels_last=cfg.runtime.channels_last,
+            num_workers=cfg.runtime.num_workers,
+            callback=self.callback,
+        )
+        return res.metrics
+
     def _export_model(self, model: nn.Module, path: Path, metadata: dict[str, Any]) -> None:
-        try:
-            from mammogmic.models import save_model
-        except ImportError:  # pragma: no cover - model package without save_model
-            return
+        """A model file that carries what prediction needs: weights, config, input contract, provenance."""
+        from mammogmic.models import save_model
+
         meta = {
+            "input_contract": input_contract(self.config).to_dict(),
             "training_config": self.config.to_dict(),
+            "training_manifest_sha256": self._manifest_sha256(),
             **{k: _json_default(v) if isinstance(v, np.generic | Path) else v for k, v in metadata.items()},
         }
-        save_model(model, path, metadata=meta, overwrite=True)  # type: ignore[arg-type]
+        save_model(model, path, metadata=_finite(meta), overwrite=True)  # type: ignore[arg-type]
+
+    def _manifest_sha256(self) -> str | None:
+        if not hasattr(self, "_manifest_hash"):
+            from mammogmic.data.cache import sha256_file
+
+            manifest = Path(self.config.data.manifest) if self.config.data.manifest else None
+            self._manifest_hash = sha256_file(manifest) if manifest and manifest.is_file() else None
+        return self._manifest_hash
 
     def _update_top_k(
         self, model: nn.Module, state: dict[str, Any], metric: float, epoch: int, higher: bool
@@ -857,6 +899,21 @@ class Trainer:
         for _, e in drop:
             (folder / f"epoch{e:03d}.safetensors").unlink(missing_ok=True)
         state["top_k"] = [list(e) for e in keep]
+
+
+def _plain_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with non-finite floats replaced by ``None`` (valid JSON: ``null``, never ``NaN``)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not math.isfinite(float(obj)):
+        return None
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,0 +1,445 @@
+"""The one path from an image file (or manifest row) to a model input: training, validation, prediction.
+
+Every caller — ``mammogmic train`` (training and validation samples), ``mammogmic predict`` / ``visualize``,
+:class:`~mammogmic.data.dataset.MammogramDataset` and the demo — builds its inputs here, so that a model is
+applied to exactly the kind of input it was trained on::
+
+    read (PNG / DICOM / cache) -> breast crop -> optimal centre        load_source()   (once per image)
+    -> orient -> window of the contract's size around the centre        window_sample() (per window)
+       (augmentation: the official position and size noise, window resized back with INTER_CUBIC)
+    -> per-image standardisation (the official float32 maths); masks through the same geometry
+
+What a trained model depends on in that path is its :class:`InputContract` (input size, window size, crop
+morphology, VOI handling, augmentation noise, TTA default, class order). The trainer stores it in the model
+file; ``predict`` reads it back from there (:func:`mammogmic.models.read_model_metadata`).
+
+Rows without a preprocess cache (``cached_path`` + ``best_center``) are cropped and centred on the fly, so a
+manifest works with or without ``mammogmic preprocess``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mammogmic.data.io import read_image, read_mask
+from mammogmic.data.preprocessing import (
+    MODEL_INPUT_SHAPE,
+    CropNoise,
+    best_center,
+    crop_breast,
+    model_input,
+    scaled_train_noise,
+)
+from mammogmic.errors import ImageReadError, MammogmicError, PreprocessingError
+
+__all__ = [
+    "OFFICIAL_CONTRACT",
+    "ImageItem",
+    "InputContract",
+    "SampleError",
+    "Source",
+    "demo_contract",
+    "items_from_manifest",
+    "load_source",
+    "scaled_crop_settings",
+    "tta_rng",
+    "window_sample",
+    "window_samples",
+]
+
+#: Erosion/dilation iterations and buffer of the official crop, tuned for full-field mammograms.
+_OFFICIAL_ITERATIONS, _OFFICIAL_BUFFER = 100, 50
+
+
+def scaled_crop_settings(height: int) -> tuple[int, int]:
+    """Crop ``(iterations, buffer)`` for images of ``height`` rows: the official 100/50 scaled from 2944 rows.
+
+    The official morphology (100 erosions) erases a whole breast at demo sizes such as 512x320; scaling it
+    keeps the same relative margin. Full-size images keep the official values.
+    """
+    scale = min(1.0, height / MODEL_INPUT_SHAPE[0])
+    return max(1, round(_OFFICIAL_ITERATIONS * scale)), max(1, round(_OFFICIAL_BUFFER * scale))
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """Everything between a file and the model input that a trained model depends on.
+
+    Attributes:
+        input_shape: model input ``(height, width)``.
+        window_shape: window cut around the optimal centre, in source pixels; resized to ``input_shape``
+            when different (``None``: the input shape, the official behaviour).
+        crop_iterations: erosion/dilation iterations of the breast crop (official 100).
+        crop_buffer: crop margin in pixels (official 50).
+        apply_voi: apply the DICOM VOI LUT / window when reading DICOM files.
+        max_crop_noise: augmentation: maximal window shift (rows, cols) in source pixels.
+        max_crop_size_noise: augmentation: maximal change of each window border in source pixels.
+        tta: default number of test-time windows (1: the deterministic window only).
+        class_order: meaning of the model's output columns.
+    """
+
+    input_shape: tuple[int, int] = MODEL_INPUT_SHAPE
+    window_shape: tuple[int, int] | None = None
+    crop_iterations: int = _OFFICIAL_ITERATIONS
+    crop_buffer: int = _OFFICIAL_BUFFER
+    apply_voi: bool = True
+    max_crop_noise: tuple[int, int] = (100, 100)
+    max_crop_size_noise: int = 100
+    tta: int = 1
+    class_order: tuple[str, str] = ("benign", "malignant")
+
+    def __post_init__(self) -> None:
+        def pair(name: str, value: Any, low: int) -> tuple[int, int]:
+            try:
+                a, b = (int(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"input contract: {name} must be two integers, got {value!r}") from None
+            if a < low or b < low:
+                raise ValueError(f"input contract: {name} must be >= {low}, got {value!r}")
+            return a, b
+
+        object.__setattr__(self, "input_shape", pair("input_shape", self.input_shape, 32))
+        if self.window_shape is not None:
+            object.__setattr__(self, "window_shape", pair("window_shape", self.window_shape, 32))
+        object.__setattr__(self, "max_crop_noise", pair("max_crop_noise", self.max_crop_noise, 0))
+        for name in ("crop_iterations", "crop_buffer", "max_crop_size_noise", "tta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "tta" else 0):
+                raise ValueError(f"input contract: {name} must be a non-negative integer, got {value!r}")
+        if tuple(self.class_order) != ("benign", "malignant"):
+            raise ValueError(f"input contract: class_order {self.class_order!r} is not (benign, malignant)")
+        object.__setattr__(self, "class_order", tuple(self.class_order))
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """The window size in source pixels."""
+        return self.window_shape or self.input_shape
+
+    @property
+    def noise(self) -> CropNoise:
+        """The augmentation noise (training windows and TTA)."""
+        return CropNoise(self.max_crop_noise, self.max_crop_size_noise)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (stored in model files)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InputContract:
+        """The contract stored by :meth:`to_dict`; unknown keys are refused (a newer file format)."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"input contract: unknown field(s) {unknown}")
+        values = dict(data)
+        for key in ("input_shape", "window_shape", "max_crop_noise", "class_order"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def differences(self, other: InputContract) -> list[tuple[str, Any, Any]]:
+        """``(field, self's value, other's value)`` for every field where the two disagree."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [(k, mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]]
+
+
+#: The official release's inference pipeline (2944x1920 windows, 100 crop iterations, no TTA).
+OFFICIAL_CONTRACT = InputContract()
+
+
+def demo_contract(input_shape: tuple[int, int]) -> InputContract:
+    """A contract for reduced-size images whose window is the whole input: crop and noise scaled to the size."""
+    iterations, buffer = scaled_crop_settings(input_shape[0])
+    noise = scaled_train_noise(input_shape)
+    return InputContract(
+        input_shape=input_shape,
+        crop_iterations=iterations,
+        crop_buffer=buffer,
+        max_crop_noise=noise.max_crop_noise,
+        max_crop_size_noise=noise.max_crop_size_noise,
+    )
+
+
+@dataclass
+class ImageItem:
+    """One image with whatever is known about it (from a manifest, DICOM tags or its file name)."""
+
+    image_id: str
+    path: Path
+    view: str | None = None  # "L-CC" style; read from the file (tags or name) when None
+    horizontal_flip: str = "NO"
+    exam_id: str | None = None
+    patient_id: str | None = None
+    breast_id: str | None = None
+    benign_label: float = math.nan
+    malignant_label: float = math.nan
+    breast_benign_label: float = math.nan
+    breast_malignant_label: float = math.nan
+    cached_path: Path | None = None
+    best_center: tuple[int, int] | None = None
+    window_location: tuple[int, int, int, int] | None = None  # crop box of the cache in the raw image
+    benign_mask_path: Path | None = None
+    malignant_mask_path: Path | None = None
+    cached_benign_mask_path: Path | None = None  # masks already cropped by ``mammogmic preprocess``
+    cached_malignant_mask_path: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def labels(self, level: str = "image") -> tuple[float, float]:
+        """``(benign, malignant)`` at ``image`` or ``breast`` level (NaN = unknown)."""
+        if level == "image":
+            return self.benign_label, self.malignant_label
+        if level == "breast":
+            return self.breast_benign_label, self.breast_malignant_label
+        raise ValueError(f"label level must be 'image' or 'breast', got {level!r}")
+
+    @property
+    def has_masks(self) -> bool:
+        return any(
+            p is not None
+            for p in (
+                self.benign_mask_path,
+                self.malignant_mask_path,
+                self.cached_benign_mask_path,
+                self.cached_malignant_mask_path,
+            )
+        )
+
+
+def items_from_manifest(manifest: Any, split: str | None = None) -> list[ImageItem]:
+    """Items of a manifest (a path or a :class:`~mammogmic.data.manifest.Manifest`), optionally one split.
+
+    Labels and masks are kept; rows written by ``mammogmic preprocess`` (``cached_path`` + ``best_center``)
+    load the cached crop and skip the crop and centre stages.
+
+    Raises:
+        ManifestError: unreadable manifest or bad rows (all listed by line).
+    """
+    from mammogmic.data.manifest import Manifest, load_manifest
+
+    table = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    if split is not None:
+        table = table.filter(split=split)
+
+    def label(value: int | None) -> float:
+        return math.nan if value is None else float(value)
+
+    items = []
+    for row in table:
+        cached = row.preprocessed
+        window = row.window_location
+        items.append(
+            ImageItem(
+                image_id=row.image_id,
+                path=table.resolve(row.image_path) or table.root,
+                view=row.full_view,
+                horizontal_flip=row.horizontal_flip,
+                exam_id=row.exam_id,
+                patient_id=row.patient_id,
+                breast_id=row.breast_id or f"{row.exam_id}_{row.laterality}",
+                benign_label=label(row.benign_label),
+                malignant_label=label(row.malignant_label),
+                breast_benign_label=label(row.breast_benign_label),
+                breast_malignant_label=label(row.breast_malignant_label),
+                cached_path=table.resolve(row.cached_path) if cached else None,
+                best_center=(int(row.best_center[0]), int(row.best_center[1]))
+                if cached and row.best_center
+                else None,
+                window_location=(
+                    (int(window[0]), int(window[1]), int(window[2]), int(window[3]))
+                    if cached and window
+                    else None
+                ),
+                benign_mask_path=table.resolve(row.benign_mask_path),
+                malignant_mask_path=table.resolve(row.malignant_mask_path),
+                cached_benign_mask_path=table.resolve(row.extra.get("cached_benign_mask_path"))
+                if cached
+                else None,
+                cached_malignant_mask_path=(
+                    table.resolve(row.extra.get("cached_malignant_mask_path")) if cached else None
+                ),
+                extra=dict(row.extra),
+            )
+        )
+    return items
+
+
+@dataclass
+class Source:
+    """An image after reading, cropping and centring: what every window of it is cut from.
+
+    Attributes:
+        cropped: raw-orientation cropped pixels (the preprocess cache's content).
+        view: ``"L-CC"`` etc.
+        horizontal_flip: the manifest's flag (``NO``: right views are mirrored to face right).
+        center: optimal centre ``(row, col)`` in the oriented cropped image.
+        masks: raw-orientation cropped ``(benign, malignant)`` masks, when asked and the item has any.
+    """
+
+    cropped: np.ndarray
+    view: str
+    horizontal_flip: str
+    center: tuple[int, int]
+    masks: list[np.ndarray] | None = None
+
+
+def _read_cached(path: Path) -> np.ndarray:
+    """A cached crop or mask: ``.npy`` from ``mammogmic preprocess`` (never unpickled) or an image file."""
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ImageReadError(
+                f"{path}: unreadable cache file ({exc}); rerun mammogmic preprocess"
+            ) from exc
+        if array.ndim != 2:
+            raise ImageReadError(f"{path}: cache array has shape {array.shape}, expected 2-D")
+        return np.asarray(array)
+    return read_image(path)[0]
+
+
+def _no_breast_hint(exc: PreprocessingError, shape: tuple[int, ...], contract: InputContract) -> str:
+    iterations, buffer = scaled_crop_settings(int(shape[0]))
+    message = str(exc)
+    if iterations < contract.crop_iterations and "erosion" in message:
+        message += (
+            f" ({contract.crop_iterations} erosion iterations on a {shape[0]}x{shape[1]} image; for images "
+            f"smaller than full-field mammograms use {iterations}: predict --crop-iterations {iterations}, "
+            f"train --set data.crop_iterations={iterations})"
+        )
+    return message
+
+
+class SampleError(MammogmicError):
+    """An image that cannot become a model input; ``stage`` says where (read, crop, center, masks)."""
+
+    def __init__(self, message: str, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+def load_source(item: ImageItem, contract: InputContract, *, masks: bool = False) -> Source:
+    """Read, crop and centre ``item`` (or load its preprocess cache).
+
+    Raises:
+        SampleError: naming the file, with the stage that failed.
+    """
+    stage = "read"
+    try:
+        if item.cached_path is not None and item.best_center is not None:
+            cropped = _read_cached(item.cached_path)
+            if item.view is None:
+                raise MammogmicError(
+                    f"{item.cached_path}: cached image without laterality/view in the manifest"
+                )
+            view, center, crop_box = item.view, item.best_center, item.window_location
+        else:
+            pixels, meta = read_image(item.path, apply_voi=contract.apply_voi)
+            view = item.view or meta.full_view
+            stage = "crop"
+            try:
+                crop = crop_breast(
+                    pixels,
+                    view,
+                    item.horizontal_flip,
+                    iterations=contract.crop_iterations,
+                    buffer_size=contract.crop_buffer,
+                )
+            except PreprocessingError as exc:
+                raise PreprocessingError(_no_breast_hint(exc, pixels.shape, contract)) from exc
+            cropped = crop.cropped
+            stage = "center"
+            center = best_center(crop, horizontal_flip=item.horizontal_flip, window_shape=contract.window)
+            crop_box = crop.window_location
+        source = Source(cropped, view, item.horizontal_flip, (int(center[0]), int(center[1])))
+        if masks and item.has_masks:
+            stage = "masks"
+            source.masks = _load_masks(item, cropped.shape, crop_box)
+        return source
+    except (MammogmicError, OSError, ValueError) as exc:
+        message = str(exc)
+        if str(item.path) not in message and not (item.cached_path and str(item.cached_path) in message):
+            message = f"{item.path}: {message}"  # every error names the file it is about
+        raise SampleError(message, stage) from exc
+
+
+def _load_masks(
+    item: ImageItem, shape: tuple[int, ...], crop_box: tuple[int, int, int, int] | None
+) -> list[np.ndarray]:
+    out = []
+    for cached_mask, raw_mask in (
+        (item.cached_benign_mask_path, item.benign_mask_path),
+        (item.cached_malignant_mask_path, item.malignant_mask_path),
+    ):
+        if cached_mask is not None:
+            mask = _read_cached(cached_mask) != 0
+        elif raw_mask is not None:
+            mask = read_mask(raw_mask)
+            if crop_box is None:
+                raise MammogmicError(
+                    f"{raw_mask}: cannot align the mask: the manifest has no window_location"
+                )
+            top, bottom, left, right = crop_box  # raw-image coordinates: crop like the image
+            mask = mask[top:bottom, left:right]
+        else:
+            mask = np.zeros(shape, dtype=bool)
+        if mask.shape != tuple(shape):
+            path = cached_mask or raw_mask
+            raise MammogmicError(
+                f"{path}: mask does not cover the image (after cropping {mask.shape} vs {tuple(shape)})"
+            )
+        out.append(mask)
+    return out
+
+
+def window_sample(
+    source: Source, contract: InputContract, *, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One standardised model input ``(H, W)`` float32 and its masks ``(2, H, W)`` uint8 (or ``None``).
+
+    With ``rng`` the window carries the contract's augmentation noise (training, TTA); without, it is the
+    deterministic official window.
+    """
+    kwargs: dict[str, Any] = {
+        "rng": rng,
+        "noise": contract.noise if rng is not None else None,
+        "out_shape": contract.input_shape,
+        "horizontal_flip": source.horizontal_flip,
+        "window_shape": contract.window,
+    }
+    if source.masks is None:
+        return model_input(source.cropped, source.view, source.center, **kwargs), None
+    image, masks = model_input(source.cropped, source.view, source.center, masks=source.masks, **kwargs)
+    return image, masks
+
+
+def tta_rng(seed: int, image_id: str) -> np.random.Generator:
+    """The TTA generator of one image: depends on the seed and the id only, not on batch or worker."""
+    return np.random.default_rng([seed, zlib.crc32(image_id.encode("utf-8"))])
+
+
+def window_samples(
+    source: Source, contract: InputContract, tta: int, seed: int, image_id: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(T, H, W)`` inputs: the deterministic window (``tta <= 1``) or ``tta`` noisy windows; masks of the first."""
+    if tta <= 1:
+        image, masks = window_sample(source, contract)
+        return image[None], masks
+    rng = tta_rng(seed, image_id)
+    windows, first_masks = [], None
+    for t in range(tta):
+        image, masks = window_sample(source, contract, rng=rng)
+        windows.append(image)
+        if t == 0:
+            first_masks = masks
+    return np.stack(windows), first_masks
