@@ -46,6 +46,7 @@ from mammogmic.training.checkpoint import (
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.data import ManifestImages, SeededSamples
 from mammogmic.training.distributed import DistInfo, barrier, broadcast_flag, init_distributed, resolve_device
+from mammogmic.training.finetune import InitReport, keep_frozen_in_eval, param_groups, prepare_model
 from mammogmic.training.sampler import EpochSampler
 
 __all__ = [
@@ -115,9 +116,9 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (the paper), AdamW or SGD over all trainable parameters."""
+    """Adam (the paper), AdamW or SGD over all trainable parameters (fine-tuning: two lr groups)."""
     o = config.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, config)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
@@ -433,6 +434,7 @@ class Trainer:
         self.val_images = val_images
         self.test_images = test_images
         self.model: nn.Module | None = None
+        self.init_report: InitReport | None = None  # where --init weights came from (finetune.init)
 
     # .. setup ..
     def _images(self, split: str, augment: bool, with_masks: bool = False) -> Any:
@@ -509,6 +511,7 @@ class Trainer:
             raise MammogmicError(f"data.train_split: split {cfg.data.train_split!r} has no images")
 
         model = build_model(cfg).to(device)
+        self.init_report = prepare_model(model, cfg, run, resume=ckpt is not None, write=info.is_main)
         if cfg.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if cfg.runtime.activation_checkpointing:
@@ -604,6 +607,7 @@ class Trainer:
                 model.train()
                 if cfg.runtime.freeze_batchnorm:
                     _freeze_batchnorm(model)
+                keep_frozen_in_eval(model, cfg.finetune.freeze)
                 sampler.set_epoch(epoch, start=state["batches_done"] * bs)
                 loader = torch.utils.data.DataLoader(
                     train_ds,
@@ -834,6 +838,7 @@ class Trainer:
             return
         meta = {
             "training_config": self.config.to_dict(),
+            **({"init": self.init_report.provenance()} if self.init_report is not None else {}),
             **{k: _json_default(v) if isinstance(v, np.generic | Path) else v for k, v in metadata.items()},
         }
         save_model(model, path, metadata=meta, overwrite=True)  # type: ignore[arg-type]
