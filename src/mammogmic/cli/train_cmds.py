@@ -29,7 +29,8 @@ def add_parser(subparsers: Any) -> None:
             "and best-checkpoint selection. CONFIG is a YAML file or a packaged preset name "
             "(gmic_resnet18, gmic_resnet34, gmic_resnet50, tiny_cpu). Writes RUN_DIR/config.yaml, last.pt, "
             "best.pt, best_model.safetensors, steps.csv, epochs.csv, tensorboard/, result.json. Several GPUs: "
-            "torchrun --nproc_per_node=N -m mammogmic.cli.main train ..."
+            "torchrun --nproc_per_node=N -m mammogmic.cli.main train ... Fine-tuning: --init, and in the "
+            "config finetune.freeze (alias model.freeze) and optim.backbone_lr_ratio (docs/training.md)."
         ),
     )
     p.add_argument("config", help="YAML config file or preset name")
@@ -43,6 +44,33 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="fine-tune: start from these weights, an official release .p (sample_model_1.p), a mammogmic "
+        ".safetensors or a training checkpoint (best.pt); loaded strictly, every tensor must match "
+        "(finetune.init; ignored on --resume, which continues from last.pt)",
+    )
+    p.add_argument(
+        "--init-exclude",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="with --init: re-initialise the tensors whose names match PATTERN instead of loading them "
+        "(they need not be in the file nor match its shape): a glob on our names, where a module name "
+        "matches everything under it (fusion, global_net.stem_conv, 'attention.*'), or re:REGEX; "
+        "repeatable (finetune.init_exclude)",
+    )
+    p.add_argument(
+        "--percent-t",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --init: t of the checkpoint's model, which official .p files do not record (released "
+        "models 1-5: 0.02, 0.03, 0.03, 0.05, 0.1); sets model.percent_t (finetune.percent_t)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train, allocator_profile="fast")
 
@@ -204,9 +232,11 @@ def run_train(args: argparse.Namespace) -> int:
     from mammogmic.training.config import load_config
     from mammogmic.training.loop import NonFiniteLossError, Trainer
 
+    if args.init is not None and not args.init.is_file():
+        return _fail(FileNotFoundError(f"--init: {args.init}: no such file"))
     progress = _Progress(not args.no_progress)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, _train_overrides(args))
         result = Trainer(config, args.out, callback=progress).fit(resume=args.resume)
     except NonFiniteLossError as exc:
         progress.close()
@@ -220,6 +250,21 @@ def run_train(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2, default=str))
     print(f"run folder: {args.out} (result.json, epochs.csv, best_model.safetensors)", file=sys.stderr)
     return 0
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides, then the fine-tuning flags (which win over the YAML file and ``--set``).
+
+    Values are written as JSON, which the override parser reads as YAML (quoted paths stay strings).
+    """
+    overrides = list(args.overrides)
+    if args.init is not None:
+        overrides.append(f"finetune.init={json.dumps(str(args.init.resolve()))}")
+    if args.init_exclude is not None:
+        overrides.append(f"finetune.init_exclude={json.dumps(list(args.init_exclude))}")
+    if args.percent_t is not None:
+        overrides += [f"finetune.percent_t={args.percent_t!r}", f"model.percent_t={args.percent_t!r}"]
+    return overrides
 
 
 # -- tune -------------------------------------------------------------------------------------------------

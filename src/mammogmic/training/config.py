@@ -1,8 +1,8 @@
 """Training configuration: typed, frozen, validated dataclasses loaded from YAML plus ``--set`` overrides.
 
 A :class:`TrainConfig` nests the model's :class:`~mammogmic.GMICConfig`, the loss's
-:class:`~mammogmic.training.loss.LossConfig` and four training sections (``optim``, ``data``, ``schedule``,
-``runtime``). Every invalid value raises :class:`~mammogmic.errors.ConfigError` whose message starts with the
+:class:`~mammogmic.training.loss.LossConfig` and five training sections (``optim``, ``data``, ``schedule``,
+``runtime``, ``finetune``). Every invalid value raises :class:`~mammogmic.errors.ConfigError` whose message starts with the
 dotted field name (``optim.lr: must be > 0, got -1``), so a user can find the line in the YAML file.
 
 Layering (highest wins): dataclass defaults < YAML file < ``--set key.sub=value`` overrides. The resolved config
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -26,7 +27,9 @@ import yaml
 from mammogmic.errors import ConfigError
 
 __all__ = [
+    "FREEZE_PARTS",
     "DataConfig",
+    "FinetuneConfig",
     "OptimConfig",
     "RuntimeConfig",
     "ScheduleConfig",
@@ -43,6 +46,16 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 AmpMode = Literal["none", "bf16", "fp16"]
 LabelLevel = Literal["image", "breast"]
 ValMetric = Literal["malignant_auroc", "benign_auroc", "mean_auroc", "val_loss"]
+
+#: Parts of GMIC that ``finetune.freeze`` accepts -> the GMIC submodule each one names.
+FREEZE_PARTS: dict[str, str] = {
+    "global": "global_net",  # f_g, the global network (ResNet-22); its 1x1 saliency conv is "saliency"
+    "saliency": "saliency_head",
+    "local": "local_net",  # f_l, the local network on the patches
+    "attention": "attention",  # gated attention MIL
+    "local_classifier": "local_classifier",
+    "fusion": "fusion",
+}
 
 
 def _fail(path: str, message: str) -> ConfigError:
@@ -67,6 +80,9 @@ class OptimConfig:
         gamma: factor of the step schedule.
         grad_clip: max global gradient norm (``None`` = no clipping).
         momentum: SGD momentum (only for ``sgd``).
+        backbone_lr_ratio: with ``finetune.init``, parameters loaded from the checkpoint train at
+            ``lr * backbone_lr_ratio`` and re-initialised ones (``finetune.init_exclude``) at ``lr``; the
+            schedule scales both. No effect without ``finetune.init``.
     """
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
@@ -81,9 +97,11 @@ class OptimConfig:
     gamma: float = 0.1
     grad_clip: float | None = None
     momentum: float = 0.9
+    backbone_lr_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         _check_positive("lr", self.lr)
+        _check_nonneg("backbone_lr_ratio", self.backbone_lr_ratio)
         if not 0.0 <= self.momentum < 1.0:
             raise _fail("momentum", f"must be in [0, 1), got {self.momentum}")
         _check_nonneg("weight_decay", self.weight_decay)
@@ -244,6 +262,62 @@ class RuntimeConfig:
             _check_positive("threads", self.threads)
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Start from pretrained weights, optionally with some parts frozen (``mammogmic train --init``).
+
+    Attributes:
+        init: checkpoint to start from: an official release ``.p`` file (``sample_model_1.p``), a mammogmic
+            ``.safetensors`` model or a training checkpoint (``best.pt``). Loaded strictly: every tensor of the
+            model must be in the file with the same shape, and the file may hold nothing else, except names
+            matched by ``init_exclude``. Empty = train from scratch. Read only on a fresh start, not on resume.
+        init_exclude: patterns of our parameter/buffer names (``fusion.weight``) that keep their fresh
+            initialisation instead of the file's values: a glob (``fnmatch``; a module name such as ``fusion``
+            or ``global_net.stem_conv`` matches everything under it) or ``re:REGEX`` (searched anywhere in the
+            name). Matching names need not be in the file nor have its shape (a new head, another stem).
+        percent_t: t of the checkpoint's model, which official ``.p`` files do not record (released models:
+            0.02, 0.03, 0.03, 0.05, 0.10). It is the model's top-t% pooling t, so it sets ``model.percent_t``
+            when the model section does not set it, and must equal it otherwise (``--percent-t`` sets both).
+        freeze: parts whose parameters get ``requires_grad=False`` and that stay in eval mode while training
+            (their batch-norm running statistics do not move): ``global``, ``saliency``, ``local``,
+            ``attention``, ``local_classifier``, ``fusion``. ``model.freeze`` in YAML or ``--set`` is an alias.
+    """
+
+    init: str = ""
+    init_exclude: tuple[str, ...] = ()
+    percent_t: float | None = None
+    freeze: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for i, pattern in enumerate(self.init_exclude):
+            if not pattern or pattern == "re:":
+                raise _fail(f"init_exclude[{i}]", "empty pattern")
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    message = f"invalid regular expression {pattern[3:]!r}: {exc}"
+                    raise _fail(f"init_exclude[{i}]", message) from None
+        if self.init_exclude and not self.init:
+            raise _fail("init_exclude", "only used with finetune.init (the checkpoint to start from)")
+        if self.percent_t is not None:
+            if not (math.isfinite(self.percent_t) and 0.0 < self.percent_t <= 1.0):
+                raise _fail("percent_t", f"must be in (0, 1], got {self.percent_t!r}")
+            if not self.init:
+                raise _fail(
+                    "percent_t", "only used with finetune.init; without a checkpoint set model.percent_t"
+                )
+        _check_parts("freeze", self.freeze)
+
+
+def _check_parts(path: str, parts: Iterable[str]) -> None:
+    for i, part in enumerate(parts):
+        if part not in FREEZE_PARTS:
+            close = difflib.get_close_matches(str(part), list(FREEZE_PARTS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _fail(f"{path}[{i}]", f"unknown part {part!r}{hint} (valid: {', '.join(FREEZE_PARTS)})")
+
+
 def _check_positive(name: str, value: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise _fail(name, f"must be > 0, got {value!r}")
@@ -277,6 +351,7 @@ class TrainConfig:
         data: manifest, input size, labels, sampling, augmentation.
         schedule: epochs, early stopping, checkpoint and logging frequency.
         runtime: device, mixed precision, accumulation, memory options, workers, seeding.
+        finetune: pretrained weights to start from, re-initialised tensors, frozen parts.
     """
 
     model: Any = field(default_factory=lambda: _model_config_cls()())
@@ -285,8 +360,17 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
+        t = self.finetune.percent_t
+        model_t = getattr(self.model, "percent_t", None)
+        if t is not None and model_t is not None and not math.isclose(t, model_t, rel_tol=0.0, abs_tol=1e-12):
+            raise _fail(
+                "finetune.percent_t",
+                f"{t} differs from model.percent_t {model_t}; both are the t of top-t% pooling (--percent-t "
+                "sets both)",
+            )
         if self.runtime.amp == "fp16" and self.runtime.device == "cpu":
             raise _fail("runtime.amp", "fp16 autocast needs a GPU; use bf16 or none on CPU")
         h, w = self.data.out_shape
@@ -304,18 +388,23 @@ class TrainConfig:
             "data": _plain(self.data),
             "schedule": _plain(self.schedule),
             "runtime": _plain(self.runtime),
+            "finetune": _plain(self.finetune),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Build and validate from a nested mapping; missing fields take their defaults.
 
+        ``model.freeze`` is accepted as an alias of ``finetune.freeze``; ``finetune.percent_t`` fills in a
+        missing ``model.percent_t``.
+
         Raises:
             ConfigError: an unknown key or an invalid value; the message names the dotted field.
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"config must be a mapping of sections, got {type(data).__name__}")
-        sections = {"model", "loss", "optim", "data", "schedule", "runtime"}
+        data = _resolve_finetune_aliases(data)
+        sections = {"model", "loss", "optim", "data", "schedule", "runtime", "finetune"}
         for key in data:
             if key not in sections:
                 raise _unknown_key("", str(key), sections)
@@ -330,6 +419,7 @@ class TrainConfig:
             ("data", DataConfig),
             ("schedule", ScheduleConfig),
             ("runtime", RuntimeConfig),
+            ("finetune", FinetuneConfig),
         ):
             if name in data:
                 kwargs[name] = _build_dataclass(sub_cls, data[name], name)
@@ -358,6 +448,55 @@ class TrainConfig:
         tmp.write_text(self.to_yaml(), encoding="utf-8")
         os.replace(tmp, path)
         return path
+
+
+def _move_freeze_alias(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Move ``model.freeze`` (the spelling of issue 9) to ``finetune.freeze``; a bare string is one part.
+
+    Returns a shallow copy of ``data`` with copied ``model``/``finetune`` sections; the input is not changed.
+    """
+    out = dict(data)
+    model, finetune = out.get("model"), out.get("finetune")
+    if isinstance(finetune, Mapping):
+        finetune = out["finetune"] = dict(finetune)
+        if isinstance(finetune.get("freeze"), str):  # --set finetune.freeze=global
+            finetune["freeze"] = [finetune["freeze"]]
+    if not (isinstance(model, Mapping) and "freeze" in model):
+        return out
+    model = out["model"] = dict(model)
+    parts = _alias_parts(model.pop("freeze"))
+    if finetune is None:
+        finetune = out["finetune"] = {}
+    if not isinstance(finetune, dict):
+        raise _fail("finetune", f"must be a mapping, got {type(finetune).__name__}")
+    given = finetune.get("freeze")
+    if given and list(given) != parts:
+        raise _fail(
+            "model.freeze",
+            f"alias of finetune.freeze, which is set to a different value ({list(given)} vs {parts})",
+        )
+    finetune["freeze"] = parts
+    return out
+
+
+def _alias_parts(value: Any) -> list[str]:
+    parts = [value] if isinstance(value, str) else value
+    if not isinstance(parts, list | tuple) or not all(isinstance(p, str) for p in parts):
+        raise _fail("model.freeze", f"must be a list of part names, got {value!r}")
+    _check_parts("model.freeze", parts)
+    return list(parts)
+
+
+def _resolve_finetune_aliases(data: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`_move_freeze_alias`, then copy ``finetune.percent_t`` into a missing ``model.percent_t``."""
+    out = _move_freeze_alias(data)
+    finetune, model = out.get("finetune"), out.get("model")
+    if isinstance(finetune, Mapping) and finetune.get("percent_t") is not None:
+        if model is None:
+            model = {}
+        if isinstance(model, Mapping) and "percent_t" not in model:
+            out["model"] = {**model, "percent_t": finetune["percent_t"]}
+    return out
 
 
 # -- generic dataclass building with dotted error paths --------------------------------------------------
@@ -495,13 +634,19 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
-    """Return a deep copy of ``data`` with dotted overrides applied (strings are parsed by parse_override)."""
+    """Return a deep copy of ``data`` with dotted overrides applied (strings are parsed by parse_override).
+
+    ``model.freeze`` is written to ``finetune.freeze`` (its alias; see :class:`FinetuneConfig`).
+    """
     import copy
 
     out: dict[str, Any] = copy.deepcopy(dict(data))
     items = (
         list(overrides.items()) if isinstance(overrides, Mapping) else [parse_override(s) for s in overrides]
     )
+    # The alias is resolved before overriding, so that an override of either spelling wins over the file.
+    out = _move_freeze_alias(out)
+    items = [("finetune.freeze", _alias_parts(v)) if k == "model.freeze" else (k, v) for k, v in items]
     for key, value in items:
         parts = key.split(".")
         node = out
@@ -563,10 +708,11 @@ def load_config(
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         base_dir = path.parent
-    section = data.get("data")
-    manifest = section.get("manifest") if isinstance(section, Mapping) else None
-    if base_dir is not None and isinstance(manifest, str) and manifest and not Path(manifest).is_absolute():
-        data["data"] = {**section, "manifest": str((base_dir / manifest).resolve())}
-    # Overrides come from the command line: a relative manifest there stays relative to the working folder.
+    for name, key in (("data", "manifest"), ("finetune", "init")):
+        section = data.get(name)
+        value = section.get(key) if isinstance(section, Mapping) else None
+        if base_dir is not None and isinstance(value, str) and value and not Path(value).is_absolute():
+            data[name] = {**section, key: str((base_dir / value).resolve())}
+    # Overrides come from the command line: a relative path there stays relative to the working folder.
     data = apply_overrides(data, overrides)
     return TrainConfig.from_dict(data)

@@ -48,6 +48,7 @@ from mammogmic.training.checkpoint import (
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.data import SeededSamples, TTASamples, input_contract, split_dataset
 from mammogmic.training.distributed import DistInfo, barrier, broadcast_flag, init_distributed, resolve_device
+from mammogmic.training.finetune import InitReport, keep_frozen_in_eval, param_groups, prepare_model
 from mammogmic.training.sampler import EpochSampler
 
 __all__ = [
@@ -117,9 +118,9 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (the paper), AdamW or SGD over all trainable parameters."""
+    """Adam (the paper), AdamW or SGD over all trainable parameters (fine-tuning: two lr groups)."""
     o = config.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, config)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
@@ -458,6 +459,7 @@ class Trainer:
         self.val_images = val_images
         self.test_images = test_images
         self.model: nn.Module | None = None
+        self.init_report: InitReport | None = None  # where --init weights came from (finetune.init)
         self.last_path = self.run_dir / "last.pt"
         self.best_path = self.run_dir / "best.pt"
 
@@ -517,6 +519,7 @@ class Trainer:
         train_images, val_images = self._datasets()
 
         model = build_model(cfg).to(device)
+        self.init_report = prepare_model(model, cfg, run, resume=ckpt is not None, write=info.is_main)
         if cfg.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if cfg.runtime.activation_checkpointing:
@@ -649,6 +652,7 @@ class Trainer:
         r.model.train()
         if cfg.runtime.freeze_batchnorm:
             _freeze_batchnorm(r.model)
+        keep_frozen_in_eval(r.model, cfg.finetune.freeze)
         r.sampler.set_epoch(epoch, start=state["batches_done"] * bs)
         loader = torch.utils.data.DataLoader(
             r.train_ds,
@@ -868,6 +872,7 @@ class Trainer:
             "input_contract": input_contract(self.config).to_dict(),
             "training_config": self.config.to_dict(),
             "training_manifest_sha256": self._manifest_sha256(),
+            **({"init": self.init_report.provenance()} if self.init_report is not None else {}),
             **{k: _json_default(v) if isinstance(v, np.generic | Path) else v for k, v in metadata.items()},
         }
         save_model(model, path, metadata=_finite(meta), overwrite=True)  # type: ignore[arg-type]
