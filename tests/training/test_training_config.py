@@ -76,7 +76,7 @@ def test_unknown_field_suggests_the_close_name() -> None:
         load_config("tiny_cpu", ["schedule.epoch=3"])
 
 
-def test_yaml_round_trip_and_relative_manifest(tmp_path: Path) -> None:
+def test_yaml_round_trip_and_relative_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config("tiny_cpu", ["optim.lr=3e-4"])
     saved = cfg.save(tmp_path / "run" / "config.yaml")
     again = load_config(saved)
@@ -87,8 +87,21 @@ def test_yaml_round_trip_and_relative_manifest(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(text))
     loaded = load_config(tmp_path / "c.yaml")
     assert Path(loaded.data.manifest) == (tmp_path / "data" / "manifest.csv").resolve()
-    # A relative path given on the command line stays relative to the working folder.
-    assert load_config(tmp_path / "c.yaml", ["data.manifest=m.csv"]).data.manifest == "m.csv"
+    # A relative path given on the command line means the working folder's file, made absolute at once.
+    monkeypatch.chdir(tmp_path / "run")
+    assert load_config(tmp_path / "c.yaml", ["data.manifest=m.csv"]).data.manifest == str(
+        tmp_path / "run" / "m.csv"
+    )
+    assert load_config({"data": {"manifest": "m.csv"}}).data.manifest == str(tmp_path / "run" / "m.csv")
+
+
+def test_saved_config_holds_an_absolute_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig.from_dict({"data": {"manifest": "data/m.csv"}})  # built in Python: relative to the cwd
+    saved = cfg.save(tmp_path / "run" / "config.yaml")
+    assert yaml.safe_load(saved.read_text())["data"]["manifest"] == str(tmp_path / "data" / "m.csv")
+    monkeypatch.chdir(tmp_path / "run")
+    assert load_config(saved).data.manifest == str(tmp_path / "data" / "m.csv")
 
 
 def test_bad_files_are_reported(tmp_path: Path) -> None:

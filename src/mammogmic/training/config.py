@@ -7,6 +7,10 @@ dotted field name (``optim.lr: must be > 0, got -1``), so a user can find the li
 
 Layering (highest wins): dataclass defaults < YAML file < ``--set key.sub=value`` overrides. The resolved config
 is written to the run folder (``config.yaml``) and stored in every checkpoint (:meth:`TrainConfig.to_dict`).
+
+Paths: a relative ``data.manifest`` in a YAML file is relative to that file's folder; one given on the command
+line (``--set``) or in a mapping is relative to the working folder. :func:`load_config` makes it absolute at
+once and :meth:`TrainConfig.save` only writes absolute paths, so a saved ``config.yaml`` works from any folder.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -105,7 +110,8 @@ class DataConfig:
     """What to train on and how images are fed.
 
     Attributes:
-        manifest: path of the manifest CSV (relative paths resolve against the config file's folder).
+        manifest: path of the manifest CSV. :func:`load_config` makes it absolute (a relative one in a YAML
+            file is relative to the file's folder, one from ``--set`` to the working folder).
         out_shape: (height, width) of the network input after the best-center window and resize.
         label_level: ``image`` (each view carries its own label) or ``breast`` (each view gets its breast's label).
         balanced_sampling: each epoch uses all positive images plus an equal number of negatives drawn at random
@@ -336,13 +342,18 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
-        """Write the resolved config as YAML (atomically) and return the path."""
-        import os
+        """Write the resolved config as YAML (atomically) and return the path.
 
+        A relative ``data.manifest`` (possible in a config built in Python) is written as the absolute path it
+        means here, relative to the working folder: the file must not change meaning when read from its own
+        folder.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        data["data"]["manifest"] = _absolute_path(data["data"]["manifest"], Path.cwd())
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         os.replace(tmp, path)
         return path
 
@@ -522,7 +533,8 @@ def load_config(
 ) -> TrainConfig:
     """Load a config from a YAML path, a preset name or a mapping, then apply overrides.
 
-    A relative ``data.manifest`` in a YAML file is resolved against that file's folder.
+    The returned ``data.manifest`` is absolute: a relative one in a YAML file is resolved against that file's
+    folder, one from ``overrides`` or a mapping against the working folder.
 
     Args:
         source: YAML file path, packaged preset name (``tiny_cpu``), mapping, or ``None`` for the defaults.
@@ -550,10 +562,23 @@ def load_config(
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         base_dir = path.parent
-    section = data.get("data")
-    manifest = section.get("manifest") if isinstance(section, Mapping) else None
-    if base_dir is not None and isinstance(manifest, str) and manifest and not Path(manifest).is_absolute():
-        data["data"] = {**section, "manifest": str((base_dir / manifest).resolve())}
-    # Overrides come from the command line: a relative manifest there stays relative to the working folder.
-    data = apply_overrides(data, overrides)
+    data = _with_absolute_manifest(data, base_dir or Path.cwd())
+    # Overrides come from the command line: a relative manifest there is relative to the working folder.
+    data = _with_absolute_manifest(apply_overrides(data, overrides), Path.cwd())
     return TrainConfig.from_dict(data)
+
+
+def _absolute_path(value: Any, base_dir: Path) -> Any:
+    """``value`` resolved against ``base_dir`` if it is a non-empty relative path string, else unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _with_absolute_manifest(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    out = dict(data)
+    section = out.get("data")
+    if isinstance(section, Mapping) and "manifest" in section:
+        out["data"] = {**section, "manifest": _absolute_path(section["manifest"], base_dir)}
+    return out
