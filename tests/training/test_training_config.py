@@ -104,6 +104,23 @@ def test_saved_config_holds_an_absolute_manifest(tmp_path: Path, monkeypatch: py
     assert load_config(saved).data.manifest == str(tmp_path / "data" / "m.csv")
 
 
+def test_loader_workers_are_capped_by_the_cpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import mammogmic.training.config as config_module
+
+    monkeypatch.setattr(config_module, "available_cpus", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    paper = load_config("gmic_resnet18")
+    assert paper.runtime.num_workers == 1  # the preset's 8, on a 2-core machine
+    assert paper.to_dict()["runtime"]["num_workers"] == 8  # saved as requested: a larger machine gets 8
+    saved = paper.save(tmp_path / "config.yaml")
+    monkeypatch.setattr(config_module, "available_cpus", lambda: 64)
+    assert load_config(saved).runtime.num_workers == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # torchrun, 16 processes share the 64 CPUs
+    assert load_config(saved).runtime.num_workers == 3
+    monkeypatch.setattr(config_module, "available_cpus", lambda: 1)
+    assert load_config("tiny_cpu", ["runtime.num_workers=4"]).runtime.num_workers == 0
+
+
 def test_bad_files_are_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -37,8 +37,10 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
+    "available_cpus",
     "list_presets",
     "load_config",
+    "loader_workers",
     "parse_override",
     "preset_path",
 ]
@@ -206,7 +208,10 @@ class RuntimeConfig:
         grad_accum: micro-batches accumulated per optimizer step.
         channels_last: use the channels-last memory format (faster convolutions on recent GPUs).
         activation_checkpointing: recompute backbone activations in backward (less memory, ~30% slower).
-        num_workers: DataLoader worker processes.
+        num_workers: most DataLoader worker processes. The value used (this attribute after construction) is
+            capped by :func:`loader_workers` at the CPUs this process may use minus one (per process under
+            DDP), so a preset's 8 becomes 1 on a 2-core machine; :meth:`TrainConfig.to_dict` keeps the
+            requested value, so a saved config still asks for 8 on a larger machine.
         seed: seed of every random choice (init, sampling, augmentation).
         deterministic: request deterministic kernels (``torch.use_deterministic_algorithms``); needed for
             bit-exact resume on GPU.
@@ -235,6 +240,37 @@ class RuntimeConfig:
         _check_nonneg("seed", self.seed)
         if self.threads is not None:
             _check_positive("threads", self.threads)
+        # The loops read ``num_workers`` directly, so the field holds the value to use; the request is kept
+        # beside it for saving (not a dataclass field: equality compares what runs).
+        object.__setattr__(self, "_requested_workers", self.num_workers)
+        object.__setattr__(self, "num_workers", loader_workers(self.num_workers))
+
+    @property
+    def requested_workers(self) -> int:
+        """``num_workers`` as configured, before the cap of :func:`loader_workers`."""
+        return int(getattr(self, "_requested_workers", self.num_workers))
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or taskset's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader workers to start: ``min(requested, CPUs per local process - 1)``, at least 0.
+
+    One CPU stays with the training process itself; under ``torchrun`` the machine's CPUs are shared by its
+    ``LOCAL_WORLD_SIZE`` processes. More workers than that only add memory (each holds a copy of the dataset
+    and its decoding buffers) and contention.
+    """
+    try:
+        local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        local_processes = 1
+    return max(min(requested, available_cpus() // local_processes - 1), 0)
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -289,14 +325,16 @@ class TrainConfig:
 
     # -- conversion -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python (YAML/JSON-safe) nested dict of every field."""
+        """Plain-Python (YAML/JSON-safe) nested dict of every field (``runtime.num_workers`` as requested)."""
+        runtime = _plain(self.runtime)
+        runtime["num_workers"] = self.runtime.requested_workers
         return {
             "model": _plain(self.model.to_dict() if hasattr(self.model, "to_dict") else self.model),
             "loss": _plain(self.loss),
             "optim": _plain(self.optim),
             "data": _plain(self.data),
             "schedule": _plain(self.schedule),
-            "runtime": _plain(self.runtime),
+            "runtime": runtime,
         }
 
     @classmethod
