@@ -180,3 +180,26 @@ def test_unexpected_error_in_one_image_does_not_stop_the_batch(
     assert errors["g2"]["stage"] == "crop"
     assert "RuntimeError: simulated library failure" in errors["g2"]["reason"]
     assert "good_R.png" in errors["g2"]["reason"]
+
+
+def test_relative_manifest_path_gives_a_manifest_usable_from_anywhere(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both the manifest and --out are given relative to the working folder, as typed on a command line.
+    monkeypatch.chdir(tmp_path)
+    assert main(["preprocess", f"{dataset.name}/manifest.csv", "--out", "prep", *SETTINGS]) == 3
+    monkeypatch.chdir(dataset)  # any other folder: the output manifest must not depend on it
+    manifest = load_manifest(tmp_path / "prep" / "manifest.csv")
+    assert {r.image_id for r in manifest} == {"g1", "g2", "flip"}
+    for row in manifest:
+        assert Path(row.image_path).is_absolute()  # as docs/data.md says
+        for value in (row.image_path, row.malignant_mask_path, row.cached_path):
+            path = manifest.resolve(value)
+            assert value is None or (path is not None and path.is_file()), (row.image_id, value)
+    assert not Path(manifest.rows[0].cached_path or "").is_absolute()  # relative to the manifest's folder
+    for name in ("summary.json", "preprocess.json"):
+        json.loads((tmp_path / "prep" / name).read_text(), parse_constant=_reject_nan)
+
+
+def _reject_nan(token: str) -> None:
+    raise AssertionError(f"invalid JSON constant {token}")

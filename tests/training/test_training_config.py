@@ -76,7 +76,7 @@ def test_unknown_field_suggests_the_close_name() -> None:
         load_config("tiny_cpu", ["schedule.epoch=3"])
 
 
-def test_yaml_round_trip_and_relative_manifest(tmp_path: Path) -> None:
+def test_yaml_round_trip_and_relative_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config("tiny_cpu", ["optim.lr=3e-4"])
     saved = cfg.save(tmp_path / "run" / "config.yaml")
     again = load_config(saved)
@@ -87,8 +87,38 @@ def test_yaml_round_trip_and_relative_manifest(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(text))
     loaded = load_config(tmp_path / "c.yaml")
     assert Path(loaded.data.manifest) == (tmp_path / "data" / "manifest.csv").resolve()
-    # A relative path given on the command line stays relative to the working folder.
-    assert load_config(tmp_path / "c.yaml", ["data.manifest=m.csv"]).data.manifest == "m.csv"
+    # A relative path given on the command line means the working folder's file, made absolute at once.
+    monkeypatch.chdir(tmp_path / "run")
+    assert load_config(tmp_path / "c.yaml", ["data.manifest=m.csv"]).data.manifest == str(
+        tmp_path / "run" / "m.csv"
+    )
+    assert load_config({"data": {"manifest": "m.csv"}}).data.manifest == str(tmp_path / "run" / "m.csv")
+
+
+def test_saved_config_holds_an_absolute_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig.from_dict({"data": {"manifest": "data/m.csv"}})  # built in Python: relative to the cwd
+    saved = cfg.save(tmp_path / "run" / "config.yaml")
+    assert yaml.safe_load(saved.read_text())["data"]["manifest"] == str(tmp_path / "data" / "m.csv")
+    monkeypatch.chdir(tmp_path / "run")
+    assert load_config(saved).data.manifest == str(tmp_path / "data" / "m.csv")
+
+
+def test_loader_workers_are_capped_by_the_cpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import mammogmic.training.config as config_module
+
+    monkeypatch.setattr(config_module, "available_cpus", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    paper = load_config("gmic_resnet18")
+    assert paper.runtime.num_workers == 1  # the preset's 8, on a 2-core machine
+    assert paper.to_dict()["runtime"]["num_workers"] == 8  # saved as requested: a larger machine gets 8
+    saved = paper.save(tmp_path / "config.yaml")
+    monkeypatch.setattr(config_module, "available_cpus", lambda: 64)
+    assert load_config(saved).runtime.num_workers == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # torchrun, 16 processes share the 64 CPUs
+    assert load_config(saved).runtime.num_workers == 3
+    monkeypatch.setattr(config_module, "available_cpus", lambda: 1)
+    assert load_config("tiny_cpu", ["runtime.num_workers=4"]).runtime.num_workers == 0
 
 
 def test_bad_files_are_reported(tmp_path: Path) -> None:

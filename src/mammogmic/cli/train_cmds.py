@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 
 def add_parser(subparsers: Any) -> None:
@@ -80,8 +81,9 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "The paper's random search: lr log-uniform in 10^[lr-range], beta log-uniform in 10^[beta-range], "
             "t from --t-choices. Trials are stored in OUT/study.db (SQLite) so an interrupted search continues "
-            "where it stopped when rerun with the same --out; a trial killed mid-way is retried and resumes from "
-            "its last checkpoint. The top-k models are exported to OUT/top_k/ for ensembling."
+            "where it stopped when rerun with the same --out (and --seed), drawing new points, never one already "
+            "tried; a trial killed or stopped with Ctrl-C is retried with its parameters and resumes from its "
+            "last checkpoint. The top-k distinct models are exported to OUT/top_k/ for ensembling."
         ),
     )
     t.add_argument("config", help="YAML config file or preset name")
@@ -110,7 +112,12 @@ def add_parser(subparsers: Any) -> None:
         "--t-choices", default="0.02,0.03,0.05,0.1", help="comma-separated t values (default %(default)s)"
     )
     t.add_argument("--top-k", type=int, default=5, help="models to export for ensembling (default 5)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random search (a study keeps the seed it started with)",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=run_tune, allocator_profile="fast")
 
@@ -269,6 +276,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 # -- tune -------------------------------------------------------------------------------------------------
 def run_tune(args: argparse.Namespace) -> int:
+    from mammogmic._json import to_json_text
     from mammogmic.errors import MammogmicError
     from mammogmic.training.config import load_config
     from mammogmic.training.tune import TuneSettings, tune
@@ -292,8 +300,15 @@ def run_tune(args: argparse.Namespace) -> int:
     except MammogmicError as exc:
         progress.close()
         return _fail(exc)
+    except KeyboardInterrupt:
+        progress.close()
+        print(
+            f"interrupted: the running trial is kept; rerun the same command to resume it ({args.out / 'study.db'})",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     progress.close()
-    print(json.dumps(summary, indent=2, default=str))
+    print(to_json_text(summary), end="")
     print(f"study: {args.out / 'study.db'}; top-{args.top_k} models in {args.out / 'top_k'}", file=sys.stderr)
     return 0
 

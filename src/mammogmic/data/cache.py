@@ -2,7 +2,8 @@
 
 Output folder layout::
 
-    OUT/manifest.csv        the input manifest completed with the preprocessing columns and cached_path
+    OUT/manifest.csv        the input manifest completed with the preprocessing columns and cached_path; image
+                            and mask paths are absolute, cache paths relative to OUT (the manifest's folder)
     OUT/errors.csv          file, image_id, stage, reason for every image that could not be used
     OUT/cache/<id>.npy      cropped 16-bit pixels in raw orientation (uncompressed, memory-mappable)
     OUT/cache/<id>_benign.npy, <id>_malignant.npy   cropped masks (uint8), when the manifest has masks
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from mammogmic._json import to_json_text, write_json
 from mammogmic.data.io import read_image, read_mask
 from mammogmic.data.manifest import Manifest, ManifestRow, save_manifest
 from mammogmic.data.preprocessing import (
@@ -283,7 +285,7 @@ def preprocess_manifest(
     elif (out / "progress.jsonl").is_file():
         logger.info("settings changed since the last run: preprocessing everything again")
         (out / "progress.jsonl").unlink()
-    settings_path.write_text(json.dumps(settings.to_json(), indent=2))
+    write_json(settings_path, settings.to_json())
 
     summary = PreprocessSummary(total=len(manifest))
     done: dict[str, dict[str, Any]] = {}
@@ -313,7 +315,7 @@ def preprocess_manifest(
         for result in _run(tasks, jobs):
             if result["ok"]:
                 entry = {"image_id": result["image_id"], "record": result["record"], "extra": result["extra"]}
-                journal.write(json.dumps(entry) + "\n")
+                journal.write(to_json_text(entry, indent=None))
                 journal.flush()
                 done[result["image_id"]] = entry
                 summary.processed += 1
@@ -361,7 +363,7 @@ def preprocess_manifest(
         writer.writeheader()
         writer.writerows(errors)
     counts = {"total": summary.total, "processed": summary.processed, "skipped": summary.skipped}
-    (out / "summary.json").write_text(json.dumps({**counts, "failed": summary.failed}, indent=2))
+    write_json(out / "summary.json", {**counts, "failed": summary.failed})
     if rows and preview > 0:
         try:
             write_preview(Manifest(rows, out), out / "preview.png", settings.window_shape, limit=preview)

@@ -144,13 +144,14 @@ class Manifest:
 
     Args:
         rows: The rows.
-        root: Folder for relative paths (the manifest file's folder).
+        root: Folder for relative paths (the manifest file's folder). Made absolute against the working folder
+            at construction, so :meth:`resolve` gives the same file after a ``chdir``.
         path: The CSV it was read from, if any.
     """
 
     def __init__(self, rows: Sequence[ManifestRow], root: str | os.PathLike[str], path: Path | None = None):
         self.rows = list(rows)
-        self.root = Path(root)
+        self.root = Path(os.path.abspath(Path(root).expanduser()))
         self.path = path
 
     def __len__(self) -> int:

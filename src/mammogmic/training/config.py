@@ -7,6 +7,10 @@ dotted field name (``optim.lr: must be > 0, got -1``), so a user can find the li
 
 Layering (highest wins): dataclass defaults < YAML file < ``--set key.sub=value`` overrides. The resolved config
 is written to the run folder (``config.yaml``) and stored in every checkpoint (:meth:`TrainConfig.to_dict`).
+
+Paths: a relative ``data.manifest`` in a YAML file is relative to that file's folder; one given on the command
+line (``--set``) or in a mapping is relative to the working folder. :func:`load_config` makes it absolute at
+once and :meth:`TrainConfig.save` only writes absolute paths, so a saved ``config.yaml`` works from any folder.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -35,8 +40,10 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
+    "available_cpus",
     "list_presets",
     "load_config",
+    "loader_workers",
     "parse_override",
     "preset_path",
 ]
@@ -123,7 +130,8 @@ class DataConfig:
     """What to train on and how images are fed.
 
     Attributes:
-        manifest: path of the manifest CSV (relative paths resolve against the config file's folder).
+        manifest: path of the manifest CSV. :func:`load_config` makes it absolute (a relative one in a YAML
+            file is relative to the file's folder, one from ``--set`` to the working folder).
         out_shape: (height, width) of the network input after the best-center window and resize.
         window_shape: (height, width) of the window cut around the optimal centre in source pixels, resized to
             ``out_shape`` (``null``: the same as ``out_shape``, the official behaviour).
@@ -231,7 +239,10 @@ class RuntimeConfig:
         grad_accum: micro-batches accumulated per optimizer step.
         channels_last: use the channels-last memory format (faster convolutions on recent GPUs).
         activation_checkpointing: recompute backbone activations in backward (less memory, ~30% slower).
-        num_workers: DataLoader worker processes.
+        num_workers: most DataLoader worker processes. The value used (this attribute after construction) is
+            capped by :func:`loader_workers` at the CPUs this process may use minus one (per process under
+            DDP), so a preset's 8 becomes 1 on a 2-core machine; :meth:`TrainConfig.to_dict` keeps the
+            requested value, so a saved config still asks for 8 on a larger machine.
         seed: seed of every random choice (init, sampling, augmentation).
         deterministic: request deterministic kernels (``torch.use_deterministic_algorithms``); needed for
             bit-exact resume on GPU.
@@ -260,6 +271,37 @@ class RuntimeConfig:
         _check_nonneg("seed", self.seed)
         if self.threads is not None:
             _check_positive("threads", self.threads)
+        # The loops read ``num_workers`` directly, so the field holds the value to use; the request is kept
+        # beside it for saving (not a dataclass field: equality compares what runs).
+        object.__setattr__(self, "_requested_workers", self.num_workers)
+        object.__setattr__(self, "num_workers", loader_workers(self.num_workers))
+
+    @property
+    def requested_workers(self) -> int:
+        """``num_workers`` as configured, before the cap of :func:`loader_workers`."""
+        return int(getattr(self, "_requested_workers", self.num_workers))
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or taskset's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader workers to start: ``min(requested, CPUs per local process - 1)``, at least 0.
+
+    One CPU stays with the training process itself; under ``torchrun`` the machine's CPUs are shared by its
+    ``LOCAL_WORLD_SIZE`` processes. More workers than that only add memory (each holds a copy of the dataset
+    and its decoding buffers) and contention.
+    """
+    try:
+        local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        local_processes = 1
+    return max(min(requested, available_cpus() // local_processes - 1), 0)
 
 
 @dataclass(frozen=True)
@@ -380,14 +422,16 @@ class TrainConfig:
 
     # -- conversion -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python (YAML/JSON-safe) nested dict of every field."""
+        """Plain-Python (YAML/JSON-safe) nested dict of every field (``runtime.num_workers`` as requested)."""
+        runtime = _plain(self.runtime)
+        runtime["num_workers"] = self.runtime.requested_workers
         return {
             "model": _plain(self.model.to_dict() if hasattr(self.model, "to_dict") else self.model),
             "loss": _plain(self.loss),
             "optim": _plain(self.optim),
             "data": _plain(self.data),
             "schedule": _plain(self.schedule),
-            "runtime": _plain(self.runtime),
+            "runtime": runtime,
             "finetune": _plain(self.finetune),
         }
 
@@ -439,13 +483,18 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
-        """Write the resolved config as YAML (atomically) and return the path."""
-        import os
+        """Write the resolved config as YAML (atomically) and return the path.
 
+        A relative ``data.manifest`` (possible in a config built in Python) is written as the absolute path it
+        means here, relative to the working folder: the file must not change meaning when read from its own
+        folder.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        data["data"]["manifest"] = _absolute_path(data["data"]["manifest"], Path.cwd())
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         os.replace(tmp, path)
         return path
 
@@ -680,7 +729,8 @@ def load_config(
 ) -> TrainConfig:
     """Load a config from a YAML path, a preset name or a mapping, then apply overrides.
 
-    A relative ``data.manifest`` in a YAML file is resolved against that file's folder.
+    The returned ``data.manifest`` is absolute: a relative one in a YAML file is resolved against that file's
+    folder, one from ``overrides`` or a mapping against the working folder.
 
     Args:
         source: YAML file path, packaged preset name (``tiny_cpu``), mapping, or ``None`` for the defaults.
@@ -708,11 +758,25 @@ def load_config(
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         base_dir = path.parent
-    for name, key in (("data", "manifest"), ("finetune", "init")):
-        section = data.get(name)
-        value = section.get(key) if isinstance(section, Mapping) else None
-        if base_dir is not None and isinstance(value, str) and value and not Path(value).is_absolute():
-            data[name] = {**section, key: str((base_dir / value).resolve())}
-    # Overrides come from the command line: a relative path there stays relative to the working folder.
-    data = apply_overrides(data, overrides)
+    data = _with_absolute_paths(data, base_dir or Path.cwd())
+    # Overrides come from the command line: a relative manifest there is relative to the working folder.
+    data = _with_absolute_paths(apply_overrides(data, overrides), Path.cwd())
     return TrainConfig.from_dict(data)
+
+
+def _absolute_path(value: Any, base_dir: Path) -> Any:
+    """``value`` resolved against ``base_dir`` if it is a non-empty relative path string, else unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _with_absolute_paths(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    """``data.manifest`` and ``finetune.init`` made absolute against ``base_dir`` (the paths a config holds)."""
+    out = dict(data)
+    for name, key in (("data", "manifest"), ("finetune", "init")):
+        section = out.get(name)
+        if isinstance(section, Mapping) and key in section:
+            out[name] = {**section, key: _absolute_path(section[key], base_dir)}
+    return out
