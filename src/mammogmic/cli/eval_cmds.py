@@ -472,14 +472,15 @@ def _apply_contract_overrides(args: argparse.Namespace, members: list[Any]) -> N
             if name == "window_shape":
                 own = stored.window
             if own != value:
+                show = lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
                 logger.warning(
                     "%s: the model was trained with %s %s; %s %s overrides it (its inputs will differ from "
                     "training)",
                     member.source,
                     name,
-                    own,
+                    show(own),
                     flags[name],
-                    value,
+                    show(value),
                 )
         member.contract = dataclasses.replace(stored, **overrides)
 

@@ -1,0 +1,151 @@
+"""Train -> model file -> predict -> evaluate as one pipeline (the skew these tests would have caught).
+
+A model trained here and given to ``mammogmic predict`` with no size or preprocessing flags must see the inputs
+it was trained on (its input contract travels in the model file) and reproduce the training run's own
+predictions; ``mammogmic evaluate`` on predict's table must report the numbers the trainer selected on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from training_helpers import write_blob_manifest
+
+from mammogmic.cli.main import main
+from mammogmic.models import load_model, read_model_metadata
+from mammogmic.training.config import TrainConfig
+from mammogmic.training.data import input_contract, split_dataset
+from mammogmic.training.loop import classification_metrics, predict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    manifest = write_blob_manifest(root / "data", n_exams=8)
+    run = root / "run"
+    args = ["train", "tiny_cpu", "--set", f"data.manifest={manifest}", "--set", "schedule.epochs=2"]
+    assert main([*args, "--out", str(run), "--no-progress"]) == 0
+    return manifest, run
+
+
+def test_model_file_carries_contract_and_provenance(trained: tuple[Path, Path]) -> None:
+    manifest, run = trained
+    extra = read_model_metadata(run / "best_model.safetensors")["extra"]
+    config = TrainConfig.from_dict(extra["training_config"])
+    assert extra["input_contract"] == input_contract(config).to_dict()
+    assert extra["input_contract"]["input_shape"] == [128, 96]
+    assert extra["input_contract"]["crop_iterations"] == 4
+    from mammogmic.data.cache import sha256_file
+
+    assert extra["training_manifest_sha256"] == sha256_file(manifest)
+
+
+def test_predict_without_flags_reproduces_the_training_run(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    manifest, run = trained
+    config = TrainConfig.from_dict(
+        json.loads(
+            json.dumps(read_model_metadata(run / "best_model.safetensors")["extra"]["training_config"])
+        )
+    )
+    test_images = split_dataset(config, "test")
+    model = load_model(run / "best_model.safetensors")
+    probs, _ = predict(model, test_images)
+    own = classification_metrics(test_images, probs)
+    result = json.loads((run / "result.json").read_text())
+    assert result["test_metrics"]["malignant_auroc"] == pytest.approx(own["malignant_auroc"], abs=1e-12)
+
+    # predict with the model alone: same inputs (contract from the file), same scores.
+    test_manifest = tmp_path / "test.csv"
+    table = pd.read_csv(manifest, dtype=str)
+    table[table["split"] == "test"].to_csv(test_manifest, index=False)
+    for name in table["image_path"]:  # relative image paths resolve against the new manifest's folder
+        (tmp_path / name).write_bytes((manifest.parent / name).read_bytes())
+    out = tmp_path / "pred"
+    rc = main(
+        ["predict", "--manifest", str(test_manifest), "--model", str(run / "best_model.safetensors"),
+         "--out", str(out), "--no-progress", "--workers", "0"]
+    )  # fmt: skip
+    assert rc == 0
+    assert pd.read_csv(out / "errors.csv").empty
+    preds = pd.read_csv(out / "image_predictions.csv", dtype={"image_index": str}).set_index("image_index")
+    ours = pd.Series(probs[:, 1], index=test_images.image_ids)
+    delta = (preds.loc[ours.index, "malignant_pred"] - ours).abs()
+    assert delta.max() < 1e-4  # fused channels-last inference vs the plain model: float32 rounding
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["models"][0]["input_contract"]["input_shape"] == [128, 96]
+
+    # evaluate on predict's table reports what the trainer computed for the same images.
+    ev = tmp_path / "eval.json"
+    assert main(["evaluate", str(out / "image_predictions.csv"), "--label", "malignant_label",
+                 "--scores", "malignant_pred", "--bootstrap", "0", "--json", str(ev)]) == 0  # fmt: skip
+    reported = json.loads(ev.read_text())["metrics"]["malignant_pred"]["auroc"]
+    assert reported == pytest.approx(own["malignant_auroc"], abs=1e-9)
+
+
+def test_validation_metric_is_the_evaluate_number_at_breast_level(trained: tuple[Path, Path]) -> None:
+    """Breast = mean of per-view means (the evaluation package's rule), not the plain mean of images."""
+    _, run = trained
+    extra = read_model_metadata(run / "best_model.safetensors")["extra"]
+    config = TrainConfig.from_dict(extra["training_config"])
+    images = split_dataset(config, "val")
+    # Two images of one view and one of the other in a breast: the two means differ.
+    probs = np.linspace(0.1, 0.9, len(images))[:, None].repeat(2, axis=1)
+    breast = classification_metrics(images, probs, "breast")
+    from mammogmic.evaluation.outputs import image_row, image_table
+    from mammogmic.evaluation.table import auroc_summary
+
+    table = image_table(
+        [image_row(item, item.view or "", p[0], p[1]) for item, p in zip(images.items, probs, strict=True)]
+    )
+    expected = auroc_summary(table, "breast")
+    assert breast.keys() == expected.keys()
+    np.testing.assert_array_equal(list(breast.values()), list(expected.values()))  # NaN == NaN here
+    assert breast["malignant_auroc"] == breast["malignant_auroc"]  # the malignant figure is a number
+
+
+def test_explicit_flag_contradicting_the_model_is_warned(
+    trained: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest, run = trained
+    out = tmp_path / "pred"
+    with caplog.at_level(logging.WARNING):
+        rc = main(
+            ["predict", "--manifest", str(manifest), "--model", str(run / "best_model.safetensors"),
+             "--out", str(out), "--no-progress", "--workers", "0", "--input-size", "160", "96"]
+        )  # fmt: skip
+    assert rc == 0
+    assert any(
+        "input_shape 128x96" in r.message and "--input-size 160x96" in r.message for r in caplog.records
+    )
+    assert json.loads((out / "run.json").read_text())["models"][0]["input_contract"]["input_shape"] == [
+        160,
+        96,
+    ]
+
+
+def test_convert_and_predict_agree_on_an_official_files_t(tmp_path: Path, fixtures_dir: Path) -> None:
+    official = tmp_path / "sample_model_5.p"
+    official.write_bytes((fixtures_dir / "official_format_seed0.p").read_bytes())
+    dest = tmp_path / "m5.safetensors"
+    assert main(["convert", str(official), str(dest)]) == 0
+    meta = read_model_metadata(dest)
+    assert meta["model_config"]["percent_t"] == pytest.approx(0.10)
+    assert meta["extra"]["input_contract"]["input_shape"] == [2944, 1920]
+    from mammogmic.evaluation.inference import load_member
+
+    assert load_member(official, fuse=False).percent_t == pytest.approx(0.10)
+    assert load_member(dest, fuse=False).percent_t == pytest.approx(0.10)
+    other = tmp_path / "mine.p"
+    other.write_bytes(official.read_bytes())
+    assert main(["convert", str(other), str(tmp_path / "x.safetensors")]) == 2  # t unknown: asked for
+    assert main(["convert", str(dest), str(tmp_path / "y.safetensors"), "--percent-t", "0.05"]) == 2
+    assert not (tmp_path / "y.safetensors").exists()
+    torch.manual_seed(0)
