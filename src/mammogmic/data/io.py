@@ -208,8 +208,10 @@ _FILE_TYPES = (
 )
 
 
-def check_regular_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> os.stat_result:
+def check_regular_file(path: str | os.PathLike[str], max_bytes: int | None = None) -> os.stat_result:
     """Refuse anything but a regular, non-empty file of at most ``max_bytes`` bytes, from ``stat`` alone.
+
+    ``max_bytes`` defaults to :data:`MAX_FILE_BYTES` (read when called).
 
     Symbolic links are followed; a link to nothing, a link loop, a directory, a FIFO, a socket or a
     device is refused without opening it.
@@ -252,6 +254,7 @@ def check_regular_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_B
         raise ImageReadError(f"{file_path}: not a regular file (mode {stat.filemode(st.st_mode)}){link}")
     if st.st_size == 0:
         raise ImageReadError(f"{file_path}: file is empty (0 bytes)")
+    max_bytes = MAX_FILE_BYTES if max_bytes is None else max_bytes
     if st.st_size > max_bytes:
         raise ImageReadError(
             f"{file_path}: file is {st.st_size / 1024**2:.0f} MiB, more than the {max_bytes / 1024**2:.0f} MiB "
@@ -266,7 +269,7 @@ def _no_block(name: str, flags: int) -> int:
 
 
 @contextmanager
-def _open_checked(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Iterator[BinaryIO]:
+def _open_checked(path: Path, max_bytes: int | None = None) -> Iterator[BinaryIO]:
     """Open a file that :func:`check_regular_file` accepted, re-checking the opened descriptor."""
     check_regular_file(path, max_bytes)
     try:
@@ -281,8 +284,10 @@ def _open_checked(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Iterator[Binar
         yield handle
 
 
-def _read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """Read a whole regular file of at most ``max_bytes``; every failure is a specific :class:`ImageReadError`."""
+def _read_bytes(path: Path, max_bytes: int | None = None) -> bytes:
+    """Read a whole regular file of at most ``max_bytes`` (default :data:`MAX_FILE_BYTES`); every failure is
+    a specific :class:`ImageReadError`."""
+    max_bytes = MAX_FILE_BYTES if max_bytes is None else max_bytes
     with _open_checked(path, max_bytes) as handle:
         try:
             chunks = []
@@ -373,8 +378,8 @@ _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR SV UT UV".split())
 def _bare_dicom(head: bytes) -> bool:
     """Little-endian data elements from byte 0 (a DICOM file without preamble, explicit or implicit VR).
 
-    Sane means: group 0002 or 0008 first, and at least two elements with ascending tags and lengths
-    that fit, or one whose value runs past the bytes looked at.
+    Sane means: group 0002 or 0008 first, then at least two elements with ascending tags, known VRs
+    (explicit) and lengths that fit the file; the second may run past the :data:`SNIFF_BYTES` sampled.
     """
     if len(head) < 8 or struct.unpack_from("<H", head, 0)[0] not in (0x0002, 0x0008):
         return False
@@ -405,11 +410,11 @@ def _bare_dicom(head: bytes) -> bool:
                 break
             if length > 1 << 24:
                 break
+            if offset + length > len(head):
+                count += len(head) >= SNIFF_BYTES  # runs past the sample (plausible) or past the file (not)
+                break
             count += 1
             last = tag
-            if offset + length >= len(head):
-                count += 1  # the value runs past what was read
-                break
             offset += length
         if count >= 2:
             return True
