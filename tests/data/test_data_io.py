@@ -68,7 +68,9 @@ def test_dicom_monochrome2_tags_and_window(tmp_path: Path) -> None:
     windowed = write_dicom(tmp_path / "w.dcm", pixels, WindowCenter=2000, WindowWidth=1000)
     # Window 1500..2500: background goes to the bottom, all tissue (2501..3000) saturates at the top:
     # two grey values are left, so the image is refused, and the message says the window did it.
-    with pytest.raises(ImageReadError, match=r"w\.dcm: only 2 distinct grey values after the DICOM VOI window"):
+    with pytest.raises(
+        ImageReadError, match=r"w\.dcm: only 2 distinct grey values after the DICOM VOI window"
+    ):
         read_image(windowed)
     wide = write_dicom(tmp_path / "wide.dcm", pixels, WindowCenter=2048, WindowWidth=4096)
     out_w, meta_w = read_image(wide)
@@ -147,7 +149,10 @@ def test_dicom_without_pixel_data_and_truncated(tmp_path: Path) -> None:
     data = path.read_bytes()
     truncated = tmp_path / "trunc.dcm"
     truncated.write_bytes(data[: len(data) - 3000])
-    with pytest.raises(ImageReadError, match=r"trunc\.dcm: cannot decode the DICOM pixel data"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"trunc\.dcm: truncated DICOM: the pixel data is [0-9,]+ bytes, the header \(64x48, 16-bit\) needs 6,144",
+    ):
         read_image(truncated)
     import pydicom
 

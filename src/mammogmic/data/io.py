@@ -203,7 +203,7 @@ _FILE_TYPES = (
     (stat.S_ISDIR, "is a directory, expected an image file"),
     (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file; it is not opened"),
     (stat.S_ISSOCK, "is a socket, not a regular file"),
-    (stat.S_ISCHR, "is a character device (like /dev/zero), not a regular file; it is not opened"),
+    (stat.S_ISCHR, "is a character device, not a regular file; it is not opened"),
     (stat.S_ISBLK, "is a block device (a disk), not a regular file; it is not opened"),
 )
 
@@ -775,6 +775,7 @@ def _read_dicom(path: Path, data: bytes, *, apply_voi: bool) -> tuple[np.ndarray
             f"{path}: multi-frame DICOM ({frames} frames, e.g. tomosynthesis); expected a 2-D mammogram"
         )
     _ensure_transfer_syntax(ds)
+    _check_uncompressed_length(path, ds, frames, bits_allocated)
     try:
         stored = ds.pixel_array
     except Exception as exc:
@@ -836,6 +837,22 @@ def _read_dicom(path: Path, data: bytes, *, apply_voi: bool) -> tuple[np.ndarray
         notes=notes,
     )
     return pixels, meta
+
+
+def _check_uncompressed_length(path: Path, ds: Any, frames: int, bits_allocated: int) -> None:
+    """Uncompressed pixel data shorter than its header says: the file was cut (a partial copy/download)."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_compressed or "PixelData" not in ds:
+        return
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    expected = (rows * cols * max(frames, 1) * samples * bits_allocated + 7) // 8
+    found = len(ds.PixelData or b"")
+    if found < expected:
+        raise ImageReadError(
+            f"{path}: truncated DICOM: the pixel data is {found:,} bytes, the header ({rows}x{cols}, "
+            f"{bits_allocated}-bit) needs {expected:,}; the file was cut short (copy or download again)"
+        )
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:
