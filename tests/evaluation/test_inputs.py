@@ -11,9 +11,15 @@ import pytest
 from PIL import Image
 
 from mammogmic.data.synth.dicom import write_dicom
-from mammogmic.evaluation.inference import items_from_folder, items_from_paths
-from mammogmic.evaluation.inputs import clean_id, id_from_relative_path, scan_folder, strip_image_suffix, unique_ids
 from mammogmic.errors import MammogmicError
+from mammogmic.evaluation.inference import items_from_folder, items_from_paths
+from mammogmic.evaluation.inputs import (
+    clean_id,
+    id_from_relative_path,
+    scan_folder,
+    strip_image_suffix,
+    unique_ids,
+)
 
 
 def _dicom(path: Path, side: str = "L", view: str = "CC", patient: str = "A", exam: str = "s1") -> Path:
