@@ -337,3 +337,26 @@ def test_escape_round_trip(text: str) -> None:
     if core[:1] in ("=", "+", "-", "@", "\t", "\r") and text not in ("-0.5", "'-0.5"):
         assert escaped.startswith("'")
     assert escape_csv_text(-0.5) == -0.5
+
+
+def test_same_file_given_twice_is_predicted_once(tmp_path: Path, tiny_model: Path, size_args) -> None:  # type: ignore[no-untyped-def]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    good = _png(scans / "0_L-CC.png", _views(6)["L-CC"])
+    out = tmp_path / "out"
+    args = [
+        "predict",
+        str(scans),
+        str(good),
+        str(scans),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        *size_args,
+    ]
+    assert main(args) == 0
+    preds = pd.read_csv(out / "image_predictions.csv", dtype=str)
+    assert preds["image_id"].tolist() == ["0_L-CC"]
+    run = json.loads((out / "run.json").read_text())
+    assert (run["n_inputs"], run["n_predicted_now"], run["n_errors"]) == (1, 1, 0)

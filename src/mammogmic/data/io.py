@@ -231,7 +231,10 @@ def check_regular_file(path: str | os.PathLike[str], max_bytes: int | None = Non
         raise ImageReadError(f"{file_path}: cannot look at the file ({exc.strerror or exc})") from exc
     link = ""
     if stat.S_ISLNK(lst.st_mode):
-        target = os.readlink(file_path)
+        try:
+            target = os.readlink(file_path)
+        except OSError:
+            target = "?"
         try:
             st = os.stat(file_path)
         except FileNotFoundError:
@@ -257,10 +260,16 @@ def check_regular_file(path: str | os.PathLike[str], max_bytes: int | None = Non
     max_bytes = MAX_FILE_BYTES if max_bytes is None else max_bytes
     if st.st_size > max_bytes:
         raise ImageReadError(
-            f"{file_path}: file is {st.st_size / 1024**2:.0f} MiB, more than the {max_bytes / 1024**2:.0f} MiB "
-            "accepted for one mammogram"
+            f"{file_path}: file is {_size_text(st.st_size)}, more than the {_size_text(max_bytes)} accepted for "
+            "one mammogram"
         )
     return st
+
+
+def _size_text(n: int) -> str:
+    if n < 1024**2:
+        return f"{n:,} bytes"
+    return f"{n / 1024**2:,.0f} MiB" if n < 1024**3 else f"{n / 1024**3:,.1f} GiB"
 
 
 def _no_block(name: str, flags: int) -> int:
@@ -302,7 +311,7 @@ def _read_bytes(path: Path, max_bytes: int | None = None) -> bytes:
             raise ImageReadError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
     data = b"".join(chunks)
     if len(data) > max_bytes:
-        raise ImageReadError(f"{path}: file grew past {max_bytes / 1024**2:.0f} MiB while it was read")
+        raise ImageReadError(f"{path}: file grew past {_size_text(max_bytes)} while it was read")
     if not data:
         raise ImageReadError(f"{path}: file is empty (0 bytes)")
     return data
