@@ -73,7 +73,8 @@ def test_preprocess_batch_errors_and_resume(dataset: Path, tmp_path: Path) -> No
     with open(out / "errors.csv", newline="", encoding="utf-8") as handle:
         errors = {r["image_id"]: r for r in csv.DictReader(handle)}
     assert set(errors) == {"z", "x", "d", "m"}
-    assert errors["z"]["stage"] == "crop" and "no breast found" in errors["z"]["reason"]
+    # An all-black image is refused when read (io.py's contrast guard), before the crop looks for a breast.
+    assert errors["z"]["stage"] == "read" and "no tissue contrast" in errors["z"]["reason"]
     assert errors["x"]["stage"] == "read" and "file is empty" in errors["x"]["reason"]
     assert "is a directory" in errors["d"]["reason"] and "file not found" in errors["m"]["reason"]
     # Cached crops equal the library crop, and the columns are filled.

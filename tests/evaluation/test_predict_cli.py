@@ -23,7 +23,10 @@ def _folder(root: Path, write_breast_png) -> Path:  # type: ignore[no-untyped-de
     write_breast_png(scans / "3_L-CC.png", "L", 6)
     (scans / "broken_L-CC.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (scans / "empty_R-CC.dcm").write_bytes(b"")
-    Image.fromarray(np.zeros((300, 200), dtype=np.uint8)).save(scans / "black_L-MLO.png")  # no breast
+    Image.fromarray(np.zeros((300, 200), dtype=np.uint8)).save(scans / "black_L-MLO.png")  # no contrast
+    speckle = np.zeros((300, 200), dtype=np.uint8)
+    speckle[::7, ::9] = np.arange(speckle[::7, ::9].size).reshape(speckle[::7, ::9].shape) % 200 + 20
+    Image.fromarray(speckle).save(scans / "speckle_R-MLO.png")  # contrast, but no breast: the crop fails
     write_breast_png(scans / "noview.png", "L", 4)  # laterality/view unknown
     (scans / "notes.txt").write_text("not an image")  # ignored: not an image suffix
     return scans
@@ -54,8 +57,9 @@ def test_predict_folder_good_and_bad(tmp_path: Path, tiny_model: Path, breast_pn
     assert "malignant_label" not in preds.columns  # no labels known
     errors = pd.read_csv(out / "errors.csv")
     by_id = dict(zip(errors["image_id"], errors["stage"], strict=True))
-    assert set(by_id) == {"broken_L-CC", "empty_R-CC", "black_L-MLO", "noview"}
-    assert by_id["black_L-MLO"] == "crop"
+    assert set(by_id) == {"broken_L-CC", "empty_R-CC", "black_L-MLO", "speckle_R-MLO", "noview"}
+    assert by_id["speckle_R-MLO"] == "crop" and by_id["black_L-MLO"] == "read"
+    assert "no tissue contrast" in errors.set_index("image_id").loc["black_L-MLO", "error"]
     for _, row in errors.iterrows():
         assert row["path"] in row["error"]  # each message names its file
     # breast level: exam 0 has L (CC + MLO) and R (CC); "1" comes from the sub-folder name prefix.
@@ -89,8 +93,10 @@ def test_predict_folder_good_and_bad(tmp_path: Path, tiny_model: Path, breast_pn
     assert exams["exam_id"].is_unique and set(exams["exam_id"]) == {"0", "3", "sub_1"}
     assert exams.set_index("exam_id").loc["3", "n_breasts"] == "2"
     run = json.loads((out / "run.json").read_text())
-    assert run["n_run"] == 5  # 1 new good image + the 4 bad ones retried
+    assert run["n_run"] == 6  # 1 new good image + the 5 bad ones retried
     assert run["n_predicted"] == 6
+    assert run["n_inputs"] == run["n_already_predicted"] + run["n_run"] == 11
+    assert run["n_run"] == run["n_predicted_now"] + run["n_errors"]
 
 
 def test_predict_manifest_labels_ensemble_tta(

@@ -349,6 +349,13 @@ def add_predict_parsers(subparsers: Any) -> None:
 
 
 def _collect_items(args: argparse.Namespace) -> list[Any]:
+    """Items of the manifest, the folders and the files given, each input once, with unique ids.
+
+    A file named twice (or given and also found in a given folder) is predicted once; missing or odd
+    paths are kept, so that they are reported in errors.csv.
+    """
+    import os
+
     from mammogmic.errors import MammogmicError
     from mammogmic.evaluation.inference import (
         ImageItem,
@@ -356,27 +363,32 @@ def _collect_items(args: argparse.Namespace) -> list[Any]:
         items_from_manifest,
         items_from_paths,
     )
+    from mammogmic.evaluation.inputs import unique_ids
 
     items: list[ImageItem] = []
     if args.manifest:
         items += items_from_manifest(args.manifest)
+    found: list[ImageItem] = []
     files = []
     for path in args.inputs:
         if path.is_dir():
             # Our own figures must not be read back as inputs when --out lies inside an input folder.
-            items += items_from_folder(path, exclude=[args.out / d for d in _OUTPUT_DIRS])
+            found += items_from_folder(path, exclude=[args.out / d for d in _OUTPUT_DIRS])
         else:
             files.append(path)  # missing files are reported in errors.csv like any unreadable image
-    items += items_from_paths(files)
+    found += items_from_paths(files)
+    seen: set[str] = set()
+    for item in found:  # the same path twice (a file and its folder, a folder given twice): once
+        key = os.path.normpath(os.path.abspath(item.path))
+        if key in seen:
+            logger.warning("%s: given more than once; predicted once", item.path)
+            continue
+        seen.add(key)
+        items.append(item)
     if not items:
         raise MammogmicError("no input images: give files, folders or --manifest")
-    seen: dict[str, int] = {}
-    for item in items:  # ids must be unique across all inputs
-        if item.image_id in seen:
-            seen[item.image_id] += 1
-            item.image_id = f"{item.image_id}_{seen[item.image_id]}"
-        else:
-            seen[item.image_id] = 0
+    for item, image_id in zip(items, unique_ids([i.image_id for i in items]), strict=True):
+        item.image_id = image_id  # ids must be unique across all inputs
     return items
 
 

@@ -82,6 +82,11 @@ def _breast_key(df: pd.DataFrame) -> pd.Series:
     return df["exam_id"].astype(str) + "_" + df["laterality"].astype(str).str.upper()
 
 
+def _first_known(values: pd.Series) -> object:
+    known = values.dropna()
+    return known.iloc[0] if len(known) else None
+
+
 def _max_known(values: pd.Series) -> float:
     known = pd.to_numeric(values, errors="coerce").dropna()
     return float(known.max()) if len(known) else float("nan")
@@ -103,7 +108,8 @@ def breast_level(
         name_column: column with image names used by :func:`infer_image_fields`.
 
     Returns:
-        Columns ``breast_id, exam_id, laterality, n_images, n_views``, the scores and the labels.
+        Columns ``breast_id, exam_id`` (then ``patient_id`` when the table has one),
+        ``laterality, n_images, n_views``, the scores and the labels.
     """
     table = df.copy()
     if "exam_id" not in table.columns or "laterality" not in table.columns:
@@ -114,15 +120,19 @@ def breast_level(
             table[name_column].astype(str) if name_column in table.columns else np.arange(len(table))
         )
     scores = [c for c in score_columns if c in table.columns]
+    with_patient = "patient_id" in table.columns and bool(table["patient_id"].notna().any())
     rows = []
     for breast, part in table.groupby("breast_id", sort=False):
-        row: dict[str, object] = {
-            "breast_id": breast,
-            "exam_id": part["exam_id"].iloc[0],
-            "laterality": str(part["laterality"].iloc[0]).upper(),
-            "n_images": len(part),
-            "n_views": part["view"].nunique(),
-        }
+        row: dict[str, object] = {"breast_id": breast, "exam_id": part["exam_id"].iloc[0]}
+        if with_patient:
+            row["patient_id"] = _first_known(part["patient_id"])
+        row.update(
+            {
+                "laterality": str(part["laterality"].iloc[0]).upper(),
+                "n_images": len(part),
+                "n_views": part["view"].nunique(),
+            }
+        )
         for col in scores:
             per_view = pd.to_numeric(part[col], errors="coerce").groupby(part["view"].to_numpy()).mean()
             row[col] = float(per_view.mean())
@@ -143,10 +153,17 @@ def exam_level(
     score_columns: Sequence[str] = SCORE_COLUMNS,
     label_columns: Sequence[str] = LABEL_COLUMNS,
 ) -> pd.DataFrame:
-    """One row per exam: maximum over its breasts of each score and label (unknown labels ignored)."""
+    """One row per exam: maximum over its breasts of each score and label (unknown labels ignored).
+
+    Columns: ``exam_id`` (then ``patient_id`` when ``breasts`` has one), ``n_breasts``, scores, labels.
+    """
     rows = []
+    with_patient = "patient_id" in breasts.columns and bool(breasts["patient_id"].notna().any())
     for exam, part in breasts.groupby("exam_id", sort=False):
-        row: dict[str, object] = {"exam_id": exam, "n_breasts": len(part)}
+        row: dict[str, object] = {"exam_id": exam}
+        if with_patient:
+            row["patient_id"] = _first_known(part["patient_id"])
+        row["n_breasts"] = len(part)
         for col in score_columns:
             if col in part.columns:
                 row[col] = float(pd.to_numeric(part[col], errors="coerce").max())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,15 @@ from mammogmic.data.sample import (
     window_samples,
 )
 from mammogmic.errors import CheckpointError, MammogmicError
+from mammogmic.evaluation.inputs import (
+    IMAGE_SUFFIXES,
+    clean_id,
+    dicom_exam,
+    id_from_relative_path,
+    scan_folder,
+    strip_image_suffix,
+    unique_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +60,6 @@ __all__ = [
     "predict_items",
     "prepare_item",
 ]
-
-IMAGE_SUFFIXES = (".png", ".dcm", ".dicom")
 
 
 @dataclass(frozen=True)
@@ -85,47 +91,53 @@ class Prepared:
     stage: str | None = None
 
 
-def _safe_id(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "image"
+def _with_dicom_identity(item: ImageItem) -> ImageItem:
+    """Patient and exam of a DICOM file from its header (``StudyInstanceUID``, else the accession number).
+
+    Laterality and view come from the same tags when the image is read; PNGs keep the file-name rules.
+    """
+    patient_id, exam_id = dicom_exam(item.path)
+    if patient_id is not None:
+        item.patient_id = patient_id
+    if exam_id is not None:
+        item.exam_id = exam_id
+    return item
 
 
 def items_from_paths(paths: Sequence[Path]) -> list[ImageItem]:
-    """Items for single files; ids are file stems, made unique with the parent folders when needed."""
-    stems = [p.stem for p in paths]
-    items = []
+    """Items for single files (missing or odd ones included: reading reports them).
+
+    Ids are the file names without the image suffix, Unicode kept; repeated names get their two parent
+    folders, then a number. DICOM files get patient and exam from their header
+    (:func:`mammogmic.evaluation.inputs.dicom_exam`).
+    """
+    stems = [strip_image_suffix(p.name) for p in paths]
+    ids = []
     for p, stem in zip(paths, stems, strict=True):
-        image_id = stem
         if stems.count(stem) > 1:
-            image_id = _safe_id("_".join([*p.parent.parts[-2:], stem]))
-        items.append(ImageItem(image_id=image_id, path=p))
-    ids = [i.image_id for i in items]
-    for n, item in enumerate(items):  # last resort for still-duplicated ids
-        if ids.count(item.image_id) > 1:
-            item.image_id = f"{item.image_id}_{n}"
-    return items
+            ids.append(clean_id("_".join([*p.parent.parts[-2:], stem])))
+        else:
+            ids.append(clean_id(stem))
+    return [
+        _with_dicom_identity(ImageItem(image_id=image_id, path=p))
+        for p, image_id in zip(paths, unique_ids(ids), strict=True)
+    ]
 
 
 def items_from_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[ImageItem]:
-    """Every PNG/DICOM file below ``folder`` (recursive, sorted), ids = path relative to the folder.
+    """Every image-like entry below ``folder`` (recursive, sorted); ids = path relative to the folder.
+
+    Entries named like images that are not files (folders, dangling links, FIFOs) and extension-less
+    files with DICOM content are included (see :func:`mammogmic.evaluation.inputs.scan_folder`), so that
+    each one ends up predicted or in ``errors.csv``. DICOM files get patient and exam from their header.
 
     Args:
         folder: input folder.
         exclude: folders to skip (e.g. the output folder when it lies inside the input).
     """
-    skip = [e.resolve() for e in exclude]
-    files = []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        rp = p.resolve()
-        if any(rp.is_relative_to(s) for s in skip):
-            continue
-        files.append(p)
-    items = []
-    for p in files:
-        rel = p.relative_to(folder).with_suffix("")
-        items.append(ImageItem(image_id=_safe_id("_".join(rel.parts)), path=p))
-    return items
+    paths = scan_folder(folder, exclude).paths
+    ids = unique_ids([id_from_relative_path(p.relative_to(folder)) for p in paths])
+    return [_with_dicom_identity(ImageItem(image_id=i, path=p)) for p, i in zip(paths, ids, strict=True)]
 
 
 def prepare_item(item: ImageItem, contracts: Sequence[InputContract], settings: PrepareSettings) -> Prepared:

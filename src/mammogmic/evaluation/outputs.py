@@ -15,6 +15,11 @@ Layout of the output folder::
 
 The image CSV is rewritten (atomically) after every batch, so an interrupted run keeps what it
 finished and a rerun skips those images.
+
+Text cells that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or
+carriage return; numbers such as ``-0.5`` excepted) are written with a leading ``'`` in every CSV
+(:func:`escape_csv_text`); :func:`unescape_csv_text` gives the original back, and a rerun reads its
+own image CSV through it. Files are created with the usual permissions (``0666`` less the umask).
 """
 
 from __future__ import annotations
@@ -39,7 +44,15 @@ from mammogmic.evaluation.inference import ImageResult, Prepared
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PredictionWriter", "atomic_write_text", "file_stem", "image_row", "image_table"]
+__all__ = [
+    "PredictionWriter",
+    "atomic_write_text",
+    "escape_csv_text",
+    "file_stem",
+    "image_row",
+    "image_table",
+    "unescape_csv_text",
+]
 
 IMAGE_CSV = "image_predictions.csv"
 ERRORS_CSV = "errors.csv"
@@ -55,6 +68,48 @@ def file_stem(image_id: str) -> str:
         return image_id
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._")[:80] or "image"
     return f"{cleaned}_{hashlib.sha1(image_id.encode('utf-8')).hexdigest()[:8]}"
+
+
+# Cells a spreadsheet would evaluate (OWASP "CSV injection"); a leading quote makes them plain text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _needs_quote(core: str) -> bool:
+    return core.startswith(_FORMULA_START) and _NUMBER.fullmatch(core) is None
+
+
+def escape_csv_text(value: Any) -> Any:
+    """``'`` + ``value`` when a spreadsheet would read the text as a formula; anything else unchanged.
+
+    Text already starting with quotes before such a character gets one more, so that
+    :func:`unescape_csv_text` is its exact inverse.
+    """
+    if isinstance(value, str) and _needs_quote(value.lstrip("'")):
+        return "'" + value
+    return value
+
+
+def unescape_csv_text(value: Any) -> Any:
+    """Undo :func:`escape_csv_text`."""
+    if isinstance(value, str) and value.startswith("'") and _needs_quote(value.lstrip("'")):
+        return value[1:]
+    return value
+
+
+def _escaped(table: pd.DataFrame) -> pd.DataFrame:
+    out = table.copy()
+    for col in out.columns:
+        if not pd.api.types.is_numeric_dtype(
+            out[col]
+        ):  # object or string columns (numbers are never escaped)
+            out[col] = out[col].map(escape_csv_text)
+    return out
+
+
+def _csv(table: pd.DataFrame, **kwargs: Any) -> str:
+    """A table as CSV text with its text cells escaped against formula injection."""
+    return _escaped(table).to_csv(index=False, **kwargs)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -93,13 +148,16 @@ class PredictionWriter:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         self.errors: list[dict[str, str]] = []
+        self.n_new = 0  # predictions added by this run
         self.patches: dict[str, Any] = {}
         image_csv = out_dir / IMAGE_CSV
         if image_csv.exists() and not overwrite:
             # Ids stay strings ("007" is not 7) so that old and new rows group together.
             previous = pd.read_csv(image_csv, dtype=str)
             numeric = [c for c in previous.columns if c.startswith(("benign_", "malignant_"))]
+            text = [c for c in previous.columns if c not in numeric]
             previous[numeric] = previous[numeric].apply(pd.to_numeric, errors="coerce")
+            previous[text] = previous[text].apply(lambda col: col.map(unescape_csv_text))
             self.rows = [
                 {
                     k: (None if isinstance(v, float) and math.isnan(v) and k not in numeric else v)
@@ -138,6 +196,7 @@ class PredictionWriter:
             row[f"malignant_pred__{name}"] = malignant
         self.rows = [r for r in self.rows if str(r["image_index"]) != item.image_id]
         self.rows.append(row)
+        self.n_new += 1
         if (
             self.save_saliency
             and res.saliency is not None
@@ -167,16 +226,14 @@ class PredictionWriter:
 
     def flush(self) -> None:
         """Rewrite the image CSV (called after each batch)."""
-        atomic_write_text(
-            self.out_dir / IMAGE_CSV, self.image_table().to_csv(index=False, float_format=FLOAT_FORMAT)
-        )
+        atomic_write_text(self.out_dir / IMAGE_CSV, _csv(self.image_table(), float_format=FLOAT_FORMAT))
 
     def finish(self, run_info: dict[str, Any]) -> dict[str, Path]:
         """Write every output file; returns name → path of what was written."""
         self.flush()
         written = {"image": self.out_dir / IMAGE_CSV}
         errors = pd.DataFrame(self.errors, columns=["image_id", "path", "stage", "error"])
-        atomic_write_text(self.out_dir / ERRORS_CSV, errors.to_csv(index=False))
+        atomic_write_text(self.out_dir / ERRORS_CSV, _csv(errors))
         written["errors"] = self.out_dir / ERRORS_CSV
         images = self.image_table()
         with_side = (
@@ -191,15 +248,30 @@ class PredictionWriter:
                 ("breast_predictions_metarepository.csv", metarepository_breast_table(breasts)),
                 ("exam_summary.csv", exam_level(breasts, score_columns=scores, label_columns=labels)),
             ):
-                atomic_write_text(self.out_dir / name, table.to_csv(index=False, float_format=FLOAT_FORMAT))
+                atomic_write_text(self.out_dir / name, _csv(table, float_format=FLOAT_FORMAT))
                 written[name] = self.out_dir / name
         if self.save_patches:
             atomic_write_text(self.out_dir / "patches.json", json.dumps(self.patches, indent=1) + "\n")
             written["patches"] = self.out_dir / "patches.json"
-        info = {**run_info, "n_predicted": len(images), "n_errors": len(self.errors)}
+        info = {**run_info, **self._counts(run_info), "n_predicted": len(images)}
         atomic_write_text(self.out_dir / "run.json", json.dumps(info, indent=2, default=_json_default) + "\n")
         written["run"] = self.out_dir / "run.json"
         return written
+
+    def _counts(self, run_info: dict[str, Any]) -> dict[str, Any]:
+        """Counts of this run, which add up: ``n_inputs = n_already_predicted + n_run`` and
+        ``n_run = n_predicted_now + n_errors`` (``n_predicted`` also counts rows of earlier runs)."""
+        counts: dict[str, Any] = {"n_predicted_now": self.n_new, "n_errors": len(self.errors)}
+        if "n_inputs" in run_info and "n_run" in run_info:
+            counts["n_already_predicted"] = int(run_info["n_inputs"]) - int(run_info["n_run"])
+            if int(run_info["n_run"]) != self.n_new + len(self.errors):
+                logger.warning(
+                    "%d image(s) were run but %d predicted and %d failed: some images are unaccounted for",
+                    run_info["n_run"],
+                    self.n_new,
+                    len(self.errors),
+                )
+        return counts
 
 
 def image_row(item: ImageItem, view: str, benign: float, malignant: float) -> dict[str, Any]:
