@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mammogmic.evaluation.localization import dice_scores, upsample_nearest
+from mammogmic.evaluation.localization import DiceResult, dice_scores, upsample_aligned, upsample_nearest
 
 
 def test_upsample_nearest_repeats_blocks() -> None:
@@ -57,3 +57,76 @@ def test_dice_torch_input_and_shape_check() -> None:
     np.testing.assert_allclose(res.soft, 1.0)
     with pytest.raises(ValueError, match="agree in N and C"):
         dice_scores(np.zeros((1, 2, 2, 2)), np.zeros((1, 1, 4, 4)))
+
+
+def test_aligned_upsample_centres_each_cell_on_its_receptive_field() -> None:
+    sal = np.zeros((1, 1, 4, 3), np.float32)
+    sal[0, 0, 2, 1] = 1.0
+    up = upsample_aligned(sal, (128, 96))[0, 0]
+    # stride 32: the value of cell (2, 1) sits on pixel (64, 32), falls off linearly over one cell
+    assert up.shape == (128, 96)
+    assert float(up[64, 32]) == pytest.approx(1.0)
+    assert float(up[80, 32]) == pytest.approx(0.5) and float(up[64, 48]) == pytest.approx(0.5)
+    assert float(up[96, 32]) == pytest.approx(0.0) and float(up[64, 0]) == pytest.approx(0.0)
+    assert divmod(int(up.argmax()), 96) == (64, 32)
+    # the nearest-neighbour block of that cell is centred half a cell lower and further right
+    near = upsample_nearest(sal, (128, 96))[0, 0]
+    rows, cols = np.nonzero(near)
+    assert (rows.mean(), cols.mean()) == (79.5, 47.5)
+
+
+def test_aligned_upsample_equals_torch_grid_sample() -> None:
+    """The numpy interpolation is the bilinear grid_sample the demo used before (border padding)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    sal = rng.random((2, 2, 5, 4)).astype(np.float32)
+    height, width = 160, 96
+    ys = torch.arange(height, dtype=torch.float32) * 5 / height
+    xs = torch.arange(width, dtype=torch.float32) * 4 / width
+    grid = torch.stack(
+        [(xs / 3 * 2 - 1)[None, :].expand(height, width), (ys / 4 * 2 - 1)[:, None].expand(height, width)],
+        dim=-1,
+    )
+    ref = torch.nn.functional.grid_sample(
+        torch.from_numpy(sal), grid[None].expand(2, height, width, 2), mode="bilinear",
+        padding_mode="border", align_corners=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(upsample_aligned(sal, (height, width)), ref.numpy(), atol=2e-6)
+
+
+def test_dice_upsampling_modes_by_hand() -> None:
+    """A 2x2 map at stride 2: a lesion at pixels (2..3, 2..3) is hit exactly by the nearest block of cell (1, 1);
+    the aligned map puts that cell's value on pixel (2, 2) and spreads it over (1..3, 1..3)."""
+    sal = np.zeros((1, 1, 2, 2), np.float32)
+    sal[0, 0, 1, 1] = 1.0
+    mask = np.zeros((1, 1, 4, 4), np.uint8)
+    mask[0, 0, 2:, 2:] = 1
+    near = dice_scores(sal, mask, upsample="nearest")
+    assert near.hard[0, 0] == pytest.approx(1.0) and near.upsample == "nearest"
+    aligned = dice_scores(sal, mask, upsample="aligned")
+    up = upsample_aligned(sal, (4, 4))[0, 0]
+    # by hand: rows/cols 0,1,2,3 sit at cell positions 0, .5, 1, 1.5 -> weights 0, .5, 1, 1 on cell 1
+    np.testing.assert_allclose(up, np.outer([0, 0.5, 1, 1], [0, 0.5, 1, 1]))
+    hard = up >= 0.5  # rows/cols 1..3: 9 pixels, 4 of them lesion
+    assert aligned.hard[0, 0] == pytest.approx(2 * 4 / (hard.sum() + 4))
+    soft = 2 * (up * mask[0, 0]).sum() / (up.sum() + 4)
+    assert aligned.soft[0, 0] == pytest.approx(soft)
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        dice_scores(sal, mask, upsample="bicubic")
+
+
+def test_concatenated_results_average_over_all_images() -> None:
+    sal = np.zeros((3, 2, 2, 2), np.float32)
+    sal[:, 1, 0, 0] = 1.0
+    mask = np.zeros((3, 2, 4, 4), np.uint8)
+    mask[0, 1, :2, :2] = 1  # exact hit
+    mask[1, 1, 2:, 2:] = 1  # miss
+    # image 2 has no malignant mask: left out
+    parts = [dice_scores(sal[:1], mask[:1]), dice_scores(sal[1:], mask[1:])]
+    whole = DiceResult.concatenate(parts)
+    assert whole.mean_hard[1] == pytest.approx(0.5)
+    summary = whole.summary()
+    assert summary["malignant"] == {"dice": 0.5, "soft_dice": 0.5, "n_images": 2}
+    assert summary["benign"]["dice"] is None and summary["upsample"] == "nearest"
+    with pytest.raises(ValueError, match="different"):
+        DiceResult.concatenate([parts[0], dice_scores(sal[:1], mask[:1], upsample="aligned")])

@@ -215,7 +215,7 @@ def test_visualize_report(tmp_path: Path, tiny_model: Path, breast_png, size_arg
     shown = re.findall(r'<figure data-image="([^"]+)"', html)
     assert shown == preds["image_index"].tolist()[:3]  # top 3 of 4, highest first
     loc = json.loads((out / "localization.json").read_text())
-    assert loc["malignant"]["n_images"] == 4 and 0 <= loc["malignant"]["mean_soft_dice"] <= 1
+    assert loc["malignant"]["n_images"] == 4 and 0 <= loc["malignant"]["soft_dice"] <= 1
 
 
 def test_predict_from_preprocess_cache_matches_raw(

@@ -30,20 +30,3 @@ def test_demo_writes_metrics_figures_and_keeps_data_inside(tmp_path: Path) -> No
     assert all((out / f).is_file() for f in metrics["report"]["figures"])
     with pytest.raises(MammogmicError, match="already holds a demo run"):
         run_demo(out, settings)
-
-
-def test_aligned_upsample_centres_each_cell_on_its_receptive_field() -> None:
-    import torch
-
-    from mammogmic.training.demo import aligned_upsample
-
-    sal = torch.zeros(1, 1, 4, 3)
-    sal[0, 0, 2, 1] = 1.0
-    up = aligned_upsample(sal, (128, 96))[0, 0]
-    # stride 32: the value of cell (2, 1) sits on pixel (64, 32), falls off linearly over one cell
-    assert up.shape == (128, 96)
-    assert float(up[64, 32]) == pytest.approx(1.0)
-    assert float(up[80, 32]) == pytest.approx(0.5) and float(up[64, 48]) == pytest.approx(0.5)
-    assert float(up[96, 32]) == pytest.approx(0.0) and float(up[64, 0]) == pytest.approx(0.0)
-    peak = divmod(int(up.argmax()), 96)
-    assert peak == (64, 32)

@@ -345,6 +345,13 @@ def add_predict_parsers(subparsers: Any) -> None:
         help="the report gallery shows the N highest malignant scores (200); every figure is written",
     )
     vi.add_argument("--dice-threshold", type=float, default=0.5, help="saliency threshold of the hard Dice")
+    vi.add_argument(
+        "--dice-upsample",
+        choices=("nearest", "aligned"),
+        default="nearest",
+        help="saliency upsampling before Dice: the paper's nearest-neighbour blocks (default) or cells at their "
+        "receptive-field centres (docs/localization.md)",
+    )
     vi.set_defaults(func=run_visualize)
 
 
@@ -650,7 +657,7 @@ def run_visualize(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from mammogmic.errors import MammogmicError
-    from mammogmic.evaluation.localization import dice_scores
+    from mammogmic.evaluation.localization import DiceResult, dice_scores
     from mammogmic.evaluation.outputs import PredictionWriter, file_stem
     from mammogmic.evaluation.table import evaluate_table
     from mammogmic.visualization.figure import gmic_figure
@@ -698,7 +705,9 @@ def run_visualize(args: argparse.Namespace) -> int:
                 else:
                     heapq.heappushpop(gallery, entry)
             if masks is not None:
-                dice[res.item.image_id] = dice_scores(res.saliency, masks, threshold=args.dice_threshold)
+                dice[res.item.image_id] = dice_scores(
+                    res.saliency, masks, threshold=args.dice_threshold, upsample=args.dice_upsample
+                )
         res.image = None
         res.masks = None
 
@@ -713,18 +722,9 @@ def run_visualize(args: argparse.Namespace) -> int:
     n_figures = len(list(fig_dir.glob("*.png"))) if fig_dir.is_dir() else 0
     if dice:
         summary: dict[str, Any] = {
-            "threshold": args.dice_threshold,
+            **DiceResult.concatenate(list(dice.values())).summary(),
             "images": {name: d.to_dict() for name, d in dice.items()},
         }
-        soft = np.concatenate([d.soft for d in dice.values()])
-        hard = np.concatenate([d.hard for d in dice.values()])
-        for c, name in enumerate(("benign", "malignant")):
-            valid = np.isfinite(soft[:, c])
-            summary[name] = {
-                "mean_soft_dice": float(soft[valid, c].mean()) if valid.any() else None,
-                "mean_dice": float(hard[valid, c].mean()) if valid.any() else None,
-                "n_images": int(valid.sum()),
-            }
         (args.out / "localization.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(f"{n_figures} figure(s) in {fig_dir}; {len(errors)} image(s) failed (see errors.csv)")
     if args.report:

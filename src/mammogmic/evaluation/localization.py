@@ -1,27 +1,45 @@
-"""Localization quality: Dice between GMIC saliency maps and lesion segmentations.
+"""Localization quality: the one Dice between GMIC saliency maps and lesion segmentations.
 
-As in the paper, the low-resolution saliency map (stride 64, e.g. 46×30 for a 2944×1920 input) is
-upsampled to the mask's resolution by nearest neighbour before comparison. Two variants are reported
-per class (0 = benign, 1 = malignant):
+Every caller (``mammogmic demo``, ``ablate``, ``visualize``, the trainer's ``malignant_dice`` validation metric)
+computes Dice here. The low-resolution saliency map (stride 64 for the official 2944×1920 input: 46×30 cells) is
+upsampled to the mask's resolution first, in one of two ways:
 
-* soft Dice ``2·Σ(s·m) / (Σs + Σm)`` with the saliency values ``s ∈ [0, 1]`` as they are;
-* hard Dice at a threshold: ``s ≥ threshold`` is binarised first.
+* ``"nearest"`` (the paper's convention): cell ``(i, j)`` fills the block ``[s·i, s·(i+1)) × [s·j, s·(j+1))``.
+* ``"aligned"``: bilinear interpolation between cell values placed at their receptive-field centres. With
+  zero-padded "same" convolutions every stride-2 layer maps output index ``k`` to input index ``2k``, so cell
+  ``(i, j)`` of a stride-``s`` network is centred on pixel ``(s·i, s·j)``, not on the block centre
+  ``(s·i + s/2, s·j + s/2)``: nearest-neighbour blocks shift every value by half a cell down and right
+  (``docs/localization.md`` measures it). Values beyond the first/last cell centre extend the border cell.
 
-Dice is undefined when both the map and the mask are empty; such entries are NaN and left out of the
-means. Images whose mask for a class is empty are also left out of that class's mean by default,
-because Dice there only measures false positives (set ``skip_empty_masks=False`` to keep them).
+Two variants per class (0 = benign, 1 = malignant): soft Dice ``2·Σ(s·m) / (Σs + Σm)`` with the saliency values
+``s ∈ [0, 1]``, and hard Dice of ``s ≥ threshold``. Dice is undefined when both the map and the mask are empty;
+such entries are NaN and left out of the means. Images whose mask for a class is empty are also left out of
+that class's mean by default, because Dice there only measures false positives (``skip_empty_masks=False``
+keeps them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["DiceResult", "dice_scores", "upsample_nearest"]
+__all__ = [
+    "UPSAMPLING",
+    "DiceResult",
+    "PeakOffsets",
+    "dice_scores",
+    "peak_offsets",
+    "upsample_aligned",
+    "upsample_maps",
+    "upsample_nearest",
+]
+
+Upsampling = Literal["nearest", "aligned"]
+UPSAMPLING: tuple[str, ...] = ("nearest", "aligned")
 
 
 def _to_numpy(x: Any) -> NDArray[Any]:
@@ -44,6 +62,49 @@ def upsample_nearest(maps: Any, size: Sequence[int]) -> NDArray[np.float32]:
     return arr[..., rows[:, None], cols[None, :]]
 
 
+def _linear_weights(
+    n_out: int, n_in: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]:
+    """Indices and weights of 1-D linear interpolation with cell ``k`` centred on output ``k·n_out/n_in``."""
+    position = np.arange(n_out, dtype=np.float64) * n_in / n_out  # in cell units
+    low = np.minimum(np.floor(position).astype(np.int64), n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    frac = (position - low).astype(np.float32)
+    return low, high, frac
+
+
+def upsample_aligned(maps: Any, size: Sequence[int]) -> NDArray[np.float32]:
+    """Bilinear upsampling of ``(..., h, w)`` maps to ``(..., H, W)`` with cell ``(i, j)`` centred on pixel
+    ``(i·H/h, j·W/w)``, its receptive-field centre (see the module docstring); border values extend."""
+    arr = _to_numpy(maps).astype(np.float32, copy=False)
+    height, width = int(size[0]), int(size[1])
+    h, w = arr.shape[-2:]
+    r0, r1, fr = _linear_weights(height, h)
+    c0, c1, fc = _linear_weights(width, w)
+    rows = arr[..., r0, :] * (1 - fr)[:, None] + arr[..., r1, :] * fr[:, None]  # (..., H, w)
+    out: NDArray[np.float32] = (rows[..., c0] * (1 - fc) + rows[..., c1] * fc).astype(np.float32, copy=False)
+    return out
+
+
+def upsample_maps(maps: Any, size: Sequence[int], mode: str = "nearest") -> NDArray[np.float32]:
+    """:func:`upsample_nearest` or :func:`upsample_aligned` by name.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+    if mode == "nearest":
+        return upsample_nearest(maps, size)
+    if mode == "aligned":
+        return upsample_aligned(maps, size)
+    raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {mode!r}")
+
+
+def _nanmean(a: NDArray[np.float64]) -> NDArray[np.float64]:
+    counts = np.isfinite(a).sum(axis=0)
+    sums = np.nansum(a, axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
 @dataclass(frozen=True)
 class DiceResult:
     """Dice per image and class, and their means.
@@ -54,6 +115,7 @@ class DiceResult:
         mean_soft: ``(C,)`` mean over images with a defined value.
         mean_hard: ``(C,)`` same for the thresholded map.
         threshold: threshold used for ``hard``.
+        upsample: ``"nearest"`` or ``"aligned"``.
     """
 
     soft: NDArray[np.float64]
@@ -61,22 +123,44 @@ class DiceResult:
     mean_soft: NDArray[np.float64]
     mean_hard: NDArray[np.float64]
     threshold: float
+    upsample: str = "nearest"
 
-    def to_dict(self, class_names: Sequence[str] = ("benign", "malignant")) -> dict[str, Any]:
-        """JSON-ready summary keyed by class name (NaN → None)."""
+    @classmethod
+    def concatenate(cls, parts: Sequence[DiceResult]) -> DiceResult:
+        """One result over the images of several (batches must share threshold and upsampling).
+
+        Raises:
+            ValueError: empty, or parts computed differently.
+        """
+        if not parts:
+            raise ValueError("no Dice results to concatenate")
+        if len({(p.threshold, p.upsample) for p in parts}) > 1:
+            raise ValueError("Dice results with different thresholds or upsampling cannot be combined")
+        soft = np.concatenate([p.soft for p in parts])
+        hard = np.concatenate([p.hard for p in parts])
+        return cls(soft, hard, _nanmean(soft), _nanmean(hard), parts[0].threshold, parts[0].upsample)
+
+    def summary(self, class_names: Sequence[str] = ("benign", "malignant")) -> dict[str, Any]:
+        """Means per class as a JSON-ready dict (NaN → None): ``{name: {dice, soft_dice, n_images}}``."""
 
         def clean(v: float) -> float | None:
             return float(v) if np.isfinite(v) else None
 
-        out: dict[str, Any] = {"threshold": self.threshold}
+        out: dict[str, Any] = {"threshold": self.threshold, "upsample": self.upsample}
         for c, name in enumerate(class_names[: self.soft.shape[1]]):
             out[name] = {
-                "soft_dice": clean(self.mean_soft[c]),
                 "dice": clean(self.mean_hard[c]),
+                "soft_dice": clean(self.mean_soft[c]),
                 "n_images": int(np.isfinite(self.soft[:, c]).sum()),
-                "per_image_soft_dice": [clean(v) for v in self.soft[:, c]],
-                "per_image_dice": [clean(v) for v in self.hard[:, c]],
             }
+        return out
+
+    def to_dict(self, class_names: Sequence[str] = ("benign", "malignant")) -> dict[str, Any]:
+        """:meth:`summary` plus the per-image values."""
+        out = self.summary(class_names)
+        for c, name in enumerate(class_names[: self.soft.shape[1]]):
+            out[name]["per_image_soft_dice"] = [float(v) if np.isfinite(v) else None for v in self.soft[:, c]]
+            out[name]["per_image_dice"] = [float(v) if np.isfinite(v) else None for v in self.hard[:, c]]
         return out
 
 
@@ -93,6 +177,7 @@ def dice_scores(
     masks: Any,
     threshold: float = 0.5,
     skip_empty_masks: bool = True,
+    upsample: str = "nearest",
 ) -> DiceResult:
     """Soft and thresholded Dice between saliency maps and lesion masks, per image and class.
 
@@ -101,13 +186,16 @@ def dice_scores(
         masks: ``(N, C, H, W)`` or ``(C, H, W)`` masks; nonzero = lesion. Upsampling goes to ``(H, W)``.
         threshold: the hard Dice calls ``saliency ≥ threshold`` lesion.
         skip_empty_masks: leave images whose mask is empty for a class out of that class (NaN).
+        upsample: ``"nearest"`` (the paper) or ``"aligned"`` (see the module docstring).
 
     Returns:
         A :class:`DiceResult`.
 
     Raises:
-        ValueError: the batch or class dimensions differ.
+        ValueError: the batch or class dimensions differ, or an unknown ``upsample``.
     """
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {upsample!r}")
     sal = _to_numpy(saliency).astype(np.float32, copy=False)
     mask = _to_numpy(masks) != 0
     if sal.ndim == 3:
@@ -123,17 +211,90 @@ def dice_scores(
     hard = np.empty(sal.shape[:2])
     # One image at a time: the upsampled maps of a full-size batch would take gigabytes.
     for i in range(sal.shape[0]):
-        up = upsample_nearest(sal[i], size)
+        up = upsample_maps(sal[i], size, upsample)
         soft[i] = _dice(up, mask[i])
         hard[i] = _dice((up >= threshold).astype(np.float32), mask[i])
     if skip_empty_masks:
         empty = ~mask.any(axis=(-2, -1))
         soft[empty] = np.nan
         hard[empty] = np.nan
+    return DiceResult(soft, hard, _nanmean(soft), _nanmean(hard), float(threshold), upsample)
 
-    def nanmean(a: NDArray[np.float64]) -> NDArray[np.float64]:
-        counts = np.isfinite(a).sum(axis=0)
-        sums = np.nansum(a, axis=0)
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
-    return DiceResult(soft, hard, nanmean(soft), nanmean(hard), float(threshold))
+@dataclass(frozen=True)
+class PeakOffsets:
+    """Distances (input pixels) from each image's lesion centroid to the saliency peak and to the patches.
+
+    Attributes:
+        peak_aligned: peak cell placed at its receptive-field centre ``(s·i, s·j)``.
+        peak_nearest: peak cell placed at its nearest-neighbour block centre ``(s·i + (s-1)/2, …)``.
+        patch_nearest: centre of the retrieved patch closest to the lesion centroid (``NaN`` without patches).
+        stride: pixels per saliency cell (rows, cols).
+    """
+
+    peak_aligned: NDArray[np.float64]
+    peak_nearest: NDArray[np.float64]
+    patch_nearest: NDArray[np.float64]
+    stride: tuple[float, float]
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[PeakOffsets]) -> PeakOffsets:
+        """One result over the images of several batches."""
+        if not parts:
+            raise ValueError("no offsets to concatenate")
+        return cls(
+            np.concatenate([p.peak_aligned for p in parts]),
+            np.concatenate([p.peak_nearest for p in parts]),
+            np.concatenate([p.patch_nearest for p in parts]),
+            parts[0].stride,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Medians in pixels and in saliency cells (mean stride), over the images with a lesion."""
+        cell = float(np.mean(self.stride))
+        out: dict[str, Any] = {"n_images": int(np.isfinite(self.peak_aligned).sum()), "stride_px": cell}
+        for name in ("peak_aligned", "peak_nearest", "patch_nearest"):
+            values = getattr(self, name)
+            median = float(np.nanmedian(values)) if np.isfinite(values).any() else None
+            out[f"median_{name}_px"] = median
+            out[f"median_{name}_cells"] = None if median is None else median / cell
+        return out
+
+
+def peak_offsets(
+    saliency: Any,
+    masks: Any,
+    patch_locations: Any = None,
+    crop_size: Sequence[int] | None = None,
+    class_index: int = 1,
+) -> PeakOffsets:
+    """How far the saliency peak (and the nearest retrieved patch) lies from each lesion's centroid.
+
+    Args:
+        saliency: ``(N, C, h, w)`` maps.
+        masks: ``(N, C, H, W)`` masks (images whose mask of ``class_index`` is empty give NaN).
+        patch_locations: optional ``(N, K, 2)`` upper-left (row, col) of the retrieved patches.
+        crop_size: ``(height, width)`` of the patches.
+        class_index: 1 = malignant, 0 = benign.
+    """
+    sal = _to_numpy(saliency)[:, class_index].astype(np.float64)
+    mask = _to_numpy(masks)[:, class_index] != 0
+    n, h, w = sal.shape
+    height, width = mask.shape[-2:]
+    sy, sx = height / h, width / w
+    peak_aligned = np.full(n, np.nan)
+    peak_nearest = np.full(n, np.nan)
+    patch_nearest = np.full(n, np.nan)
+    locations = None if patch_locations is None else _to_numpy(patch_locations)
+    for i in range(n):
+        rows, cols = np.nonzero(mask[i])
+        if not len(rows):
+            continue
+        centroid = np.array([rows.mean(), cols.mean()])
+        pi, pj = divmod(int(np.argmax(sal[i])), w)
+        peak_aligned[i] = np.hypot(*(np.array([sy * pi, sx * pj]) - centroid))
+        peak_nearest[i] = np.hypot(*(np.array([sy * pi + (sy - 1) / 2, sx * pj + (sx - 1) / 2]) - centroid))
+        if locations is not None and crop_size is not None:
+            centres = locations[i].astype(np.float64) + (np.asarray(crop_size, np.float64) - 1) / 2
+            patch_nearest[i] = float(np.min(np.hypot(*(centres - centroid).T)))
+    return PeakOffsets(peak_aligned, peak_nearest, patch_nearest, (sy, sx))

@@ -52,7 +52,9 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 AmpMode = Literal["none", "bf16", "fp16"]
 LabelLevel = Literal["image", "breast"]
-ValMetric = Literal["malignant_auroc", "benign_auroc", "mean_auroc", "val_loss"]
+ValMetric = Literal[
+    "malignant_auroc", "benign_auroc", "mean_auroc", "val_loss", "malignant_dice", "benign_dice"
+]
 
 #: Parts of GMIC that ``finetune.freeze`` accepts -> the GMIC submodule each one names.
 FREEZE_PARTS: dict[str, str] = {
@@ -197,7 +199,13 @@ class ScheduleConfig:
     Attributes:
         epochs: maximal number of epochs.
         patience: stop after this many validations without improvement of ``val_metric`` (``None`` = never).
-        val_metric: validation metric used for early stopping and best-checkpoint selection.
+        val_metric: validation metric used for early stopping and best-checkpoint selection; ``malignant_dice`` /
+            ``benign_dice`` select on the saliency Dice of validation images with lesion masks (the paper's model
+            selection for localization).
+        keep_best_dice: also keep the model with the best validation malignant Dice
+            (``best_dice_model.safetensors``) beside the one selected by ``val_metric``, as the paper does.
+        dice_upsample: saliency upsampling of the validation Dice: ``nearest`` (the paper) or ``aligned``
+            (:mod:`mammogmic.evaluation.localization`).
         val_every: validate every this many epochs.
         max_steps_per_epoch: cap the optimizer steps of an epoch (``None`` = full epoch; handy for smoke runs).
         checkpoint_every_steps: also write ``last.pt`` every this many optimizer steps (``None`` = per epoch only),
@@ -209,6 +217,8 @@ class ScheduleConfig:
     epochs: int = 40
     patience: int | None = 10
     val_metric: ValMetric = "malignant_auroc"
+    keep_best_dice: bool = False
+    dice_upsample: Literal["nearest", "aligned"] = "nearest"
     val_every: int = 1
     max_steps_per_epoch: int | None = None
     checkpoint_every_steps: int | None = None

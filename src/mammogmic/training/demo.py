@@ -18,9 +18,10 @@ map that never reaches 0.5 scores 0.
 Upsampling: cell ``(i, j)`` of a stride-``s`` network whose convolutions are zero-padded "same" (GMIC's global
 networks) is centred on input pixel ``(s*i, s*j)``, not on ``(s*i + s/2, s*j + s/2)``: every stride-2 layer maps
 output index ``k`` to input index ``2k``. The headline Dice therefore interpolates bilinearly between cell values
-placed at their receptive-field centres (``aligned_upsample``). The paper's convention, nearest-neighbour blocks
-``[s*i, s*(i+1))`` (:func:`mammogmic.evaluation.localization.dice_scores`), shifts every value by half a cell and
-is reported beside it as ``test.malignant_dice_nearest``; soft (unthresholded) variants are reported too.
+placed at their receptive-field centres (``upsample="aligned"``). The paper's convention, nearest-neighbour blocks
+``[s*i, s*(i+1))``, shifts every value by half a cell and is reported beside it as
+``test.malignant_dice_nearest``; soft (unthresholded) variants are reported too. Both come from the one Dice,
+:func:`mammogmic.evaluation.localization.dice_scores`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from mammogmic.training.config import TrainConfig
 from mammogmic.training.data import split_dataset
 from mammogmic.training.loop import Callback, Trainer, classification_metrics, predict
 
-__all__ = ["DemoSettings", "aligned_upsample", "demo_synth_config", "demo_train_config", "run_demo"]
+__all__ = ["DemoSettings", "demo_synth_config", "demo_train_config", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,36 +132,16 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 "tta": 1,
                 "test_split": "",
             },
-            "schedule": {"epochs": settings.epochs, "patience": None, "log_every": 5},
+            "schedule": {
+                "epochs": settings.epochs,
+                "patience": None,
+                "log_every": 5,
+                "keep_best_dice": True,
+                "dice_upsample": "aligned",
+            },
             "runtime": {"device": "cpu", "amp": amp, "seed": settings.seed, "threads": settings.threads},
         }
     )
-
-
-def aligned_upsample(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of ``(N, C, h, w)`` maps to ``size`` with cell ``(i, j)`` centred on pixel
-    ``(i * H / h, j * W / w)`` (its receptive-field centre; see the module docstring); border values extend."""
-    n, c, h, w = saliency.shape
-    height, width = size
-    ys = torch.arange(height, dtype=torch.float32) * h / height  # position in cell units
-    xs = torch.arange(width, dtype=torch.float32) * w / width
-    gy = ys / max(h - 1, 1) * 2 - 1
-    gx = xs / max(w - 1, 1) * 2 - 1
-    grid = torch.stack([gx[None, :].expand(height, width), gy[:, None].expand(height, width)], dim=-1)
-    grid = grid[None].expand(n, height, width, 2)
-    return torch.nn.functional.grid_sample(
-        saliency.float(), grid, mode="bilinear", padding_mode="border", align_corners=True
-    )
-
-
-def _dice_per_image(pred: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Dice over the last two axes of (N, C, H, W) arrays; NaN where the mask is empty."""
-    m = mask.astype(np.float32)
-    inter = (pred * m).sum(axis=(-2, -1))
-    total = pred.sum(axis=(-2, -1)) + m.sum(axis=(-2, -1))
-    out = np.where(total > 0, 2 * inter / np.maximum(total, 1e-12), np.nan)
-    out[m.sum(axis=(-2, -1)) == 0] = np.nan
-    return out
 
 
 def _cpu_bf16_fast() -> bool:
@@ -214,10 +195,23 @@ def run_demo(
     metrics = evaluate_with_localization(
         config, _best_or_last(out / "run"), out, callback=callback, n_figures=settings.n_figures
     )
+    # The paper selects the localization model separately, by validation Dice.
+    dice_model = out / "run" / "best_dice_model.safetensors"
+    localization = None
+    if dice_model.exists():
+        scratch = out / "dice_model"
+        scratch.mkdir(exist_ok=True)
+        localization = evaluate_with_localization(config, dice_model, scratch, callback=callback, n_figures=0)
     timings["evaluate"] = time.perf_counter() - t2
     report = {
         "test": metrics["test"],
-        "val": {"best_epoch": result.best_epoch, "best_malignant_auroc": result.best_metric},
+        "test_dice_selected": None if localization is None else localization["test"],
+        "val": {
+            "best_epoch": result.best_epoch,
+            "best_malignant_auroc": result.best_metric,
+            "best_dice_epoch": result.best_dice_epoch,
+            "best_malignant_dice": result.best_dice,
+        },
         "seconds": time.perf_counter() - t0,
         "timings": timings,
         "cpu_seconds_main_process": time.process_time() - c0,
@@ -276,38 +270,38 @@ def evaluate_with_localization(
     With ``heads`` the result also holds ``heads``: AUROCs of the global, local and fusion heads and of the
     global/local average, all from this one model.
     """
-    from mammogmic.evaluation.localization import dice_scores
-    from mammogmic.models import GMIC
+    from mammogmic.evaluation.localization import DiceResult, PeakOffsets, dice_scores, peak_offsets
+    from mammogmic.models import GMIC, load_model
     from mammogmic.training.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
-    model = GMIC(config.model)
-    model.load_state_dict(ckpt["model"])
+    model: Any
+    if Path(checkpoint).suffix == ".safetensors":
+        model = load_model(checkpoint)
+    else:
+        model = GMIC(config.model)
+        model.load_state_dict(load_checkpoint(checkpoint)["model"])
     model.eval()
     d = config.data
     images = split_dataset(config, split, masks=True)
     if len(images) == 0:
         raise MammogmicError(f"{d.manifest}: split {split!r} is empty")
     n = len(images)
-    soft = np.full((n, 2), np.nan)
-    hard = np.full((n, 2), np.nan)
-    near_soft = np.full((n, 2), np.nan)
-    near_hard = np.full((n, 2), np.nan)
+    dice: dict[str, list[DiceResult]] = {"aligned": [], "nearest": []}
+    order: list[np.ndarray] = []
     keep: dict[int, dict[str, Any]] = {}
     head_probs = {h: np.zeros((n, 2)) for h in ("fusion", "global", "local")}
 
+    offsets: list[PeakOffsets] = []
+
     def on_batch(o: Any, batch: dict[str, Any]) -> None:
-        res = dice_scores(o.saliency.float(), batch["masks"], threshold=0.5)
         idx = batch["index"].numpy()
-        near_soft[idx] = res.soft
-        near_hard[idx] = res.hard
-        up = aligned_upsample(o.saliency, tuple(batch["masks"].shape[-2:])).numpy()
-        masks = batch["masks"].numpy() > 0
+        order.append(idx)
+        for mode, parts in dice.items():
+            parts.append(dice_scores(o.saliency, batch["masks"], threshold=0.5, upsample=mode))
+        offsets.append(peak_offsets(o.saliency, batch["masks"], o.patch_locations, config.model.crop_size))
         head_probs["fusion"][idx] = o.y_fusion.float().numpy()
         head_probs["global"][idx] = o.y_global.float().numpy()
         head_probs["local"][idx] = o.y_local.float().numpy()
-        soft[idx] = _dice_per_image(up, masks)
-        hard[idx] = _dice_per_image((up >= 0.5).astype(np.float32), masks)
         for j, i in enumerate(idx):
             keep[int(i)] = {
                 "saliency": o.saliency[j].float().numpy(),
@@ -325,21 +319,24 @@ def evaluate_with_localization(
     )
     labels = images.labels
     cls = classification_metrics(images, probs)
+    rows = np.concatenate(order)
+    aligned, nearest = (DiceResult.concatenate(dice[m]) for m in ("aligned", "nearest"))
+    hard = np.full((n, 2), np.nan)
+    hard[rows] = aligned.hard
     test: dict[str, Any] = {
         "malignant_auroc": cls["malignant_auroc"],
         "benign_auroc": cls["benign_auroc"],
-        "malignant_dice": float(np.nanmean(hard[:, 1])) if np.isfinite(hard[:, 1]).any() else float("nan"),
-        "malignant_soft_dice": float(np.nanmean(soft[:, 1]))
-        if np.isfinite(soft[:, 1]).any()
-        else float("nan"),
-        "malignant_dice_nearest": _nanmean(near_hard[:, 1]),
-        "malignant_soft_dice_nearest": _nanmean(near_soft[:, 1]),
-        "benign_dice": _nanmean(hard[:, 0]),
-        "benign_dice_nearest": _nanmean(near_hard[:, 0]),
+        "malignant_dice": float(aligned.mean_hard[1]),
+        "malignant_soft_dice": float(aligned.mean_soft[1]),
+        "malignant_dice_nearest": float(nearest.mean_hard[1]),
+        "malignant_soft_dice_nearest": float(nearest.mean_soft[1]),
+        "benign_dice": float(aligned.mean_hard[0]),
+        "benign_dice_nearest": float(nearest.mean_hard[0]),
         "n_images": n,
         "n_malignant": int(np.nansum(labels[:, 1])),
         "n_benign": int(np.nansum(labels[:, 0])),
-        "n_malignant_with_mask": int(np.isfinite(hard[:, 1]).sum()),
+        "n_malignant_with_mask": int(aligned.summary()["malignant"]["n_images"]),
+        "malignant_offsets": PeakOffsets.concatenate(offsets).summary(),
     }
     head_metrics: dict[str, dict[str, float]] = {}
     if heads:
@@ -407,10 +404,6 @@ def evaluate_with_localization(
     except ImportError as exc:  # pragma: no cover - visualization package absent
         logger.warning("figures skipped: %s", exc)
     return {"test": test, "figures": figures, "heads": head_metrics}
-
-
-def _nanmean(v: np.ndarray) -> float:
-    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
 
 def _fmt(v: float) -> str:

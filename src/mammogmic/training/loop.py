@@ -95,6 +95,8 @@ class TrainResult:
     stopped_early: bool
     test_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    best_dice: float | None = None
+    best_dice_epoch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +108,8 @@ class TrainResult:
             "stopped_early": self.stopped_early,
             "test_metrics": self.test_metrics,
             "seconds": self.seconds,
+            "best_dice": self.best_dice,
+            "best_dice_epoch": self.best_dice_epoch,
         }
 
 
@@ -399,7 +403,14 @@ class _Tensorboard:
 
 
 # -- the trainer -----------------------------------------------------------------------------------------
-_HIGHER_IS_BETTER = {"malignant_auroc": True, "benign_auroc": True, "mean_auroc": True, "val_loss": False}
+_HIGHER_IS_BETTER = {
+    "malignant_auroc": True,
+    "benign_auroc": True,
+    "mean_auroc": True,
+    "val_loss": False,
+    "malignant_dice": True,
+    "benign_dice": True,
+}
 
 
 @dataclass
@@ -463,6 +474,10 @@ class Trainer:
         self.last_path = self.run_dir / "last.pt"
         self.best_path = self.run_dir / "best.pt"
 
+    def _needs_dice(self) -> bool:
+        s = self.config.schedule
+        return s.keep_best_dice or s.val_metric in ("malignant_dice", "benign_dice")
+
     # .. setup ..
     def _setup_runtime(self) -> tuple[DistInfo, torch.device]:
         rt = self.config.runtime
@@ -485,7 +500,7 @@ class Trainer:
             train_images = split_dataset(cfg, cfg.data.train_split)
         val_images = self.val_images
         if val_images is None and cfg.data.val_split and cfg.data.manifest:
-            val_images = split_dataset(cfg, cfg.data.val_split)
+            val_images = split_dataset(cfg, cfg.data.val_split, masks=self._needs_dice())
         if val_images is not None and len(val_images) == 0:
             logger.warning("validation split %r is empty: no early stopping", cfg.data.val_split)
             val_images = None
@@ -559,6 +574,8 @@ class Trainer:
             "stopped_early": False,
             "finished": False,
             "top_k": [],
+            "best_dice": None,
+            "best_dice_epoch": None,
             "epoch_loss_sum": 0.0,
             "epoch_loss_count": 0,
         }
@@ -635,6 +652,8 @@ class Trainer:
             stopped_early=state["stopped_early"],
             test_metrics=test_metrics,
             seconds=time.perf_counter() - t_start,
+            best_dice=state.get("best_dice"),
+            best_dice_epoch=state.get("best_dice_epoch"),
         )
         if r.info.is_main:
             (self.run_dir / "result.json").write_text(
@@ -768,6 +787,14 @@ class Trainer:
             else:
                 state["bad_validations"] += 1
             self._update_top_k(r.model, state, metric, epoch, higher)
+            if cfg.schedule.keep_best_dice:
+                dice = val.get("malignant_dice", float("nan"))
+                best_dice = state.get("best_dice")
+                if math.isfinite(dice) and (best_dice is None or dice > best_dice):
+                    state["best_dice"], state["best_dice_epoch"] = dice, epoch
+                    self._export_model(
+                        r.model, self.run_dir / "best_dice_model.safetensors", {"epoch": epoch, **row}
+                    )
         state["epoch"] = epoch + 1
         state["batches_done"] = 0
         state["epoch_loss_sum"], state["epoch_loss_count"] = 0.0, 0
@@ -811,10 +838,15 @@ class Trainer:
         self, model: nn.Module, images: Any, loss_fn: nn.Module, device: torch.device
     ) -> dict[str, float]:
         """Validation metrics (AUROCs as ``mammogmic evaluate`` computes them) and the validation loss."""
+        from mammogmic.evaluation.localization import DiceResult, dice_scores
+
         cfg = self.config
         losses: list[float] = []
+        dice: list[DiceResult] = []
 
         def collect(out: Any, batch: dict[str, Any]) -> None:
+            if "masks" in batch:
+                dice.append(dice_scores(out.saliency, batch["masks"], upsample=cfg.schedule.dice_upsample))
             y = batch["labels"].to(device)
             if torch.isnan(y).any():
                 return
@@ -836,6 +868,11 @@ class Trainer:
         )
         metrics = dict(res.metrics)
         metrics["val_loss"] = sum(losses) / max(1, len(images)) if losses else float("nan")
+        if self._needs_dice():
+            summary = DiceResult.concatenate(dice).summary() if dice else {}
+            for name in ("benign", "malignant"):
+                value = (summary.get(name) or {}).get("dice")
+                metrics[f"{name}_dice"] = float("nan") if value is None else value
         return metrics
 
     def test(self, r: _Run) -> dict[str, float]:
