@@ -26,9 +26,9 @@ import logging
 import os
 import pickle
 import re
-import tempfile
+import secrets
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -203,12 +203,26 @@ def save_official_checkpoint(model: GMIC, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Write through a temporary file in the destination folder, then rename it into place.
+
+    The file gets the mode ``open(path, "w")`` would give it (0o666 less the umask), like the other outputs:
+    not ``mkstemp``'s 0o600, nor the 0o600 that safetensors' ``save_file`` creates files with.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 random names all taken
+        raise FileExistsError(f"{path.parent}: cannot create a temporary file")
     try:
-        write(tmp)
+        mode = os.stat(tmp).st_mode & 0o777  # what the kernel made of 0o666 and the umask; no os.umask() race
+        write(str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
