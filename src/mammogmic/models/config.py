@@ -17,25 +17,46 @@ PREDICTIONS = ("fusion", "global", "local", "average")
 OVERLAPS = ("forbid", "official")
 
 
+#: Upper bounds of the size fields. Far above every published or tuned setting (paper: widths 16 and 64,
+#: K=6 patches of 256x256, attention 128); they refuse absurd values early, e.g. from an untrusted model file's
+#: metadata. (Whether a file's weights fit its config is checked separately, against the file's tensors.)
+MAX_GLOBAL_WIDTH = 128
+MAX_LOCAL_WIDTH = 512
+MAX_ATTENTION_DIM = 4096
+MAX_NUM_CLASSES = 64
+MAX_NUM_PATCHES = 64
+MAX_CROP_SIDE = 4096
+#: K patches together may cover at most the area of the official 2944x1920 input (the paper's K=6 x 256x256
+#: covers 7% of it): the local network's memory grows with this area, and nothing in the weights bounds it.
+MAX_PATCH_AREA = 2944 * 1920
+MAX_BASELINE_IN_CHANNELS = 16
+MAX_BASELINE_WIDTH = 512
+
+
+def _show(value: object) -> str:
+    """``repr`` of a value, cut short: values can come from untrusted files."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _choice(name: str, value: object, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(repr, options))}")
+    if not isinstance(value, str) or value not in options:
+        raise ConfigError(f"{name}: {_show(value)} is not one of {', '.join(map(repr, options))}")
 
 
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+def _positive_int(name: str, value: object, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ConfigError(f"{name}: expected an integer from 1 to {maximum}, got {_show(value)}")
 
 
 def _from_dict(cls: Any, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(map(str, set(data) - names))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}"
-        )
+        shown = ", ".join(name[:60] for name in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise ConfigError(f"{where}: unknown field(s) {shown}; valid fields: {', '.join(sorted(names))}")
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -62,6 +83,9 @@ class GMICConfig:
         attention_dim: M, hidden size of the gated attention.
         prediction: which head is the model's prediction: ``"fusion"`` (paper), ``"global"``, ``"local"`` or
             ``"average"`` of global and local.
+
+    Every field is type- and range-checked on construction (the ``MAX_*`` bounds of this module), so a config
+    read from an untrusted file is refused with the field named before anything is built from it.
     """
 
     in_channels: int = 1
@@ -81,8 +105,9 @@ class GMICConfig:
     prediction: str = "fusion"
 
     def __post_init__(self) -> None:
-        if self.in_channels not in (1, 3):
-            raise ConfigError(f"in_channels: expected 1 or 3, got {self.in_channels!r}")
+        c = self.in_channels
+        if isinstance(c, bool) or not isinstance(c, int) or c not in (1, 3):
+            raise ConfigError(f"in_channels: expected 1 or 3, got {_show(self.in_channels)}")
         _choice("global_arch", self.global_arch, GLOBAL_ARCHS)
         _choice("local_arch", self.local_arch, LOCAL_ARCHS)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
@@ -90,17 +115,25 @@ class GMICConfig:
         _choice("patch_overlap", self.patch_overlap, OVERLAPS)
         _choice("attention", self.attention, ATTENTIONS)
         _choice("prediction", self.prediction, PREDICTIONS)
-        for name in ("global_width", "local_width", "num_classes", "num_patches", "attention_dim"):
-            _positive_int(name, getattr(self, name))
-        if isinstance(self.percent_t, bool) or not isinstance(self.percent_t, (int, float)):
-            raise ConfigError(f"percent_t: expected a number in (0, 1], got {self.percent_t!r}")
-        if not 0.0 < self.percent_t <= 1.0:
-            raise ConfigError(f"percent_t: expected a number in (0, 1], got {self.percent_t!r}")
+        _positive_int("global_width", self.global_width, MAX_GLOBAL_WIDTH)
+        _positive_int("local_width", self.local_width, MAX_LOCAL_WIDTH)
+        _positive_int("num_classes", self.num_classes, MAX_NUM_CLASSES)
+        _positive_int("num_patches", self.num_patches, MAX_NUM_PATCHES)
+        _positive_int("attention_dim", self.attention_dim, MAX_ATTENTION_DIM)
+        t = self.percent_t
+        # `not 0 < t <= 1` also refuses NaN.
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
+            raise ConfigError(f"percent_t: expected a number in (0, 1], got {_show(t)}")
         crop = self.crop_size
         if not isinstance(crop, (tuple, list)) or len(crop) != 2:
-            raise ConfigError(f"crop_size: expected (height, width), got {crop!r}")
+            raise ConfigError(f"crop_size: expected (height, width), got {_show(crop)}")
         for value in crop:
-            _positive_int("crop_size", value)
+            _positive_int("crop_size", value, MAX_CROP_SIDE)
+        if self.num_patches * crop[0] * crop[1] > MAX_PATCH_AREA:
+            raise ConfigError(
+                f"num_patches x crop_size: {self.num_patches} patches of {crop[0]}x{crop[1]} cover more than "
+                f"{MAX_PATCH_AREA} pixels (the area of a 2944x1920 input)"
+            )
         object.__setattr__(self, "crop_size", tuple(crop))
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,8 +180,9 @@ class BaselineConfig:
     def __post_init__(self) -> None:
         _choice("arch", self.arch, LOCAL_ARCHS)
         _choice("pooling", self.pooling, ("gap", "gmp"))
-        for name in ("in_channels", "width", "num_classes"):
-            _positive_int(name, getattr(self, name))
+        _positive_int("in_channels", self.in_channels, MAX_BASELINE_IN_CHANNELS)
+        _positive_int("width", self.width, MAX_BASELINE_WIDTH)
+        _positive_int("num_classes", self.num_classes, MAX_NUM_CLASSES)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
