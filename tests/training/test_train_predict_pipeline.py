@@ -149,3 +149,56 @@ def test_convert_and_predict_agree_on_an_official_files_t(tmp_path: Path, fixtur
     assert main(["convert", str(dest), str(tmp_path / "y.safetensors"), "--percent-t", "0.05"]) == 2
     assert not (tmp_path / "y.safetensors").exists()
     torch.manual_seed(0)
+
+
+def test_dice_selection_keeps_the_dice_best_model(tmp_path: Path) -> None:
+    """Validation Dice is the library's Dice on the validation split; the best-Dice model is kept beside it."""
+    from mammogmic.data.manifest import load_manifest
+    from mammogmic.data.sample import demo_contract
+    from mammogmic.data.synth import SynthConfig
+    from mammogmic.data.synth.dataset import generate_dataset
+    from mammogmic.evaluation.localization import DiceResult, dice_scores
+
+    size = (256, 160)
+    raw = generate_dataset(tmp_path / "synth", 6, size, 1, SynthConfig.demo(malignant_rate=0.6), 1)
+    rows = [
+        dict(r.to_record(), split=("val" if i % 3 == 0 else "train"))
+        for i, r in enumerate(load_manifest(raw))
+    ]
+    manifest = tmp_path / "synth" / "split.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    contract = demo_contract(size)
+    run = tmp_path / "run"
+    args = ["train", "tiny_cpu", "--out", str(run), "--no-progress"]
+    for key, value in {
+        "data.manifest": manifest,
+        "data.out_shape": "[256,160]",
+        "data.crop_iterations": contract.crop_iterations,
+        "data.crop_buffer": contract.crop_buffer,
+        "data.test_split": "",
+        "schedule.epochs": 2,
+        "schedule.val_metric": "malignant_dice",
+        "schedule.keep_best_dice": "true",
+        "schedule.dice_upsample": "aligned",
+    }.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    epochs = pd.read_csv(run / "epochs.csv")
+    assert epochs["val_malignant_dice"].notna().all()
+    result = json.loads((run / "result.json").read_text())
+    assert result["best_metric"] == pytest.approx(epochs["val_malignant_dice"].max())
+    assert result["best_dice"] == pytest.approx(epochs["val_malignant_dice"].max())
+    # the kept model's validation Dice, recomputed outside the trainer
+    model = load_model(run / "best_dice_model.safetensors")
+    config = TrainConfig.from_dict(
+        read_model_metadata(run / "best_dice_model.safetensors")["extra"]["training_config"]
+    )
+    val = split_dataset(config, "val", masks=True)
+    parts = []
+    with torch.inference_mode():
+        for i in range(len(val)):
+            sample = val.load(i)
+            parts.append(
+                dice_scores(model(sample["image"][None]).saliency, sample["masks"][None], upsample="aligned")
+            )
+    assert float(DiceResult.concatenate(parts).mean_hard[1]) == pytest.approx(result["best_dice"], abs=1e-6)
