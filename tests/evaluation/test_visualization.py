@@ -55,10 +55,21 @@ def test_figure_panels_and_titles() -> None:
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0] == "input" and titles[1].startswith("patch map")
     assert any("attention 0.500" in t for t in titles)
-    assert len(fig.axes) == 4 + 3
+    assert len(fig.axes) == 4 + 2 + 3  # panels, a colour bar per saliency panel, patches
     # Patch map has one rectangle per patch, at (col, row) of each location.
     rects = fig.axes[1].patches
     assert [(r.get_x(), r.get_y()) for r in rects] == [(10, 10), (40, 100), (100, 200)]
+    # The lesion outline is on every top panel, not only the input.
+    for ax in fig.axes[:4]:
+        assert ax.collections, f"no lesion outline on {ax.get_title()!r}"
+    # Colour bars span the saliency probability scale.
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 2 and all(bar.get_ylim() == (0.0, 1.0) for bar in bars)
+    # Saliency cells are centred on their receptive-field centres: the map's extent is shifted by half a cell.
+    extent = fig.axes[3].images[-1].get_extent()
+    assert extent == [-16.0, 160 - 16.0, 256 - 16.0, -16.0]
+    mirrored = gmic_figure(**_figure_inputs(), mirrored=True)
+    assert "mirrored" in mirrored.axes[0].get_title()
 
 
 def test_figure_rejects_mismatched_inputs() -> None:

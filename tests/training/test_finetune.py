@@ -175,7 +175,9 @@ def test_bad_init_files_exit_2_with_the_message(tmp_path: Path, capsys: pytest.C
     garbage = tmp_path / "garbage.p"
     garbage.write_bytes(b"not a checkpoint")
     manifest = write_blob_manifest(tmp_path / "m", n_exams=2)
-    assert f"error: {garbage}: refusing to load" in run(garbage, "--set", f"data.manifest={manifest}")
+    assert f"error: {garbage}: not a readable PyTorch checkpoint" in run(
+        garbage, "--set", f"data.manifest={manifest}"
+    )
     garbage_st = tmp_path / "garbage.safetensors"
     garbage_st.write_bytes(b"not a checkpoint")
     err = run(garbage_st, "--set", f"data.manifest={manifest}")

@@ -656,6 +656,7 @@ def run_visualize(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
+    from mammogmic.data.preprocessing import needs_flip
     from mammogmic.errors import MammogmicError
     from mammogmic.evaluation.localization import DiceResult, dice_scores
     from mammogmic.evaluation.outputs import PredictionWriter, file_stem
@@ -682,6 +683,7 @@ def run_visualize(args: argparse.Namespace) -> int:
                 malignant_mask=masks[1] if masks is not None else None,
                 scores={"benign": res.benign, "malignant": res.malignant},
                 title=f"{res.item.image_id} ({res.view})",
+                mirrored=bool(res.view) and needs_flip(res.view, res.item.horizontal_flip),
             )
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=args.dpi)

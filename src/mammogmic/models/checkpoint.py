@@ -395,6 +395,23 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict (``torch.save``) read as data: its structure and declared sizes are checked against
+    the file before any tensor is read (zip: memory-mapped; legacy: scanned), then loaded with
+    ``weights_only=True``.
+
+    Raises:
+        CheckpointError: unsafe pickle, unreadable or corrupt file.
+    """
+    try:
+        if _is_zip_checkpoint(path):
+            return _extract_state_dict(_safe_torch_load(path, mmap=True), path)
+        _extract_state_dict(_scan_legacy_checkpoint(path), path)  # sizes bounded by the file before reading
+        return _extract_state_dict(_safe_torch_load(path, mmap=False), path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {_clean(exc.strerror or exc)}") from None
+
+
 def _official_to_our_names(official: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     unknown = []

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mammogmic.data.preprocessing import needs_flip
 from mammogmic.data.sample import scaled_crop_settings
 from mammogmic.errors import MammogmicError
 from mammogmic.training.config import TrainConfig
@@ -385,6 +386,7 @@ def evaluate_with_localization(
         nor = [i for i in range(n) if labels[i, 0] == 0 and labels[i, 1] == 0][:1]
         for i in [*mal, *ben, *nor][:n_figures]:
             sample = images.load(int(i))
+            item = images.items[int(i)]
             k = keep[int(i)]
             path = out / "figures" / f"{images.image_ids[i]}.png"
             save_gmic_figure(
@@ -399,6 +401,7 @@ def evaluate_with_localization(
                 malignant_mask=sample["masks"][1].numpy(),
                 scores={"benign": float(probs[i, 0]), "malignant": float(probs[i, 1])},
                 title=f"{images.image_ids[i]} (labels benign={int(labels[i, 0])}, malignant={int(labels[i, 1])})",
+                mirrored=needs_flip(item.view or "L-CC", item.horizontal_flip),
             )
             figures.append(str(path.relative_to(out)))
     except ImportError as exc:  # pragma: no cover - visualization package absent

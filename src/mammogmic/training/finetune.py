@@ -34,11 +34,10 @@ from torch import nn
 from mammogmic.data.cache import sha256_file
 from mammogmic.errors import CheckpointError, ConfigError
 from mammogmic.models.checkpoint import (
-    RELEASED_PERCENT_T,
-    _extract_state_dict,
-    _safe_torch_load,
+    official_percent_t,
     official_to_ours,
     ours_to_official,
+    read_state_dict,
 )
 from mammogmic.training.config import FREEZE_PARTS, TrainConfig
 
@@ -126,7 +125,7 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], SourceFormat, floa
         except (json.JSONDecodeError, AttributeError):
             recorded = None
         return state, "mammogmic", recorded if isinstance(recorded, int | float) else None
-    state = _extract_state_dict(_safe_torch_load(path), path)  # weights_only=True; refuses code
+    state = read_state_dict(path)  # weights_only=True, sizes checked first; refuses code
     renamed = {key: official_to_ours(key) for key in state}
     if 2 * sum(name is not None for name in renamed.values()) <= len(state):
         return state, "mammogmic", None
@@ -155,10 +154,12 @@ def load_init_state(path: str | os.PathLike[str], percent_t: float | None = None
 def _warn_about_t(
     path: Path, source_format: str, recorded: float | None, percent_t: float, *, explicit: bool
 ) -> None:
-    released = re.fullmatch(r"sample_model_(\d)\.p", path.name)
     expected = recorded
-    if expected is None and released is not None:
-        expected = RELEASED_PERCENT_T.get(int(released.group(1)))
+    if expected is None and path.suffix == ".p":
+        try:
+            expected = official_percent_t(path)  # the released t of sample_model_N.p (the one rule)
+        except CheckpointError:
+            expected = None
     if expected is not None and not math.isclose(expected, percent_t, abs_tol=1e-12):
         logger.warning(
             "%s: its model used t = %s but model.percent_t is %s (set --percent-t to choose)",

@@ -1,8 +1,11 @@
 """The GMIC explanation figure for one image (as in the paper's qualitative figures).
 
-Panels, top row: the input with ground-truth outlines (green benign, red malignant) when masks are
-given; the patch map (the K retrieved windows drawn on the image, numbered by rank); the benign and
-the malignant saliency maps over the image. Bottom row: the K patches with their attention weights.
+Panels, top row: the input; the patch map (the K retrieved windows drawn on the image, numbered by rank); the
+benign and the malignant saliency maps over the image, with a colour bar of the saliency scale. Ground-truth
+outlines (green benign, red malignant) are drawn on every top-row panel when masks are given. Saliency cells are
+drawn centred on their receptive-field centres (cell ``(i, j)`` of a stride-``s`` map on pixel ``(s·i, s·j)``,
+:mod:`mammogmic.evaluation.localization`) and are transparent where the map is low. Right-breast views are shown
+mirrored (facing right, as the model sees them) and say so. Bottom row: the K patches with their attention.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def gmic_figure(
     scores: Mapping[str, float] | None = None,
     title: str | None = None,
     panel_width: float = 2.6,
+    mirrored: bool = False,
 ) -> Figure:
     """Build the explanation figure.
 
@@ -68,6 +72,7 @@ def gmic_figure(
         scores: e.g. ``{"benign": 0.12, "malignant": 0.87}``, shown in the title.
         title: figure title (e.g. the image id).
         panel_width: width of each top-row panel in inches.
+        mirrored: the image was mirrored left-right to face right (right views): said in the input panel.
 
     Returns:
         A matplotlib ``Figure`` (not attached to pyplot, so it works under any backend).
@@ -119,7 +124,8 @@ def gmic_figure(
         ax.set_xticks([])
         ax.set_yticks([])
 
-    base(top[0], "input")
+    base(top[0], "input (mirrored: right breast)" if mirrored else "input")
+    outlines = []
     for mask, color, name in (
         (benign_mask, BENIGN_COLOR, "benign"),
         (malignant_mask, MALIGNANT_COLOR, "malignant"),
@@ -131,12 +137,19 @@ def gmic_figure(
             raise ValueError(f"{name} mask has shape {m.shape}, the image {img.shape}")
         small = (m[::step, ::step] != 0).astype(np.float32)
         if small.any():
+            outlines.append((small, color, name))
+
+    def outline(ax: Any, legend: bool) -> None:
+        for small, color, name in outlines:
             ys = (np.arange(small.shape[0]) + 0.5) * step
             xs = (np.arange(small.shape[1]) + 0.5) * step
-            top[0].contour(xs, ys, small, levels=[0.5], colors=[color], linewidths=1.2)
-            top[0].plot([], [], color=color, label=name)
-    if top[0].get_legend_handles_labels()[0]:
-        top[0].legend(loc="lower right", fontsize=6, framealpha=0.6)
+            ax.contour(xs, ys, small, levels=[0.5], colors=[color], linewidths=1.0)
+            if legend:
+                ax.plot([], [], color=color, label=f"{name} lesion")
+        if legend and outlines:
+            ax.legend(loc="lower right", fontsize=6, framealpha=0.6)
+
+    outline(top[0], legend=True)
 
     base(top[1], f"patch map (K={k})")
     for i, (row, col) in enumerate(locations):
@@ -145,14 +158,26 @@ def gmic_figure(
         top[1].text(
             col + 4, row + 4, str(i + 1), color=color, fontsize=6, va="top", ha="left", fontweight="bold"
         )
+    outline(top[1], legend=False)
     top[1].set_xlim(0, width)
     top[1].set_ylim(height, 0)
 
+    # Cell (i, j) centred on pixel (s_y·i, s_x·j): the map's extent is shifted by half a cell.
+    sy, sx = height / sal.shape[1], width / sal.shape[2]
+    cell_extent = (-sx / 2, width - sx / 2, height - sy / 2, -sy / 2)
     for ax, cls, name, cmap in ((top[2], 0, "benign", "Greens"), (top[3], 1, "malignant", "Reds")):
         base(ax, f"saliency: {name}  (max {sal[cls].max():.2f})")
-        # Opacity follows the saliency so that the breast stays visible where the map is low.
-        alpha = np.clip(sal[cls], 0.0, 1.0) * 0.8
-        ax.imshow(sal[cls], cmap=cmap, vmin=0, vmax=1, alpha=alpha, extent=extent, interpolation="nearest")
+        # Transparent below 0.2 and more opaque with the value, so the breast stays visible where the map is low.
+        alpha = np.clip((sal[cls] - 0.2) / 0.8, 0.0, 1.0) * 0.85
+        layer = ax.imshow(
+            sal[cls], cmap=cmap, vmin=0, vmax=1, alpha=alpha, extent=cell_extent, interpolation="nearest"
+        )
+        outline(ax, legend=False)
+        ax.set_xlim(0, width)
+        ax.set_ylim(height, 0)
+        bar = fig.colorbar(layer, ax=ax, fraction=0.046, pad=0.02)
+        bar.solids.set_alpha(1.0)  # type: ignore[union-attr]
+        bar.ax.tick_params(labelsize=6)
 
     order = np.argsort(-attention) if k else np.array([], dtype=int)
     for j, i in enumerate(order):
