@@ -133,3 +133,20 @@ def test_crop_patches_multichannel_and_gradient() -> None:
     assert torch.equal(patches[0, 1], x[0, :, 8:12, 8:12])
     patches.sum().backward()
     assert x.grad is not None and float(x.grad.sum()) == 2 * 3 * 16
+
+
+def test_centered_patches_sit_on_the_cells_they_were_chosen_for() -> None:
+    """Official: patch at stride × cell (half a cell late); centered: patch centre on the cells' centres."""
+    from mammogmic.models.roi import grid_to_pixels
+
+    grid_pos = torch.tensor([[[3, 2], [0, 0], [7, 4]]])
+    official = grid_to_pixels(grid_pos, (8, 5), (256, 160))
+    assert official[0].tolist() == [[96, 64], [0, 0], [224, 128]]
+    centered = grid_to_pixels(grid_pos, (8, 5), (256, 160), centered=True, crop_hw=(64, 64))
+    # a 2x2-cell window at cells (3, 2): cell centres at pixels 96..128 rows, 64..96 cols -> centre (112, 80);
+    # a 64-pixel patch centred there starts at (80, 48) = official - half a cell (16 px)
+    assert centered[0, 0].tolist() == [80, 48]
+    assert centered[0, 1].tolist() == [0, 0]  # kept inside the image
+    assert centered[0, 2].tolist() == [192, 96]  # last cells: clamped to input - crop
+    with pytest.raises(ValueError, match="crop_hw"):
+        grid_to_pixels(grid_pos, (8, 5), (256, 160), centered=True)

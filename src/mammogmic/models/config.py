@@ -15,6 +15,7 @@ PATCH_SELECTIONS = ("saliency", "random")
 ATTENTIONS = ("gated", "uniform")
 PREDICTIONS = ("fusion", "global", "local", "average")
 OVERLAPS = ("forbid", "official")
+ALIGNMENTS = ("official", "centered")
 
 
 #: Upper bounds of the size fields. Far above every published or tuned setting (paper: widths 16 and 64,
@@ -79,6 +80,10 @@ class GMICConfig:
         crop_size: ``(height, width)`` of each patch in input pixels.
         patch_selection: ``"saliency"`` (retrieve_roi) or ``"random"`` (ablation).
         patch_overlap: ``"forbid"`` or ``"official"``; see :func:`mammogmic.models.roi.greedy_windows`.
+        patch_alignment: where a patch is cut for the chosen window of saliency cells: ``"official"`` (the
+            released models: upper-left pixel = stride × upper-left cell, so the patch lies half a cell below and
+            right of the cells it was chosen for) or ``"centered"`` (the patch centred on those cells'
+            receptive-field centres; see :func:`mammogmic.models.roi.grid_to_pixels`).
         attention: ``"gated"`` attention MIL or ``"uniform"`` weights (ablation).
         attention_dim: M, hidden size of the gated attention.
         prediction: which head is the model's prediction: ``"fusion"`` (paper), ``"global"``, ``"local"`` or
@@ -100,6 +105,7 @@ class GMICConfig:
     crop_size: tuple[int, int] = (256, 256)
     patch_selection: str = "saliency"
     patch_overlap: str = "forbid"
+    patch_alignment: str = "official"
     attention: str = "gated"
     attention_dim: int = 128
     prediction: str = "fusion"
@@ -113,6 +119,7 @@ class GMICConfig:
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("patch_selection", self.patch_selection, PATCH_SELECTIONS)
         _choice("patch_overlap", self.patch_overlap, OVERLAPS)
+        _choice("patch_alignment", self.patch_alignment, ALIGNMENTS)
         _choice("attention", self.attention, ATTENTIONS)
         _choice("prediction", self.prediction, PREDICTIONS)
         _positive_int("global_width", self.global_width, MAX_GLOBAL_WIDTH)

@@ -148,7 +148,9 @@ class GMIC(nn.Module):
                 grid_pos = greedy_windows(
                     normalize_saliency(saliency), window, cfg.num_patches, cfg.patch_overlap
                 )
-        return grid_to_pixels(grid_pos, grid_hw, input_hw)
+        centered = cfg.patch_alignment == "centered"
+        crop_hw = (int(cfg.crop_size[0]), int(cfg.crop_size[1]))
+        return grid_to_pixels(grid_pos, grid_hw, input_hw, centered=centered, crop_hw=crop_hw)
 
     def forward_local(self, patches: torch.Tensor) -> torch.Tensor:
         """Local network on (N, K, C, ch, cw) patches -> (N, K, D_l) feature vectors, one batched pass."""

@@ -121,14 +121,33 @@ def random_windows(
 
 
 def grid_to_pixels(
-    grid_pos: torch.Tensor, grid_hw: tuple[int, int], input_hw: tuple[int, int]
+    grid_pos: torch.Tensor,
+    grid_hw: tuple[int, int],
+    input_hw: tuple[int, int],
+    *,
+    centered: bool = False,
+    crop_hw: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Map grid upper-left corners to input pixels: ``round(pos / grid * input)`` (half to even), int64."""
+    """Map grid upper-left corners to input pixels: ``round(pos / grid * input)`` (half to even), int64.
+
+    That is the reference's rule. Cell ``i`` of a stride-``s`` network is centred on pixel ``s·i``
+    (:mod:`mammogmic.evaluation.localization`), so a patch of ``w`` cells' size starting at pixel ``s·i`` lies half
+    a cell after the cells it was chosen for. ``centered`` moves it back by half a cell, so its centre falls on
+    the centre of those cells, kept inside the image (``crop_hw`` needed).
+    """
     # (pos / grid) * input, in float64 like the reference's numpy arithmetic.
     grid = torch.tensor(grid_hw, dtype=torch.float64, device=grid_pos.device)
     size = torch.tensor(input_hw, dtype=torch.float64, device=grid_pos.device)
-    prop = grid_pos.double() / grid
-    return torch.round(prop * size).long()
+    prop = (grid_pos.double() - (0.5 if centered else 0.0)) / grid
+    pixels = torch.round(prop * size).long()
+    if centered:
+        if crop_hw is None:
+            raise ValueError("centered patches need crop_hw")
+        limit = torch.tensor(
+            [max(0, input_hw[0] - crop_hw[0]), max(0, input_hw[1] - crop_hw[1])], device=grid_pos.device
+        )
+        pixels = torch.minimum(pixels.clamp_min(0), limit)
+    return pixels
 
 
 def _axis_index(start: torch.Tensor, size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
