@@ -30,3 +30,40 @@ def test_demo_writes_metrics_figures_and_keeps_data_inside(tmp_path: Path) -> No
     assert all((out / f).is_file() for f in metrics["report"]["figures"])
     with pytest.raises(MammogmicError, match="already holds a demo run"):
         run_demo(out, settings)
+
+
+def test_demo_dice_is_the_library_dice_of_the_dice_selected_model(tmp_path: Path) -> None:
+    """The reported Dice is recomputed outside the demo: Dice-selected model, test split, aligned upsampling."""
+    import numpy as np
+    import torch
+
+    from mammogmic.evaluation.localization import DiceResult, dice_scores
+    from mammogmic.models import load_model, read_model_metadata
+    from mammogmic.training.config import TrainConfig
+    from mammogmic.training.data import split_dataset
+
+    out = tmp_path / "demo"
+    settings = DemoSettings(
+        n_exams=12, size=(256, 160), epochs=2, workers=1, threads=1, amp="none", n_figures=0
+    )
+    metrics = run_demo(out, settings)
+    path = out / "run" / "best_dice_model.safetensors"
+    assert path.is_file() and metrics["val"]["best_dice_epoch"] is not None
+    config = TrainConfig.from_dict(read_model_metadata(path)["extra"]["training_config"])
+    test = split_dataset(config, "test", masks=True)
+    model = load_model(path)
+    parts = {"aligned": [], "nearest": []}
+    with torch.inference_mode():
+        for i in range(len(test)):
+            sample = test.load(i)
+            saliency = model(sample["image"][None]).saliency
+            for mode, found in parts.items():
+                found.append(dice_scores(saliency, sample["masks"][None], upsample=mode))
+    for key, mode in (("malignant_dice", "aligned"), ("malignant_dice_nearest", "nearest")):
+        expected = float(DiceResult.concatenate(parts[mode]).mean_hard[1])
+        reported = metrics["test"][key]
+        if np.isnan(expected):
+            assert reported is None or np.isnan(reported)
+        else:
+            assert reported == pytest.approx(expected, abs=1e-9)
+        assert metrics["test_dice_selected_model"][key] == reported
