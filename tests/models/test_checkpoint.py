@@ -59,7 +59,8 @@ def test_official_key_problems_are_named(tmp_path: Path) -> None:
     del state["extra_head.weight"]
     torch.save(state, tmp_path / "bad2.p")
     with pytest.raises(
-        CheckpointError, match=r"missing key\(s\): fusion_dnn.bias.*mil_attn_V.weight: file \(3, 3\)"
+        CheckpointError,
+        match=r"missing key\(s\): fusion\.bias \(fusion_dnn\.bias\).*attention\.V\.weight \(mil_attn_V\.weight\): file \(3, 3\)",
     ):
         load_official_checkpoint(tmp_path / "bad2.p", config=TINY)
     # The full-size architecture does not fit a tiny checkpoint: shapes are reported, not silently skipped.

@@ -36,7 +36,7 @@ import os
 import pickle
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -151,20 +151,38 @@ def _same_kind(found: torch.dtype, expected: torch.dtype) -> bool:
     return found.is_floating_point == expected.is_floating_point
 
 
-def _raise_on_mismatch(
-    path: Path, expected: Mapping[str, _Spec], found: Mapping[str, _Spec], official: bool
+def check_state_matches(
+    path: Path,
+    expected: Mapping[str, _Spec],
+    found: Mapping[str, _Spec],
+    *,
+    official: bool = False,
+    skip: Collection[str] = (),
+    hint: str = "",
 ) -> None:
-    """Compare a file's tensors with the model's, naming every missing, unexpected and mismatched key."""
+    """Compare a file's tensors with the model's, naming every missing, unexpected and mismatched key.
+
+    Args:
+        path: the file (named in the error).
+        expected, found: ``name -> (shape, dtype)`` of the model and of the file (our names).
+        official: also show the official name of each key (official ``.p`` files).
+        skip: names to leave out on both sides (tensors re-initialised on purpose).
+        hint: appended to the error (what the user can do).
+
+    Raises:
+        CheckpointError: listing every problem (up to a bound per kind).
+    """
 
     def label(key: str) -> str:
-        return _clean((ours_to_official(key) or key) if official else key)
+        name = ours_to_official(key) if official else None
+        return _clean(f"{key} ({name})" if name and name != key else key)
 
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = sorted(label(k) for k in expected if k not in found and k not in optional)
-    unexpected = sorted(label(k) for k in found if k not in expected)
+    missing = sorted(label(k) for k in expected if k not in found and k not in optional and k not in skip)
+    unexpected = sorted(label(k) for k in found if k not in expected and k not in skip)
     shapes, dtypes = [], []
     for key, (shape, dtype) in found.items():
-        if key not in expected:
+        if key not in expected or key in skip:
             continue
         want_shape, want_dtype = expected[key]
         if shape != want_shape:
@@ -182,14 +200,19 @@ def _raise_on_mismatch(
         problems.append(f"{len(dtypes)} dtype mismatch(es): {'; '.join(dtypes[:_MAX_LISTED])}")
     if problems:
         raise CheckpointError(
-            f"{path}: checkpoint does not match the model configuration: " + " | ".join(problems)
+            f"{path}: checkpoint does not match the model configuration: " + " | ".join(problems) + hint
         )
+
+
+def specs_of(state: Mapping[str, torch.Tensor]) -> dict[str, _Spec]:
+    """``name -> (shape, dtype)`` of a state dict (what :func:`check_state_matches` compares)."""
+    return _specs_of(state)
 
 
 def _check_and_load(model: nn.Module, state: dict[str, torch.Tensor], path: Path, official: bool) -> None:
     """Load ``state`` (our names) into ``model`` after checking every key and shape, naming all problems."""
     expected = model.state_dict()
-    _raise_on_mismatch(path, _specs_of(expected), _specs_of(state), official)
+    check_state_matches(path, _specs_of(expected), _specs_of(state), official=official)
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
     full = {**{k: expected[k] for k in optional if k not in state}, **state}
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in full.items()}, strict=True)
@@ -454,7 +477,7 @@ def load_official_checkpoint(
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {_clean(exc.strerror or exc)}") from None
     state = _official_to_our_names(_extract_state_dict(lazy, path), path)
-    _raise_on_mismatch(path, _expected_specs(GMIC, cfg), _specs_of(state), official=True)
+    check_state_matches(path, _expected_specs(GMIC, cfg), _specs_of(state), official=True)
     if not zipped:  # the scan gave meta tensors; the sizes are now known to be the model's, so read them
         state = _official_to_our_names(_extract_state_dict(_safe_torch_load(path, mmap=False), path), path)
     model = GMIC(cfg)
@@ -709,7 +732,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         config = config_cls.from_dict(meta["model_config"])
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}: invalid model_config in the file's metadata: {exc}") from None
-    _raise_on_mismatch(path, _expected_specs(model_cls, config), specs, official=False)
+    check_state_matches(path, _expected_specs(model_cls, config), specs)
     model: GMIC | ResNetBaseline = model_cls(config)  # allocated only now that the file is known to fit it
     try:
         state = load_file(str(path))

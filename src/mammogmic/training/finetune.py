@@ -34,10 +34,11 @@ from torch import nn
 from mammogmic.data.cache import sha256_file
 from mammogmic.errors import CheckpointError, ConfigError
 from mammogmic.models.checkpoint import (
+    check_state_matches,
     official_percent_t,
     official_to_ours,
-    ours_to_official,
     read_state_dict,
+    specs_of,
 )
 from mammogmic.training.config import FREEZE_PARTS, TrainConfig
 
@@ -59,8 +60,6 @@ logger = logging.getLogger(__name__)
 INIT_RECORD = "init.json"
 
 SourceFormat = Literal["official", "mammogmic"]
-
-_LISTED = 20  # names listed per problem kind in a CheckpointError
 
 
 @dataclass(frozen=True)
@@ -202,11 +201,6 @@ def _check_patterns_match(patterns: tuple[str, ...], names: list[str]) -> None:
 
 
 # -- initialising the model ------------------------------------------------------------------------------
-def _listing(items: list[str]) -> str:
-    more = f" ... and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
-    return ", ".join(items[:_LISTED]) + more
-
-
 def initialize_model(model: nn.Module, config: TrainConfig) -> InitReport:
     """Copy ``config.finetune.init`` into ``model``, except the names ``finetune.init_exclude`` matches.
 
@@ -228,33 +222,15 @@ def initialize_model(model: nn.Module, config: TrainConfig) -> InitReport:
     excluded = matching_names(expected, ft.init_exclude)
     ignored = matching_names(file_state, ft.init_exclude)
 
-    def label(key: str) -> str:
-        official = ours_to_official(key) if source_format == "official" else None
-        return f"{key} ({official})" if official else key
-
-    # num_batches_tracked only counts BN updates; files written before PyTorch tracked it lack it.
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = [label(k) for k in expected if k not in file_state and k not in excluded and k not in optional]
-    unexpected = [label(k) for k in file_state if k not in expected and k not in ignored]
-    mismatched = [
-        f"{label(k)}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in file_state.items()
-        if k in expected and k not in excluded and v.shape != expected[k].shape
-    ]
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
-    if problems:
-        raise CheckpointError(
-            f"{path}: does not match the model configuration (strict loading): "
-            + " | ".join(problems)
-            + ". Fix the model config, or re-initialise tensors on purpose with --init-exclude PATTERN "
-            "(finetune.init_exclude; our names, e.g. 'fusion' or 'global_net.stem_conv')"
-        )
+    check_state_matches(
+        path,
+        specs_of(expected),
+        specs_of(file_state),
+        official=source_format == "official",
+        skip=excluded | ignored,
+        hint=". Fix the model config, or re-initialise tensors on purpose with --init-exclude PATTERN "
+        "(finetune.init_exclude; our names, e.g. 'fusion' or 'global_net.stem_conv')",
+    )
     loaded = [k for k in expected if k in file_state and k not in excluded]
     model.load_state_dict({**expected, **{k: file_state[k] for k in loaded}}, strict=True)
     report = InitReport(
