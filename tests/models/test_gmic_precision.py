@@ -25,7 +25,15 @@ def test_bf16_autocast_scores_are_float32_and_distinct() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
     assert out.h_g.dtype == torch.bfloat16  # the backbones did run in bf16
-    for name in ("y_fusion", "y_global", "y_local", "prediction", "saliency", "logits_local", "logits_fusion"):
+    for name in (
+        "y_fusion",
+        "y_global",
+        "y_local",
+        "prediction",
+        "saliency",
+        "logits_local",
+        "logits_fusion",
+    ):
         assert getattr(out, name).dtype == torch.float32, name
     for name in ("y_fusion", "y_global", "y_local", "prediction"):
         for column in range(2):
