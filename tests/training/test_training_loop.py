@@ -61,7 +61,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> N
         run,
         train_images=BlobImages(16),
         val_images=BlobImages(8, seed=1),
-        tensorboard=False,
+        tensorboard=True,
         callback=stop_at_step_3,
     )
     with pytest.raises(_Interrupt):
@@ -71,7 +71,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> N
     with pytest.raises(MammogmicError, match="--resume"):
         Trainer(cfg, run, train_images=BlobImages(16), tensorboard=False).fit()
     resumed = Trainer(
-        cfg, run, train_images=BlobImages(16), val_images=BlobImages(8, seed=1), tensorboard=False
+        cfg, run, train_images=BlobImages(16), val_images=BlobImages(8, seed=1), tensorboard=True
     )
     result = resumed.fit(resume=True)
     assert result.global_step == 8 and result.epochs_run == 2
@@ -88,6 +88,19 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> N
 
     assert losses(tmp_path / "full" / "steps.csv") == losses(run / "steps.csv")
     assert len(losses(run / "steps.csv")) == 8
+
+    # TensorBoard: step 3 was logged before the kill and again after the resume; the resumed writer's
+    # purge_step makes TensorBoard drop the first one, so every step shows once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert len(list((run / "tensorboard").iterdir())) == 2  # one event file per process
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+        [float(v) for v in losses(run / "steps.csv")], rel=1e-6
+    )
+    assert [e.step for e in events.Scalars("epoch/train_loss")] == [4, 8]  # epochs on the step axis too
 
 
 class _NaNAfter(BlobImages):

@@ -31,7 +31,9 @@ def add_parser(subparsers: Any) -> None:
             "(gmic_resnet18, gmic_resnet34, gmic_resnet50, tiny_cpu). Writes RUN_DIR/config.yaml, last.pt, "
             "best.pt, best_model.safetensors, steps.csv, epochs.csv, tensorboard/, result.json. Several GPUs: "
             "torchrun --nproc_per_node=N -m mammogmic.cli.main train ... Fine-tuning: --init, and in the "
-            "config finetune.freeze (alias model.freeze) and optim.backbone_lr_ratio (docs/training.md)."
+            "config finetune.freeze (alias model.freeze) and optim.backbone_lr_ratio (docs/training.md). "
+            "Ctrl-C, SIGTERM or SIGUSR1 stop after the current optimizer step and save last.pt (exit code "
+            "128 + signal number; continue with --resume); a second Ctrl-C aborts at once."
         ),
     )
     p.add_argument("config", help="YAML config file or preset name")
@@ -44,7 +46,18 @@ def add_parser(subparsers: Any) -> None:
         help="override a config field (YAML value), e.g. --set optim.lr=1e-5 (repeatable)",
     )
     p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt (written every epoch, every "
+        "schedule.checkpoint_every_steps steps, and when Ctrl-C/SIGTERM/SIGUSR1 stops the run)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that holds files of an earlier run: they are moved to "
+        "OUT/replaced-<time>/ (without it such a folder is refused, never appended to)",
+    )
     p.add_argument(
         "--init",
         type=Path,
@@ -235,16 +248,30 @@ def _fail(exc: Exception) -> int:
 
 # -- train ------------------------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
+    """``mammogmic train``; under ``torchrun`` every rank runs it and rank 0 alone prints the summary."""
+    import torch.distributed as dist
+
     from mammogmic.errors import MammogmicError
     from mammogmic.training.config import load_config
-    from mammogmic.training.loop import NonFiniteLossError, Trainer
+    from mammogmic.training.loop import NonFiniteLossError, Trainer, TrainingInterrupted
 
     if args.init is not None and not args.init.is_file():
         return _fail(FileNotFoundError(f"--init: {args.init}: no such file"))
+    if args.resume and args.overwrite:
+        return _fail(
+            ValueError("--resume continues the run in --out, --overwrite replaces it: pass only one")
+        )
     progress = _Progress(not args.no_progress)
+    trainer: Trainer | None = None
     try:
         config = load_config(args.config, _train_overrides(args))
-        result = Trainer(config, args.out, callback=progress).fit(resume=args.resume)
+        trainer = Trainer(config, args.out, callback=progress)
+        result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as exc:
+        progress.close()
+        if trainer is None or trainer.dist.is_main:
+            print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except NonFiniteLossError as exc:
         progress.close()
         print(f"error: {exc}", file=sys.stderr)
@@ -252,10 +279,13 @@ def run_train(args: argparse.Namespace) -> int:
     except MammogmicError as exc:
         progress.close()
         return _fail(exc)
+    finally:
+        if dist.is_initialized():  # joined by the trainer under torchrun
+            dist.destroy_process_group()
     progress.close()
-    summary = result.to_dict()
-    print(json.dumps(summary, indent=2, default=str))
-    print(f"run folder: {args.out} (result.json, epochs.csv, best_model.safetensors)", file=sys.stderr)
+    if trainer.dist.is_main:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        print(f"run folder: {args.out} (result.json, epochs.csv, best_model.safetensors)", file=sys.stderr)
     return 0
 
 

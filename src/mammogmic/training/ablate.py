@@ -109,7 +109,8 @@ def run_ablations(
         t0 = time.perf_counter()
         resume = (run / "last.pt").exists()
         try:
-            Trainer(cfg, run, callback=callback, tensorboard=False).fit(resume=resume)
+            # A folder without last.pt was stopped before its first checkpoint: its logs are moved aside.
+            Trainer(cfg, run, callback=callback, tensorboard=False).fit(resume=resume, overwrite=not resume)
         except NonFiniteLossError as exc:  # a diverged variant is a result too: report it, go on
             logger.warning("%s diverged: %s", name, exc)
             nan = {"malignant_auroc": float("nan"), "benign_auroc": float("nan")}

@@ -259,6 +259,8 @@ class RuntimeConfig:
         threads: CPU threads for torch (``None`` = torch's default).
         freeze_batchnorm: keep batch-norm layers in eval mode while training (running statistics fixed); useful
             for fine-tuning with tiny per-device batches, and it makes a DDP step equal a single-process step.
+        dist_timeout_minutes: under ``torchrun``, how long a rank waits for the others at a collective
+            (all-reduce, barrier) before the run fails; PyTorch's NCCL default is 10 minutes.
     """
 
     device: str = "auto"
@@ -271,12 +273,14 @@ class RuntimeConfig:
     deterministic: bool = False
     threads: int | None = None
     freeze_batchnorm: bool = False
+    dist_timeout_minutes: float = 60.0
 
     def __post_init__(self) -> None:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise _fail("device", f"must be auto, cpu, mps, cuda or cuda:N, got {dev!r}")
         _check_positive("grad_accum", self.grad_accum)
+        _check_positive("dist_timeout_minutes", self.dist_timeout_minutes)
         _check_nonneg("num_workers", self.num_workers)
         _check_nonneg("seed", self.seed)
         if self.threads is not None:

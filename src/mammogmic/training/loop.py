@@ -11,6 +11,11 @@ Run folder layout (written by rank 0 only)::
     RUN_DIR/epochs.csv         one row per epoch (train loss, validation metrics, lr, seconds)
     RUN_DIR/tensorboard/       the same scalars for TensorBoard
     RUN_DIR/result.json        final summary (best epoch/metric, test metrics)
+    RUN_DIR/replaced-<time>/   an earlier run's files, moved aside by ``fit(overwrite=True)``
+
+A fresh run never starts among another run's files (refused, or moved aside with ``overwrite``); SIGINT, SIGTERM
+and SIGUSR1 stop it after an optimizer step with ``last.pt`` written (:class:`TrainingInterrupted`). Under DDP
+the logged losses are means over ranks, and validation and test are split across the ranks.
 
 The library never draws progress bars: pass ``callback(event, info)`` (events ``"step"``, ``"epoch"``,
 ``"eval"``) and let the CLI render them.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import itertools
 import json
@@ -27,6 +33,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,8 +54,20 @@ from mammogmic.training.checkpoint import (
 )
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.data import SeededSamples, TTASamples, input_contract, split_dataset
-from mammogmic.training.distributed import DistInfo, barrier, broadcast_flag, init_distributed, resolve_device
+from mammogmic.training.distributed import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast_flag,
+    broadcast_state,
+    init_distributed,
+    resolve_device,
+    shard_indices,
+)
 from mammogmic.training.finetune import InitReport, keep_frozen_in_eval, param_groups, prepare_model
+from mammogmic.training.interrupt import StopSignals, TrainingInterrupted, ignore_stop_signals
 from mammogmic.training.sampler import EpochSampler
 
 __all__ = [
@@ -56,6 +75,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainResult",
     "Trainer",
+    "TrainingInterrupted",
     "build_optimizer",
     "build_scheduler",
     "evaluate",
@@ -212,6 +232,9 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _seed_worker(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: a worker that died of it would fail the step the main process
+    # is finishing before it saves. The main process decides when to stop and shuts the workers down.
+    ignore_stop_signals()
     # Samples carry their own RNG (SeededSamples); this only keeps stray numpy/python use deterministic.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)  # noqa: NPY002
@@ -278,6 +301,7 @@ def predict(
     num_workers: int = 0,
     on_batch: Callable[[Any, dict[str, Any]], None] | None = None,
     callback: Callback | None = None,
+    dist: DistInfo | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predictions ``model.prediction`` for every image, averaged over ``tta`` windows.
 
@@ -286,12 +310,19 @@ def predict(
 
     Args:
         on_batch: called as ``on_batch(output, batch)`` for every batch of deterministic windows (e.g. to
-            collect saliency maps); ``output`` is the model's output object.
+            collect saliency maps); ``output`` is the model's output object. Under ``dist``, for this rank's
+            batches only.
+        callback: progress events; under ``dist`` they count this rank's share.
+        dist: with several ranks, every rank predicts its share (rows ``rank::world_size``) and receives all
+            the others' (an all-reduce), so every rank returns the same complete array. The model must be the
+            same on every rank (:func:`~mammogmic.training.distributed.broadcast_state`). A sample's input
+            depends only on its index (and the seed), not on the batch it is in.
 
     Returns:
         ``probs`` (n, 2) float64 and ``indices`` (n,) in dataset order.
     """
     device = torch.device(device)
+    info = dist or DistInfo()
     was_training = model.training
     model.eval()
     n = len(images)
@@ -299,8 +330,16 @@ def predict(
     if tta > 1 and not hasattr(images, "windows"):
         raise MammogmicError("test-time augmentation needs a dataset with TTA windows (MammogramDataset)")
     dataset: Any = TTASamples(images, tta, seed) if tta > 1 else SeededSamples(images, augment=False)
+    share = shard_indices(n, info)
+    if info.enabled:
+        dataset = torch.utils.data.Subset(dataset, share.tolist())
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, shuffle=False
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        shuffle=False,
+        worker_init_fn=_seed_worker,
     )
     done = 0
     try:
@@ -319,11 +358,12 @@ def predict(
             done += len(batch["index"])
             if callback is not None:
                 callback(
-                    "eval", {"pass": 0, "passes": 1, "done": done, "total": n, "batch": len(batch["index"])}
+                    "eval",
+                    {"pass": 0, "passes": 1, "done": done, "total": len(share), "batch": len(batch["index"])},
                 )
     finally:
         model.train(was_training)
-    return probs, np.arange(n)
+    return all_reduce_sum(probs, info, device), np.arange(n)
 
 
 def evaluate(
@@ -344,49 +384,76 @@ def evaluate(
 
 # -- logging ---------------------------------------------------------------------------------------------
 class _CsvLog:
-    """Append-only CSV whose rows after a given step can be dropped (used on resume)."""
+    """Append-only CSV keyed by ``key`` (step or epoch) whose rows after a given value can be dropped (resume).
+
+    The header grows when a row brings a new column (an epoch with validation after one without): the file is
+    rewritten with the wider header, so no value is ever dropped.
+    """
 
     def __init__(self, path: Path, key: str) -> None:
         self.path = path
         self.key = key
         self.fields: list[str] | None = None
 
-    def truncate_after(self, value: int) -> None:
-        if not self.path.is_file():
-            return
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return [], []
         with open(self.path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        keep = [r for r in rows if r.get(self.key, "") != "" and int(float(r[self.key])) <= value]
-        fields = list(rows[0].keys()) if rows else []
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            fields = list(reader.fieldnames or [])
+        if fields and self.key not in fields:
+            raise MammogmicError(
+                f"{self.path}: not a training log of this run (no {self.key!r} column; columns: "
+                f"{', '.join(fields[:6])}{', ...' if len(fields) > 6 else ''}); move it out of the run folder"
+            )
+        return fields, rows
+
+    def _rewrite(self, fields: list[str], rows: list[dict[str, Any]]) -> None:
         with open(self.path, "w", newline="") as fh:
-            if fields:
-                w = csv.DictWriter(fh, fieldnames=fields)
-                w.writeheader()
-                w.writerows(keep)
-        self.fields = fields or None
+            w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        self.fields = fields
+
+    def truncate_after(self, value: int) -> None:
+        """Drop the rows whose key is above ``value`` (written after the checkpoint a run resumes from)."""
+        fields, rows = self._read()
+        if not fields:
+            return
+        keep = [r for r in rows if r.get(self.key, "") != "" and int(float(r[self.key])) <= value]
+        self._rewrite(fields, keep)
 
     def write(self, row: dict[str, Any]) -> None:
-        if self.fields is None:
-            if self.path.is_file() and self.path.stat().st_size > 0:
-                with open(self.path, newline="") as fh:
-                    self.fields = next(csv.reader(fh), None)
-            if not self.fields:
-                self.fields = list(row.keys())
-                with open(self.path, "w", newline="") as fh:
-                    csv.DictWriter(fh, fieldnames=self.fields).writeheader()
+        fields = self.fields if self.fields is not None else self._read()[0]
+        if not fields:
+            fields = list(row)
+            self._rewrite(fields, [])
+        elif any(k not in fields for k in row):
+            fields, rows = self._read()
+            fields += [k for k in row if k not in fields]
+            self._rewrite(fields, rows)
+        self.fields = fields
         with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore").writerow(row)
+            csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore").writerow(row)
 
 
 class _Tensorboard:
-    def __init__(self, log_dir: Path, enabled: bool) -> None:
+    """Scalars for TensorBoard, all on the optimizer-step axis.
+
+    ``purge_step`` (a resumed run: its first new step) tells TensorBoard to discard the events of earlier files
+    at that step and later ones: what the interrupted process logged after its checkpoint, which the resumed run
+    logs again.
+    """
+
+    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None = None) -> None:
         self.writer: Any = None
         if not enabled:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         except Exception as exc:  # tensorboard missing or broken: CSV logs remain
             logger.warning("TensorBoard logging disabled: %s", exc)
 
@@ -473,6 +540,9 @@ class Trainer:
         self.init_report: InitReport | None = None  # where --init weights came from (finetune.init)
         self.last_path = self.run_dir / "last.pt"
         self.best_path = self.run_dir / "best.pt"
+        # This process's rank layout, known after setup (the CLI prints on rank 0 only).
+        self.dist = DistInfo()
+        self._stop = StopSignals()  # entered by fit(); outside it no signal is ever recorded
 
     def _needs_dice(self) -> bool:
         s = self.config.schedule
@@ -481,7 +551,7 @@ class Trainer:
     # .. setup ..
     def _setup_runtime(self) -> tuple[DistInfo, torch.device]:
         rt = self.config.runtime
-        info = init_distributed(rt.device)
+        info = init_distributed(rt.device, rt.dist_timeout_minutes)
         device = resolve_device(rt.device, info.local_rank)
         if rt.threads is not None:
             torch.set_num_threads(rt.threads)
@@ -508,17 +578,43 @@ class Trainer:
             raise MammogmicError(f"data.train_split: split {cfg.data.train_split!r} has no images")
         return train_images, val_images
 
-    def _setup(self, resume: bool) -> _Run:
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> str | None:
+        """Main rank: create the run folder and check that it suits a fresh run; the refusal, if any.
+
+        A fresh run never appends to another run's logs: files of an earlier run (a killed run with or without
+        ``last.pt``, or unrelated ``steps.csv``/``epochs.csv``) refuse the start, or with ``overwrite`` are moved
+        to ``RUN/replaced-<time>/``.
+        """
+        run = self.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        if resume:
+            return None
+        found = [name for name in _RUN_OUTPUTS if (run / name).exists()]
+        if not found:
+            return None
+        if overwrite:
+            aside = _move_aside(run, [*found, *(["config.yaml"] if (run / "config.yaml").exists() else [])])
+            logger.warning("%s: files of the earlier run moved to %s", run, aside)
+            return None
+        if "last.pt" in found:
+            return (
+                f"{run}: already holds a run (last.pt); pass --resume to continue it, --overwrite to start again "
+                f"(its files are moved to {run / 'replaced-<time>'}), or choose a new --out"
+            )
+        listed = ", ".join(f"{name}/" if (run / name).is_dir() else name for name in found)
+        return (
+            f"{run}: holds files of an earlier run ({listed}) but no last.pt to resume from (it stopped before "
+            f"its first checkpoint, or the files are not a mammogmic run's); a new run here would mix its logs "
+            f"with them. Pass --overwrite to move them to {run / 'replaced-<time>'} and start afresh, or choose "
+            f"a new --out"
+        )
+
+    def _setup(self, resume: bool, overwrite: bool = False) -> _Run:
         cfg = self.config
         info, device = self._setup_runtime()
+        self.dist = info
         run = self.run_dir
-        if info.is_main:
-            run.mkdir(parents=True, exist_ok=True)
-            if not resume and self.last_path.exists():
-                raise MammogmicError(
-                    f"{run}: already holds a run (last.pt); pass --resume to continue it or choose a new --out"
-                )
-        barrier(info)
+        _agree(self._check_run_dir(resume, overwrite) if info.is_main else None, info, device)
         ckpt = None
         if resume:
             if not self.last_path.exists():
@@ -595,15 +691,25 @@ class Trainer:
 
         steps_log = _CsvLog(run / "steps.csv", "step")
         epochs_log = _CsvLog(run / "epochs.csv", "epoch")
-        tb = _Tensorboard(run / "tensorboard", self.tensorboard and info.is_main)
+        problem = None
         if info.is_main:
             cfg.save(run / "config.yaml")
             if ckpt is not None:
                 # Rows carry the step count (1-based) and the epoch index (0-based); the checkpoint counts
-                # steps and epochs done. A kill between an epoch's log row and its checkpoint leaves a row
-                # that the resumed run writes again, so it goes.
-                steps_log.truncate_after(state["global_step"])
-                epochs_log.truncate_after(state["epoch"] - 1)
+                # steps and epochs done. Rows written after the checkpoint (a kill between a log row and the
+                # next checkpoint) are written again by the resumed run, so they go.
+                try:
+                    steps_log.truncate_after(state["global_step"])
+                    epochs_log.truncate_after(state["epoch"] - 1)
+                except MammogmicError as exc:
+                    problem = str(exc)
+        _agree(problem, info, device)
+        # TensorBoard likewise forgets what was logged after the checkpoint (all scalars are on the step axis).
+        tb = _Tensorboard(
+            run / "tensorboard",
+            self.tensorboard and info.is_main,
+            purge_step=state["global_step"] + 1 if ckpt is not None else None,
+        )
         return _Run(
             info=info,
             device=device,
@@ -623,25 +729,43 @@ class Trainer:
             tb=tb,
         )
 
-    def fit(self, *, resume: bool = False) -> TrainResult:
+    def fit(self, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
         """Train (or resume) to the end of the schedule or early stopping; then test the best model.
 
+        While training, SIGINT (Ctrl-C), SIGTERM and SIGUSR1 stop the run after the current optimizer step:
+        ``last.pt`` is written and :class:`TrainingInterrupted` raised; ``fit(resume=True)`` continues exactly
+        there. A second signal aborts at once. (Handlers are installed only when called from the main thread,
+        and the previous ones are restored.)
+
+        Args:
+            resume: continue the run in ``run_dir`` from its ``last.pt``.
+            overwrite: start afresh in a ``run_dir`` that holds files of an earlier run, moving them to
+                ``run_dir/replaced-<time>/`` (without it such a folder is refused).
+
         Raises:
+            TrainingInterrupted: a stop signal; ``last.pt`` holds the state after the last optimizer step.
             NonFiniteLossError: the loss became NaN/inf (the last good ``last.pt`` is kept).
-            MammogmicError: bad configuration, data, or an existing run folder without ``resume``.
+            MammogmicError: bad configuration, data, or a run folder holding another run's files.
         """
+        if resume and overwrite:
+            raise MammogmicError(
+                "resume continues the run in the folder, overwrite replaces it: pass only one"
+            )
         t_start = time.perf_counter()
-        r = self._setup(resume)
+        r = self._setup(resume, overwrite)
         state = r.state
         try:
-            while not state["finished"] and state["epoch"] < self.config.schedule.epochs:
-                t_epoch = time.perf_counter()
-                self.train_one_epoch(r)
-                self._end_epoch(r, t_epoch)
-            state["finished"] = True
-            self._write_last(r)
+            with StopSignals() as self._stop:
+                while not state["finished"] and state["epoch"] < self.config.schedule.epochs:
+                    t_epoch = time.perf_counter()
+                    self.train_one_epoch(r)
+                    self._end_epoch(r, t_epoch)  # writes last.pt
+                    self._stop_if_requested(r, saved=True)
+                state["finished"] = True
+                self._write_last(r)
         finally:
             r.tb.close()
+            self._stop = StopSignals()
         test_metrics = self.test(r)
         result = TrainResult(
             run_dir=self.run_dir,
@@ -691,6 +815,11 @@ class Trainer:
             if not micro:
                 break
             step_loss, parts, images = self._optimizer_step(r, micro)
+            if info.enabled:
+                # Each rank's loss is the mean over its shard of the step's batch (equal shard sizes): the step's
+                # loss is their mean. Every rank gets it, so epoch means and checkpoints agree across ranks.
+                step_loss, *part_values = all_reduce_mean([step_loss, *parts.values()], info, r.device)
+                parts = dict(zip(parts, part_values, strict=True))
             images_since += images
             steps_done += 1
             state["global_step"] += 1
@@ -715,10 +844,37 @@ class Trainer:
                 extra = {"step_in_epoch": steps_done, "steps_per_epoch": r.steps_per_epoch}
                 self.callback("step", {**row, **extra, "images": images_since * info.world_size})
             t_step, images_since = now, 0
+            self._stop_if_requested(r, saved=False)
             every = cfg.schedule.checkpoint_every_steps
             if every and state["global_step"] % every == 0 and steps_done < r.steps_per_epoch:
                 self._write_last(r)
         del it, loader
+
+    def _stop_if_requested(self, r: _Run, *, saved: bool) -> None:
+        """After an optimizer step (or an epoch): if any rank got a stop signal, save and raise on every rank."""
+        signum = int(all_reduce_max(self._stop.signum or 0, r.info, r.device))
+        if not signum:
+            return
+        if not saved:
+            self._write_last(r)
+        state = r.state
+        if state["batches_done"]:
+            where = (
+                f"optimizer step {state['global_step']} (epoch {state['epoch'] + 1}, "
+                f"{state['batches_done']} micro-batches into it)"
+            )
+        else:
+            where = f"epoch {state['epoch']} (optimizer step {state['global_step']})"
+        name = signal.Signals(signum).name
+        config = self.run_dir / "config.yaml"
+        raise TrainingInterrupted(
+            f"{name}: training stopped after {where}; saved {self.last_path}. Resume with: "
+            f"mammogmic train {config} --out {self.run_dir} --resume (or rerun the same command with --resume; "
+            f"in Python Trainer(...).fit(resume=True))",
+            signum=signum,
+            checkpoint=self.last_path,
+            global_step=state["global_step"],
+        )
 
     def _optimizer_step(self, r: _Run, micro: list[dict[str, Any]]) -> tuple[float, dict[str, float], int]:
         """Forward/backward over the micro-batches, then one optimizer and scheduler step."""
@@ -775,8 +931,11 @@ class Trainer:
         validate = r.val_images is not None and (
             (epoch + 1) % cfg.schedule.val_every == 0 or epoch + 1 == cfg.schedule.epochs
         )
-        if validate and info.is_main:
-            val = self.validate(r.model, r.val_images, r.loss_fn, r.device)
+        if validate:
+            # Every rank validates its share; all get the same complete predictions, hence the same metrics
+            # and the same early-stopping state. The model is rank 0's (its batch-norm statistics included).
+            broadcast_state(r.model, info, buffers_only=True)
+            val = self.validate(r.model, r.val_images, r.loss_fn, r.device, dist=info)
             row.update({k if k.startswith("val_") else f"val_{k}": v for k, v in val.items()})
             metric = val[cfg.schedule.val_metric]
             best = state["best_metric"]
@@ -786,15 +945,16 @@ class Trainer:
                 state["best_metric"], state["best_epoch"], state["bad_validations"] = metric, epoch, 0
             else:
                 state["bad_validations"] += 1
-            self._update_top_k(r.model, state, metric, epoch, higher)
+            self._update_top_k(r.model, state, metric, epoch, higher, write=info.is_main)
             if cfg.schedule.keep_best_dice:
                 dice = val.get("malignant_dice", float("nan"))
                 best_dice = state.get("best_dice")
                 if math.isfinite(dice) and (best_dice is None or dice > best_dice):
                     state["best_dice"], state["best_dice_epoch"] = dice, epoch
-                    self._export_model(
-                        r.model, self.run_dir / "best_dice_model.safetensors", {"epoch": epoch, **row}
-                    )
+                    if info.is_main:
+                        self._export_model(
+                            r.model, self.run_dir / "best_dice_model.safetensors", {"epoch": epoch, **row}
+                        )
         state["epoch"] = epoch + 1
         state["batches_done"] = 0
         state["epoch_loss_sum"], state["epoch_loss_count"] = 0.0, 0
@@ -806,7 +966,7 @@ class Trainer:
         row["seconds"] = time.perf_counter() - t_epoch
         if info.is_main:
             r.epochs_log.write(row)
-            r.tb.scalars(row, epoch, "epoch")
+            r.tb.scalars(row, state["global_step"], "epoch")
             if improved or r.val_images is None:
                 save_checkpoint(
                     self.best_path,
@@ -835,23 +995,41 @@ class Trainer:
         barrier(r.info)
 
     def validate(
-        self, model: nn.Module, images: Any, loss_fn: nn.Module, device: torch.device
+        self,
+        model: nn.Module,
+        images: Any,
+        loss_fn: nn.Module,
+        device: torch.device,
+        *,
+        dist: DistInfo | None = None,
     ) -> dict[str, float]:
-        """Validation metrics (AUROCs as ``mammogmic evaluate`` computes them) and the validation loss."""
+        """Validation metrics (AUROCs as ``mammogmic evaluate`` computes them), the validation loss and, when
+        needed, the saliency Dice (``mammogmic.evaluation.localization``).
+
+        ``val_loss`` is the mean loss of the images whose labels are all known (independent of batching, so the
+        same with any number of ranks). Under ``dist`` every rank predicts its share and returns the metrics of
+        all images.
+        """
         from mammogmic.evaluation.localization import DiceResult, dice_scores
 
         cfg = self.config
-        losses: list[float] = []
+        info = dist or DistInfo()
+        sums = np.zeros(2)  # loss summed over fully-labelled images, their count
         dice: list[DiceResult] = []
 
         def collect(out: Any, batch: dict[str, Any]) -> None:
             if "masks" in batch:
                 dice.append(dice_scores(out.saliency, batch["masks"], upsample=cfg.schedule.dice_upsample))
             y = batch["labels"].to(device)
-            if torch.isnan(y).any():
+            known = ~torch.isnan(y).any(dim=1)
+            if not bool(known.any()):
                 return
+            if not bool(known.all()):
+                out = _select_rows(out, known)
+                y = y[known]
             total, _ = _loss_parts(loss_fn(out, y))
-            losses.append(float(total) * len(y))
+            sums[0] += float(total) * len(y)
+            sums[1] += len(y)
 
         res = evaluate(
             model,
@@ -864,15 +1042,21 @@ class Trainer:
             channels_last=cfg.runtime.channels_last,
             num_workers=cfg.runtime.num_workers,
             on_batch=collect,
-            callback=self.callback,
+            callback=self.callback if info.is_main else None,
+            dist=info,
         )
         metrics = dict(res.metrics)
-        metrics["val_loss"] = sum(losses) / max(1, len(images)) if losses else float("nan")
+        loss_sum, count = all_reduce_sum(sums, info, device)
+        metrics["val_loss"] = float(loss_sum / count) if count else float("nan")
         if self._needs_dice():
-            summary = DiceResult.concatenate(dice).summary() if dice else {}
-            for name in ("benign", "malignant"):
-                value = (summary.get(name) or {}).get("dice")
-                metrics[f"{name}_dice"] = float("nan") if value is None else value
+            # Mean Dice over every rank's images with a lesion: sums and counts per class, added over ranks.
+            hard = DiceResult.concatenate(dice).hard if dice else np.full((0, 2), np.nan)
+            totals = np.concatenate([np.nansum(hard, axis=0), np.isfinite(hard).sum(axis=0)]).astype(
+                np.float64
+            )
+            totals = all_reduce_sum(totals, info, device)
+            for c, name in enumerate(("benign", "malignant")):
+                metrics[f"{name}_dice"] = float(totals[c] / totals[2 + c]) if totals[2 + c] else float("nan")
         return metrics
 
     def test(self, r: _Run) -> dict[str, float]:
@@ -882,10 +1066,15 @@ class Trainer:
         if test_images is None and cfg.data.test_split and cfg.data.manifest:
             candidate = split_dataset(cfg, cfg.data.test_split)
             test_images = candidate if len(candidate) else None
-        if test_images is None or not r.info.is_main:
+        if test_images is None:
             return {}
-        if self.best_path.exists():
-            r.model.load_state_dict(load_checkpoint(self.best_path)["model"])
+        # Every rank tests its share of the images with rank 0's best weights (read once, then broadcast).
+        if broadcast_flag(self.best_path.exists(), r.info, r.device):
+            if r.info.is_main:
+                r.model.load_state_dict(load_checkpoint(self.best_path)["model"])
+            broadcast_state(r.model, r.info)
+        else:
+            broadcast_state(r.model, r.info, buffers_only=True)
         res = evaluate(
             r.model,
             test_images,
@@ -897,7 +1086,8 @@ class Trainer:
             seed=cfg.runtime.seed,
             channels_last=cfg.runtime.channels_last,
             num_workers=cfg.runtime.num_workers,
-            callback=self.callback,
+            callback=self.callback if r.info.is_main else None,
+            dist=r.info,
         )
         return res.metrics
 
@@ -923,24 +1113,64 @@ class Trainer:
         return self._manifest_hash
 
     def _update_top_k(
-        self, model: nn.Module, state: dict[str, Any], metric: float, epoch: int, higher: bool
+        self, model: nn.Module, state: dict[str, Any], metric: float, epoch: int, higher: bool, *, write: bool
     ) -> None:
+        """Update the top-k list in ``state`` (every rank) and, with ``write`` (rank 0), the files."""
         k = self.config.schedule.keep_top_k
         if k <= 1 or not math.isfinite(metric):
             return
-        folder = self.run_dir / "top_k"
-        folder.mkdir(exist_ok=True)
         entries = [tuple(e) for e in state["top_k"]]
         entries.append((float(metric), int(epoch)))
         entries.sort(key=lambda e: e[0], reverse=higher)
         keep, drop = entries[:k], entries[k:]
+        state["top_k"] = [list(e) for e in keep]
+        if not write:
+            return
+        folder = self.run_dir / "top_k"
+        folder.mkdir(exist_ok=True)
         if (float(metric), int(epoch)) in keep:
             self._export_model(
                 model, folder / f"epoch{epoch:03d}.safetensors", {"epoch": epoch, "metric": metric}
             )
         for _, e in drop:
             (folder / f"epoch{e:03d}.safetensors").unlink(missing_ok=True)
-        state["top_k"] = [list(e) for e in keep]
+
+
+#: What a run writes into its folder besides config.yaml: a fresh run starts only where none of them is.
+_RUN_OUTPUTS = (
+    "last.pt",
+    "best.pt",
+    "best_model.safetensors",
+    "top_k",
+    "steps.csv",
+    "epochs.csv",
+    "tensorboard",
+    "result.json",
+    "init.json",
+)
+
+
+def _move_aside(run: Path, names: list[str]) -> Path:
+    """Move ``run/NAME`` for each name into a new ``run/replaced-<time>/`` (nothing is deleted); return it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = run / f"replaced-{stamp}", 1
+    while dest.exists():
+        dest, n = run / f"replaced-{stamp}-{n}", n + 1
+    dest.mkdir()
+    for name in names:
+        os.replace(run / name, dest / name)
+    return dest
+
+
+def _agree(problem: str | None, info: DistInfo, device: torch.device) -> None:
+    """Raise ``MammogmicError(problem)`` on every rank when rank 0 found one (the others would wait forever)."""
+    if broadcast_flag(problem is not None, info, device):
+        raise MammogmicError(problem or "rank 0 refused to start (see its message)")
+
+
+def _select_rows(out: Any, keep: torch.Tensor) -> Any:
+    """The rows ``keep`` of a model output dataclass (every field is batch-first)."""
+    return type(out)(**{f.name: getattr(out, f.name)[keep] for f in dataclasses.fields(out)})
 
 
 def _plain_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -971,8 +1201,9 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     callback: Callback | None = None,
     **datasets: Any,
 ) -> TrainResult:
-    """Convenience wrapper: ``Trainer(config, run_dir, ...).fit(resume=resume)``."""
-    return Trainer(config, run_dir, callback=callback, **datasets).fit(resume=resume)
+    """Convenience wrapper: ``Trainer(config, run_dir, ...).fit(resume=resume, overwrite=overwrite)``."""
+    return Trainer(config, run_dir, callback=callback, **datasets).fit(resume=resume, overwrite=overwrite)
