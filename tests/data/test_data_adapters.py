@@ -291,7 +291,69 @@ def test_inbreast(tmp_path: Path) -> None:
     assert not Path(got["22678622"]["malignant_mask_path"]).is_relative_to(src)
 
 
+def test_cbis_ddsm_no_masks(cbis: Path, tmp_path: Path) -> None:
+    """--no-masks: the same rows and labels, no mask paths, nothing written under masks/."""
+    with_masks, without = tmp_path / "a" / "cbis.csv", tmp_path / "b" / "cbis.csv"
+    assert main(["prepare", "cbis-ddsm", str(cbis), "--out", str(with_masks)]) == 0
+    assert main(["prepare", "cbis-ddsm", str(cbis), "--out", str(without), "--no-masks"]) == 0
+    full, bare = _rows(with_masks), _rows(without)
+    assert set(full) == set(bare)
+    assert any(r["malignant_mask_path"] or r["benign_mask_path"] for r in full.values())
+    assert (tmp_path / "a" / "masks").is_dir() and not (tmp_path / "b" / "masks").exists()
+    for image_id, row in bare.items():
+        assert row["benign_mask_path"] == row["malignant_mask_path"] == ""
+        for key in ("benign_label", "malignant_label", "breast_malignant_label", "split", "image_path"):
+            assert row[key] == full[image_id][key], key
+    load_manifest(without, check_files=True)
+
+
+def test_prepare_refuses_options_of_another_layout(
+    cbis: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for flags, message in (
+        (["--images", str(tmp_path)], "--images applies to nyu, not cbis-ddsm"),
+        (["--birads3", "benign"], "--birads3 applies to vindr, not cbis-ddsm"),
+    ):
+        out = tmp_path / "x.csv"
+        assert main(["prepare", "cbis-ddsm", str(cbis), "--out", str(out), *flags]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+    assert main(["prepare", "vindr", str(cbis), "--out", str(tmp_path / "y.csv"), "--no-masks"]) == 2
+    assert "--no-masks applies to cbis-ddsm and inbreast, not vindr" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------- NYU
+def test_nyu_images_folder(tmp_path: Path) -> None:
+    """--images: the PNGs come from that folder, not from beside the exam list (which holds decoys here)."""
+    lists, pngs = tmp_path / "lists", tmp_path / "pngs"
+    exams = [
+        {"L-CC": ["0_L-CC"], "R-CC": ["0_R-CC"], "L-MLO": [], "R-MLO": ["0_R-MLO"], "horizontal_flip": "NO",
+         "cancer_label": {"left_benign": 0, "left_malignant": 1, "right_benign": 1, "right_malignant": 0}},
+    ]  # fmt: skip
+    lists.mkdir()
+    (lists / "exam_list.pkl").write_bytes(pickle.dumps(exams))
+    for stem, side in (("0_L-CC", "L"), ("0_R-CC", "R")):  # 0_R-MLO is missing from --images
+        pngs.mkdir(exist_ok=True)
+        Image.fromarray(synthetic_breast(SHAPE, side)).save(pngs / f"{stem}.png")
+        Image.fromarray(synthetic_breast(SHAPE, side)).save(lists / f"{stem}.png")  # decoy
+    Image.fromarray(synthetic_breast(SHAPE, "R")).save(lists / "0_R-MLO.png")  # decoy only
+    out = tmp_path / "out" / "nyu.csv"
+    assert (
+        main(["prepare", "nyu", str(lists / "exam_list.pkl"), "--images", str(pngs), "--out", str(out)]) == 0
+    )
+    got = _rows(out)
+    assert set(got) == {"0_L-CC", "0_R-CC"}
+    for stem, row in got.items():
+        assert Path(row["image_path"]) == (pngs / f"{stem}.png").resolve()
+    assert (got["0_L-CC"]["malignant_label"], got["0_R-CC"]["benign_label"]) == ("1", "1")
+    with open(tmp_path / "out" / "nyu.skipped.csv", newline="") as handle:
+        assert list(csv.reader(handle))[1:] == [["exam 0 R-MLO", "image 0_R-MLO.png not found"]]
+    # Without --images the PNGs beside the exam list are used.
+    beside = tmp_path / "out2" / "nyu.csv"
+    assert main(["prepare", "nyu", str(lists / "exam_list.pkl"), "--out", str(beside)]) == 0
+    assert {Path(r["image_path"]).parent for r in _rows(beside).values()} == {lists.resolve()}
+    assert len(_rows(beside)) == 3
+
+
 @pytest.mark.fixtures
 def test_nyu_exam_list_from_official_fixture(fixtures_dir: Path, tmp_path: Path) -> None:
     src = tmp_path / "nyu"

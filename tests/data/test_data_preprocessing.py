@@ -104,6 +104,20 @@ def test_model_input_small_image_is_padded_per_view() -> None:
     assert abs(float(standardised.mean())) < 1e-5 and abs(float(standardised.std()) - 1) < 1e-4
 
 
+@pytest.mark.parametrize("view", ["L-CC", "L-MLO"])
+def test_window_geometry_by_hand(view: str) -> None:
+    """Without noise and with an image larger than the window: rows centre - h // 2 .. + h, columns
+    centre - w // 2 .. + w, shifted back inside at the borders; no padding. The same for CC and MLO."""
+    shape = (400, 300)
+    assert sample_window(shape, view, (200, 150), window_shape=(100, 80)).borders == (150, 250, 110, 190)
+    assert sample_window(shape, view, (200, 150), window_shape=(101, 81)).borders == (150, 251, 110, 191)
+    corner = sample_window(shape, view, (20, 290), window_shape=(100, 80))  # past the top and the right
+    assert corner.borders == (0, 100, 220, 300) and corner.padded_shape == shape and corner.pad_top == 0
+    image = np.arange(400 * 300, dtype=np.uint32).reshape(shape) % 4093 + 1
+    x = model_input(image, view, (200, 150), out_shape=(100, 80), standardize_image=False)
+    np.testing.assert_array_equal(x, image[150:250, 110:190].astype(np.float32))
+
+
 @pytest.mark.parametrize("view", ["L-CC", "R-MLO"])
 def test_noisy_windows_stay_inside_and_masks_follow(view: str) -> None:
     rng = np.random.default_rng(0)

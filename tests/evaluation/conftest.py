@@ -37,12 +37,23 @@ def breast_png():  # type: ignore[no-untyped-def]
     return write_breast_png
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _tiny(tmp_path_factory: pytest.TempPathFactory, seed: int, name: str) -> Path:
     torch = pytest.importorskip("torch")
     from mammogmic import GMIC, GMICConfig, save_model
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    torch.manual_seed(seed)
+    path = tmp_path_factory.mktemp("model") / name
     save_model(GMIC(GMICConfig(**TINY)), path, metadata={"note": "test"})
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GMIC with random weights (seed 0)."""
+    return _tiny(tmp_path_factory, 0, "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another tiny GMIC (seed 1): an ensemble member whose scores differ from :func:`tiny_model`'s."""
+    return _tiny(tmp_path_factory, 1, "tiny_b.safetensors")

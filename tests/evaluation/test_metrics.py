@@ -1,13 +1,16 @@
-"""Metrics against scikit-learn on random data, bootstrap behaviour, hybrid and ensemble by hand."""
+"""Metrics against scikit-learn on random data, bootstrap behaviour, hybrid and ensemble by hand.
+
+The hand-calculated cases need numpy only and always run. The scikit-learn cases take the ``sk_metrics``
+fixture (tests/conftest.py): without scikit-learn they skip locally and fail under CI (a dev dependency).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference_metrics import independent_paired_bootstrap
 
 from mammogmic.evaluation import metrics as m
-
-sk_metrics = pytest.importorskip("sklearn.metrics")
 
 
 def _random_case(rng: np.random.Generator, n: int, ties: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -22,7 +25,7 @@ def _random_case(rng: np.random.Generator, n: int, ties: bool) -> tuple[np.ndarr
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_areas_equal_sklearn(ties: bool) -> None:
+def test_areas_equal_sklearn(ties: bool, sk_metrics) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
     for _ in range(50):
         y, s = _random_case(rng, int(rng.integers(2, 200)), ties)
@@ -32,7 +35,7 @@ def test_areas_equal_sklearn(ties: bool) -> None:
         assert m.average_precision(y, s) == pytest.approx(sk_metrics.average_precision_score(y, s), abs=1e-12)
 
 
-def test_curves_equal_sklearn() -> None:
+def test_curves_equal_sklearn(sk_metrics) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(1)
     y, s = _random_case(rng, 300, ties=True)
     fpr, tpr, _ = m.roc_curve(y, s)
@@ -48,6 +51,33 @@ def test_curves_equal_sklearn() -> None:
 def test_hand_made_auroc_with_tie() -> None:
     # Positives 0.9 and 0.5, negatives 0.5 and 0.1: pairs won 1 + 1 + 0.5 (tie) + 1 of 4.
     assert m.auroc([1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1]) == pytest.approx(3.5 / 4)
+
+
+def test_hand_made_areas_with_ties() -> None:
+    # 3 cancers (0.9, 0.7, 0.4), 5 negatives (0.7, 0.4, 0.3, 0.2, 0.1). Pairs won of 15:
+    # 0.9 beats all 5; 0.7 ties one and beats 4 (4.5); 0.4 ties one and beats 3 (3.5): 13 / 15.
+    y = [1, 1, 1, 0, 0, 0, 0, 0]
+    s = [0.9, 0.7, 0.4, 0.7, 0.4, 0.3, 0.2, 0.1]
+    assert m.auroc(y, s) == pytest.approx(13 / 15, abs=1e-15)
+    # Distinct thresholds 0.9 / 0.7 / 0.4 give (recall, precision) (1/3, 1), (2/3, 2/3), (1, 3/5).
+    assert m.average_precision(y, s) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3, abs=1e-15)  # 34/45
+    # Trapezoids from (0, 1): (1 + 1)/2, (1 + 2/3)/2, (2/3 + 3/5)/2, each over a recall step of 1/3.
+    assert m.auprc(y, s) == pytest.approx((1 + 5 / 6 + 19 / 30) / 3, abs=1e-15)  # 37/45
+    fpr, tpr, thresholds = m.roc_curve(y, s)
+    np.testing.assert_allclose(thresholds[1:4], [0.9, 0.7, 0.4])
+    np.testing.assert_allclose(fpr[:4], [0, 0, 1 / 5, 2 / 5])
+    np.testing.assert_allclose(tpr[:4], [0, 1 / 3, 2 / 3, 1])
+
+
+def test_hand_made_bootstrap_interval() -> None:
+    """The CI is read at order statistics int(0.025 n) and int(0.975 n) of the valid resamples' values."""
+    y = np.array([1, 0, 1, 0, 1, 0, 1, 0, 1, 0])
+    s = y + np.arange(10) / 100  # every cancer above every negative: AUROC 1 on every two-class resample
+    res = m.bootstrap_metric(y, s, n_resamples=50, seed=0)
+    assert res.ci["auroc"] == (1.0, 1.0)
+    assert res.n_valid == 50  # P(one class in 10 draws) = 2 / 2**10: none of 50 here
+    flipped = m.bootstrap_metric(y, -s, n_resamples=50, seed=0)
+    assert flipped.ci["auroc"] == (0.0, 0.0) and flipped.estimate["auroc"] == 0.0
 
 
 def test_single_class_gives_nan() -> None:
@@ -78,7 +108,7 @@ def test_bootstrap_ci_contains_estimate_and_shrinks_with_n() -> None:
     assert widths[1] < widths[0] / 2  # width ~ 1/sqrt(n): 25x the rows → about 1/5 the width
 
 
-def test_bootstrap_matches_explicit_resampling() -> None:
+def test_bootstrap_matches_explicit_resampling(sk_metrics) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(4)
     y, s = _random_case(rng, 40, ties=True)
     res = m.bootstrap_metric(y, s, n_resamples=300, seed=11)
@@ -100,6 +130,20 @@ def test_bootstrap_skips_single_class_resamples() -> None:
     assert 110 < 400 - res.n_valid < 170
 
 
+def test_paired_difference_equals_independent_resampling(sk_metrics) -> None:  # type: ignore[no-untyped-def]
+    """CI and p-value of the paired bootstrap, rebuilt with numpy draws and scikit-learn AUROCs."""
+    rng = np.random.default_rng(8)
+    y, a = _random_case(rng, 30, ties=True)
+    b = np.round(a + rng.normal(0, 0.3, a.size), 1)
+    res = m.paired_auroc_difference(y, a, b, n_resamples=400, seed=5)
+    expected = independent_paired_bootstrap(sk_metrics, y, a, b, 400, 5)
+    assert res.n_valid == expected["n_valid"]
+    assert res.difference == pytest.approx(expected["difference"], abs=1e-12)
+    assert res.ci == pytest.approx(expected["ci"], abs=1e-12)
+    assert res.p_value == pytest.approx(expected["p_value"], abs=1e-12)
+    assert 0 < res.p_value < 1  # a case where the p-value is neither trivial end
+
+
 def test_paired_difference() -> None:
     rng = np.random.default_rng(5)
     y, s = _random_case(rng, 400, ties=False)
@@ -113,10 +157,12 @@ def test_paired_difference() -> None:
 
 
 def test_sensitivity_specificity_by_hand() -> None:
-    rows = m.sensitivity_specificity([1, 1, 0, 0, 0], [0.9, 0.4, 0.6, 0.2, 0.1], [0.5])
+    rows = m.sensitivity_specificity([1, 1, 0, 0, 0], [0.9, 0.4, 0.6, 0.2, 0.1], [0.5, 0.4])
     assert rows[0]["sensitivity"] == pytest.approx(0.5)
     assert rows[0]["specificity"] == pytest.approx(2 / 3)
     assert (rows[0]["tp"], rows[0]["fp"], rows[0]["tn"], rows[0]["fn"]) == (1, 1, 2, 1)
+    # score >= threshold is positive: at 0.4 the cancer scored exactly 0.4 is found.
+    assert (rows[1]["tp"], rows[1]["fp"], rows[1]["tn"], rows[1]["fn"]) == (2, 1, 2, 0)
 
 
 def test_hybrid_by_hand() -> None:

@@ -99,13 +99,10 @@ def test_predict_folder_good_and_bad(tmp_path: Path, tiny_model: Path, breast_pn
     assert run["n_run"] == run["n_predicted_now"] + run["n_errors"]
 
 
-def test_predict_manifest_labels_ensemble_tta(
-    tmp_path: Path, tiny_model: Path, breast_png, size_args
-) -> None:  # type: ignore[no-untyped-def]
-    write_breast_png = breast_png
+def _four_view_manifest(root: Path, write_breast_png) -> Path:  # type: ignore[no-untyped-def]
     rows = []
     for i, (side, view) in enumerate([("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]):
-        write_breast_png(tmp_path / "img" / f"a{i}.png", side, i)
+        write_breast_png(root / "img" / f"a{i}.png", side, i)
         rows.append(
             {
                 "image_id": f"img{i}",
@@ -118,8 +115,15 @@ def test_predict_manifest_labels_ensemble_tta(
                 "malignant_label": int(side == "R"),
             }
         )
-    manifest = tmp_path / "manifest.csv"
+    manifest = root / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def test_predict_manifest_labels_ensemble_tta(
+    tmp_path: Path, tiny_model: Path, tiny_model_b: Path, breast_png, size_args
+) -> None:  # type: ignore[no-untyped-def]
+    manifest = _four_view_manifest(tmp_path, breast_png)
     out = tmp_path / "out"
     rc = main(
         [
@@ -129,7 +133,7 @@ def test_predict_manifest_labels_ensemble_tta(
             "--model",
             str(tiny_model),
             "--model",
-            str(tiny_model),
+            str(tiny_model_b),
             "--tta",
             "2",
             "--out",
@@ -140,15 +144,16 @@ def test_predict_manifest_labels_ensemble_tta(
     assert rc == 0
     preds = pd.read_csv(out / "image_predictions.csv")
     assert preds["malignant_label"].tolist() == [0, 0, 1, 1]
-    members = [c for c in preds.columns if c.startswith("malignant_pred__")]
-    assert len(members) == 2
-    np.testing.assert_allclose(preds[members].mean(axis=1), preds["malignant_pred"], atol=1e-5)
+    members = ["malignant_pred__tiny", "malignant_pred__tiny_b"]
+    assert [c for c in preds.columns if c.startswith("malignant_pred__")] == members
+    assert (preds[members[0]] - preds[members[1]]).abs().min() > 1e-4  # two different models
+    np.testing.assert_allclose(preds[members].mean(axis=1), preds["malignant_pred"], atol=1e-6)
     breasts = pd.read_csv(out / "breast_predictions.csv")
     assert breasts["breast_id"].tolist() == ["e1_L", "e1_R"]
     assert breasts["malignant_label"].tolist() == [0, 1]
     # bf16 autocast gives nearly the same probabilities (same TTA windows: seeded per image id).
     out_bf16 = tmp_path / "out_bf16"
-    common = ["--model", str(tiny_model), "--model", str(tiny_model), "--tta", "2", *size_args]
+    common = ["--model", str(tiny_model), "--model", str(tiny_model_b), "--tta", "2", *size_args]
     assert (
         main(["predict", "--manifest", str(manifest), "--out", str(out_bf16), "--dtype", "bf16", *common])
         == 0
@@ -160,6 +165,55 @@ def test_predict_manifest_labels_ensemble_tta(
         main(["predict", "--manifest", str(manifest), "--model", str(tiny_model), "--out", str(manifest)])
         == 2
     )
+
+
+def _by_hand(model_path: Path, manifest: Path, contract_dict: dict, tta: int, seed: int) -> np.ndarray:  # type: ignore[type-arg]
+    """(benign, malignant) per image: each window built by ``window_samples``, through the plain model, averaged."""
+    import torch
+
+    from mammogmic import load_model
+    from mammogmic.data.sample import InputContract, items_from_manifest, load_source, window_samples
+
+    contract = InputContract.from_dict(contract_dict)
+    model = load_model(model_path).eval()
+    probs = []
+    for item in items_from_manifest(manifest):
+        windows, _ = window_samples(load_source(item, contract), contract, tta, seed, item.image_id)
+        assert windows.shape[0] == max(tta, 1)
+        with torch.no_grad():
+            per_window = model(torch.from_numpy(windows)[:, None]).prediction.double().numpy()  # (T, 2)
+        probs.append(per_window.mean(axis=0))
+    return np.array(probs)
+
+
+def test_predict_tta_and_ensemble_equal_the_windows_by_hand(
+    tmp_path: Path, tiny_model: Path, tiny_model_b: Path, breast_png, size_args
+) -> None:  # type: ignore[no-untyped-def]
+    """--tta N averages the N windows of ``window_samples(..., N, seed, image_id)``; the ensemble averages
+    its members; each member column is that member's own TTA mean."""
+    manifest = _four_view_manifest(tmp_path, breast_png)
+    base = ["predict", "--manifest", str(manifest), "--model", str(tiny_model), "--model", str(tiny_model_b)]
+    tables = {}
+    for tta in (1, 3):
+        out = tmp_path / f"tta{tta}"
+        assert (
+            main([*base, "--tta", str(tta), "--seed", "4", "--no-fuse", "--out", str(out), *size_args]) == 0
+        )
+        tables[tta] = pd.read_csv(out / "image_predictions.csv").set_index("image_index")
+        run = json.loads((out / "run.json").read_text())
+        contract = run["models"][0]["input_contract"]
+        by_hand = [_by_hand(path, manifest, contract, tta, 4) for path in (tiny_model, tiny_model_b)]
+        preds = tables[tta].loc[[f"img{i}" for i in range(4)]]
+        for name, expected in zip(("tiny", "tiny_b"), by_hand, strict=True):
+            got = preds[[f"benign_pred__{name}", f"malignant_pred__{name}"]].to_numpy()
+            np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)  # CSV keeps 6 decimals
+        mean = (by_hand[0] + by_hand[1]) / 2
+        np.testing.assert_allclose(
+            preds[["benign_pred", "malignant_pred"]].to_numpy(), mean, rtol=0, atol=2e-6
+        )
+    # TTA really changed the inputs: every image's score moved.
+    moved = (tables[3]["malignant_pred"] - tables[1]["malignant_pred"]).abs()
+    assert moved.min() > 1e-5, moved
 
 
 def test_visualize_report(tmp_path: Path, tiny_model: Path, breast_png, size_args) -> None:  # type: ignore[no-untyped-def]

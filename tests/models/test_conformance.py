@@ -19,16 +19,23 @@ from mammogmic import load_official_checkpoint
 from mammogmic.models.roi import greedy_windows, grid_to_pixels, normalize_saliency, window_on_grid
 
 NAMES = ["0_L-CC", "0_R-CC", "0_L-MLO", "0_R-MLO", "1_R_CC", "2_L_CC"]
+# Tolerances = about 3x the largest difference measured over the plain, fused and compiled models on the six
+# images (scripts/conformance_report.py --compiled; AMD EPYC AVX2, 2 threads, torch 2.13.0), rounded up.
+# Measured maxima: y_fusion 3.0e-7, y_global 2.4e-7, y_local 2.1e-7, saliency 4.8e-7, h_g 7.7e-7,
+# patch_attention 7.5e-8, h_crops 1.5e-5, patches 4.8e-7 (the rebuilt input's own rounding, below).
 ATOL = {
-    "y_fusion": 1e-5,
-    "y_global": 1e-5,
-    "y_local": 1e-5,
-    "saliency": 1e-5,
-    "h_g": 1e-5,
-    "patch_attention": 1e-5,
-    "h_crops": 1e-4,
-    "patches": 1e-6,
+    "y_fusion": 9e-7,
+    "y_global": 8e-7,
+    "y_local": 7e-7,
+    "saliency": 2e-6,
+    "h_g": 3e-6,
+    "patch_attention": 3e-7,
+    "h_crops": 5e-5,
+    "patches": 2e-6,
 }
+# Single stages from recorded inputs (measured: concat_vec 5.7e-6, local h_crops 9.5e-6, attention 6.0e-8,
+# y_local / y_fusion / y_global at t = 0.1 1.2e-7) and the test's rebuilt input (probes 4.8e-7, sub16 9.5e-7).
+STAGE_ATOL = {"concat_vec": 2e-5, "h_crops": 3e-5, "attention": 2e-7, "probability": 4e-7, "input": 3e-6}
 REF_KEY = {"saliency": "saliency_map", "patch_attention": "patch_attns"}
 
 
@@ -66,11 +73,15 @@ def case(request, fixtures_dir: Path, models):
 def test_rebuilt_input_matches_record(case) -> None:
     _, expected, x, _, _ = case
     probes = expected["input_probe_positions"]
-    np.testing.assert_allclose(x[probes[:, 0], probes[:, 1]], expected["input_probe_values"], atol=1e-6)
-    np.testing.assert_allclose(x[::16, ::16], expected["input_sub16"], atol=1e-6)
-    assert abs(x.astype(np.float64).mean() - expected["input_mean"]) < 1e-6
-    assert abs(x.astype(np.float64).std() - expected["input_std"]) < 1e-6
-    assert abs(x.astype(np.float64).sum() - expected["input_sum_f64"]) < 1.0
+    tol = STAGE_ATOL["input"]
+    np.testing.assert_allclose(
+        x[probes[:, 0], probes[:, 1]], expected["input_probe_values"], rtol=0, atol=tol
+    )
+    np.testing.assert_allclose(x[::16, ::16], expected["input_sub16"], rtol=0, atol=tol)
+    # measured: mean 9.0e-9, std 9.5e-8, sum 0.051 (over 5.7 million pixels)
+    assert abs(x.astype(np.float64).mean() - expected["input_mean"]) < 3e-8
+    assert abs(x.astype(np.float64).std() - expected["input_std"]) < 3e-7
+    assert abs(x.astype(np.float64).sum() - expected["input_sum_f64"]) < 0.2
 
 
 @pytest.mark.parametrize("field", list(ATOL))
@@ -85,7 +96,7 @@ def test_outputs_match_reference(case, field: str) -> None:
 def test_second_percent_t(case) -> None:
     _, expected, _, _, out_t01 = case
     np.testing.assert_allclose(
-        out_t01.y_global.numpy(), expected["y_global_percent_t_0p1"], rtol=0, atol=1e-5
+        out_t01.y_global.numpy(), expected["y_global_percent_t_0p1"], rtol=0, atol=STAGE_ATOL["probability"]
     )
 
 
@@ -102,10 +113,10 @@ def test_patch_locations_exact(case) -> None:
 def test_fusion_from_recorded_concat_vec(case, models) -> None:
     _, expected, _, out, _ = case
     concat = torch.cat([out.h_g.flatten(2).amax(dim=2), out.z], dim=1).numpy()
-    np.testing.assert_allclose(concat, expected["concat_vec"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(concat, expected["concat_vec"], rtol=0, atol=STAGE_ATOL["concat_vec"])
     with torch.no_grad():
         y = torch.sigmoid(models[0].fusion(torch.from_numpy(expected["concat_vec"])))
-    np.testing.assert_allclose(y.numpy(), expected["y_fusion"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(y.numpy(), expected["y_fusion"], rtol=0, atol=STAGE_ATOL["probability"])
 
 
 def test_local_branch_from_recorded_patches(case, models) -> None:
@@ -115,9 +126,9 @@ def test_local_branch_from_recorded_patches(case, models) -> None:
         h_crops = models[0].forward_local(patches)
         z, alpha = models[0].attention(h_crops)
         y_local = torch.sigmoid(models[0].local_classifier(z))
-    np.testing.assert_allclose(h_crops.numpy(), expected["h_crops"], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(alpha.numpy(), expected["patch_attns"], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(y_local.numpy(), expected["y_local"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(h_crops.numpy(), expected["h_crops"], rtol=0, atol=STAGE_ATOL["h_crops"])
+    np.testing.assert_allclose(alpha.numpy(), expected["patch_attns"], rtol=0, atol=STAGE_ATOL["attention"])
+    np.testing.assert_allclose(y_local.numpy(), expected["y_local"], rtol=0, atol=STAGE_ATOL["probability"])
 
 
 @pytest.mark.parametrize("overlap", ["forbid", "official"])

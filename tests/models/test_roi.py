@@ -100,6 +100,13 @@ def test_grid_mapping() -> None:
     assert window_on_grid((256, 256), (46, 30), (2944, 1920)) == (4, 4)
     pos = torch.tensor([[[7, 2], [42, 26]]])
     assert grid_to_pixels(pos, (46, 30), (2944, 1920)).tolist() == [[[448, 128], [2688, 1664]]]
+    # Every cell of the released grid maps to 64 * cell exactly, although pos / 46 * 2944 in float64 is
+    # sometimes a hair below the integer (so flooring would be off by one pixel there).
+    rows, cols = torch.meshgrid(torch.arange(46), torch.arange(30), indexing="ij")
+    every = torch.stack([rows.flatten(), cols.flatten()], dim=1)[None]  # (1, 1380, 2)
+    assert torch.equal(grid_to_pixels(every, (46, 30), (2944, 1920)), every * 64)
+    # Not a multiple: 1 / 3 * 50 = 16.67 rounds to 17; 2 / 5 * 100 = 40.
+    assert grid_to_pixels(torch.tensor([[[2, 1]]]), (5, 3), (100, 50)).tolist() == [[[40, 17]]]
 
 
 def loop_crop(img: np.ndarray, r: int, c: int, ch: int, cw: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from training_helpers import write_blob_manifest
+from training_helpers import tiny_config, write_blob_manifest
 
 from mammogmic.cli.main import main
 from mammogmic.models import load_model, read_model_metadata
@@ -202,3 +202,70 @@ def test_dice_selection_keeps_the_dice_best_model(tmp_path: Path) -> None:
                 dice_scores(model(sample["image"][None]).saliency, sample["masks"][None], upsample="aligned")
             )
     assert float(DiceResult.concatenate(parts).mean_hard[1]) == pytest.approx(result["best_dice"], abs=1e-6)
+
+
+def test_training_tta_is_predicts_tta(tmp_path: Path) -> None:
+    """``data.tta: 3``: the trainer's test metrics are those of the TTA windows ``predict --tta 3 --seed S``
+    averages (and differ from the single-window metrics)."""
+    manifest = write_blob_manifest(tmp_path / "data", n_exams=8)
+    run = tmp_path / "run"
+    args = ["train", "tiny_cpu", "--set", f"data.manifest={manifest}", "--set", "schedule.epochs=1"]
+    args += ["--set", "data.tta=3", "--set", "runtime.seed=5", "--out", str(run), "--no-progress"]
+    assert main(args) == 0
+    reported = json.loads((run / "result.json").read_text())["test_metrics"]
+    config = TrainConfig.from_dict(
+        read_model_metadata(run / "best_model.safetensors")["extra"]["training_config"]
+    )
+    test_images = split_dataset(config, "test")
+    model = load_model(run / "best_model.safetensors")
+    tta3, _ = predict(model, test_images, tta=3, seed=5)
+    single, _ = predict(model, test_images)
+    assert reported == pytest.approx(classification_metrics(test_images, tta3), abs=1e-12)
+    assert reported != pytest.approx(classification_metrics(test_images, single), abs=1e-12)
+    # mammogmic predict with the same windows gives the same probabilities.
+    test_manifest = tmp_path / "data" / "test.csv"
+    table = pd.read_csv(manifest, dtype=str)
+    table[table["split"] == "test"].to_csv(test_manifest, index=False)
+    out = tmp_path / "pred"
+    rc = main(
+        ["predict", "--manifest", str(test_manifest), "--model", str(run / "best_model.safetensors"),
+         "--tta", "3", "--seed", "5", "--out", str(out), "--no-progress", "--workers", "0"]
+    )  # fmt: skip
+    assert rc == 0
+    preds = pd.read_csv(out / "image_predictions.csv", dtype={"image_index": str}).set_index("image_index")
+    ours = pd.Series(tta3[:, 1], index=test_images.image_ids)
+    assert (preds.loc[ours.index, "malignant_pred"] - ours).abs().max() < 1e-4  # fused inference: rounding
+    assert (pd.Series(single[:, 1], index=ours.index) - ours).abs().max() > 1e-3  # the windows matter
+
+
+def test_label_level_breast(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """``data.label_level: breast``: every view takes its breast's labels, and validation is per breast."""
+    manifest, _ = trained
+    table = pd.read_csv(manifest)
+    # A finding seen on the left MLO of exam e2 (validation) only: at breast level its CC view is malignant too.
+    seen = (table["exam_id"] == "e2") & (table["laterality"] == "L") & (table["view"] == "MLO")
+    table.loc[seen, "malignant_label"] = 1
+    breast = table.groupby(["exam_id", "laterality"])[["benign_label", "malignant_label"]].transform("max")
+    table["breast_benign_label"] = breast["benign_label"]
+    table["breast_malignant_label"] = breast["malignant_label"]
+    assert (table["breast_malignant_label"] != table["malignant_label"]).any()  # the levels differ here
+    labelled = manifest.parent / "breast_labels.csv"
+    table.to_csv(labelled, index=False)
+    val = split_dataset(tiny_config(**{"data.manifest": str(labelled), "data.label_level": "breast"}), "val")
+    expected = table.set_index("image_id").loc[val.image_ids]
+    np.testing.assert_array_equal(val.labels[:, 1], expected["breast_malignant_label"].to_numpy())
+    np.testing.assert_array_equal(val.labels[:, 0], expected["breast_benign_label"].to_numpy())
+
+    run = tmp_path / "run"
+    args = ["train", "tiny_cpu", "--set", f"data.manifest={labelled}", "--set", "schedule.epochs=1"]
+    assert main([*args, "--set", "data.label_level=breast", "--out", str(run), "--no-progress"]) == 0
+    epochs = pd.read_csv(run / "epochs.csv")
+    saved = TrainConfig.from_dict(
+        read_model_metadata(run / "best_model.safetensors")["extra"]["training_config"]
+    )
+    val = split_dataset(saved, "val")
+    probs, _ = predict(load_model(run / "best_model.safetensors"), val)
+    per_breast = classification_metrics(val, probs, "breast")
+    assert epochs.loc[0, "val_malignant_auroc"] == pytest.approx(per_breast["malignant_auroc"], abs=1e-12)
+    per_image = classification_metrics(val, probs, "image")
+    assert per_image["malignant_auroc"] != pytest.approx(per_breast["malignant_auroc"], abs=1e-6)

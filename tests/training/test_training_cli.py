@@ -69,3 +69,38 @@ def test_run_config_trains_again_from_another_folder(
     monkeypatch.chdir(elsewhere)
     assert main(["train", "../run/config.yaml", "--out", "other", "--no-progress"]) == 0
     assert (elsewhere / "other" / "best_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--exams", "0"), ("--epochs", "0"), ("--workers", "0"), ("--threads", "0"), ("--seed", "-1")],
+)
+def test_demo_refuses_counts_below_one(
+    flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Zero used to fall back silently to the default (``args.exams or 600``); it is a usage error now."""
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--out", str(tmp_path / "d"), flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and f"got '{value}'" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_passes_given_values_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mammogmic.training.demo as demo
+
+    seen = []
+
+    def fake_run_demo(out: Path, settings: demo.DemoSettings, **kwargs: object) -> dict[str, object]:
+        seen.append(settings)
+        raise demo.MammogmicError("stop here")
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    args = ["demo", "--out", str(tmp_path / "d"), "--exams", "3", "--epochs", "1", "--workers", "1"]
+    assert main([*args, "--seed", "0", "--threads", "1", "--amp", "none", "--no-progress"]) == 2
+    (settings,) = seen
+    assert (settings.n_exams, settings.epochs, settings.workers) == (3, 1, 1)
+    assert (settings.seed, settings.threads, settings.amp) == (0, 1, "none")
+    main(["demo", "--out", str(tmp_path / "e"), "--no-progress"])
+    assert seen[1] == demo.DemoSettings()  # nothing given: the documented defaults

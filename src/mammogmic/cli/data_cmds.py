@@ -31,8 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     prep.add_argument(
         "--birads3",
         choices=("unknown", "benign"),
-        default="unknown",
-        help="vindr only: malignant label of BI-RADS 3",
+        default=None,
+        help="vindr only: malignant label of BI-RADS 3 (default unknown)",
     )
     prep.add_argument("--no-masks", action="store_true", help="cbis-ddsm/inbreast: no lesion masks")
     prep.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -89,11 +89,20 @@ def run_prepare(args: argparse.Namespace) -> int:
             f"error: --out {out} is inside the dataset folder {source}; choose another place", file=sys.stderr
         )
         return 2
+    # Options of one layout given for another are refused rather than silently ignored.
+    for given, flag, datasets in (
+        (args.images is not None, "--images", ("nyu",)),
+        (args.birads3 is not None, "--birads3", ("vindr",)),
+        (args.no_masks, "--no-masks", ("cbis-ddsm", "inbreast")),
+    ):
+        if given and args.dataset not in datasets:
+            print(f"error: {flag} applies to {' and '.join(datasets)}, not {args.dataset}", file=sys.stderr)
+            return 2
     options: dict[str, Any] = {}
     if args.dataset == "nyu" and args.images is not None:
         options["images"] = args.images
     if args.dataset == "vindr":
-        options["birads3"] = args.birads3
+        options["birads3"] = args.birads3 or "unknown"
     if args.dataset in ("cbis-ddsm", "inbreast"):
         options["masks"] = not args.no_masks
     try:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mammogmic.cli import non_negative_int, positive_int
+
 logger = logging.getLogger(__name__)
 
 EXIT_ERROR = 2
@@ -103,7 +105,7 @@ def add_parser(subparsers: Any) -> None:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE")
     t.add_argument("--out", required=True, type=Path, help="search folder (study.db, trials/, top_k/)")
     t.add_argument(
-        "--trials", type=int, default=20, help="total number of finished trials wanted (default 20)"
+        "--trials", type=positive_int, default=20, help="total number of finished trials wanted (default 20)"
     )
     t.add_argument(
         "--lr-range",
@@ -124,7 +126,9 @@ def add_parser(subparsers: Any) -> None:
     t.add_argument(
         "--t-choices", default="0.02,0.03,0.05,0.1", help="comma-separated t values (default %(default)s)"
     )
-    t.add_argument("--top-k", type=int, default=5, help="models to export for ensembling (default 5)")
+    t.add_argument(
+        "--top-k", type=positive_int, default=5, help="models to export for ensembling (default 5)"
+    )
     t.add_argument(
         "--seed",
         type=int,
@@ -145,11 +149,13 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     d.add_argument("--out", required=True, type=Path, help="report folder (must be new or empty)")
-    d.add_argument("--exams", type=int, default=None, help="synthetic exams (default 600)")
-    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
-    d.add_argument("--seed", type=int, default=None, help="seed (default 0)")
-    d.add_argument("--workers", type=int, default=None, help="data-generation processes (default 2)")
-    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--exams", type=positive_int, default=None, help="synthetic exams (default 600)")
+    d.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 12)")
+    d.add_argument("--seed", type=non_negative_int, default=None, help="seed (default 0)")
+    d.add_argument("--workers", type=positive_int, default=None, help="data-generation processes (default 2)")
+    d.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     d.add_argument(
         "--amp",
         choices=("auto", "bf16", "none"),
@@ -173,8 +179,8 @@ def add_parser(subparsers: Any) -> None:
     a.add_argument(
         "--data", type=Path, default=None, help="reuse a generated synthetic set (folder or manifest)"
     )
-    a.add_argument("--exams", type=int, default=300, help="synthetic exams (default 300)")
-    a.add_argument("--epochs", type=int, default=6, help="epochs per run (default 6)")
+    a.add_argument("--exams", type=positive_int, default=300, help="synthetic exams (default 300)")
+    a.add_argument("--epochs", type=positive_int, default=6, help="epochs per run (default 6)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument(
         "--groups",
@@ -349,13 +355,17 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
     from mammogmic.training.demo import DemoSettings, run_demo
 
     defaults = DemoSettings()
+
+    def given(value: Any, default: Any) -> Any:  # the parser refuses 0 and negatives; None = not given
+        return default if value is None else value
+
     settings = DemoSettings(
-        n_exams=args.exams or defaults.n_exams,
-        epochs=args.epochs or defaults.epochs,
-        seed=defaults.seed if args.seed is None else args.seed,
-        workers=args.workers or defaults.workers,
+        n_exams=given(args.exams, defaults.n_exams),
+        epochs=given(args.epochs, defaults.epochs),
+        seed=given(args.seed, defaults.seed),
+        workers=given(args.workers, defaults.workers),
         threads=args.threads,
-        amp=args.amp or defaults.amp,
+        amp=given(args.amp, defaults.amp),
     )
     progress = _Progress(not args.no_progress)
     started = time.perf_counter()

@@ -146,7 +146,8 @@ class DataConfig:
         positive_class: which label defines "positive" for balanced sampling (``malignant``, ``benign``, ``any``).
         batch_size: images per optimizer micro-batch (per process under DDP).
         eval_batch_size: images per evaluation batch.
-        augment: random window/size noise and flips during training.
+        augment: random window position and size noise during training (``max_crop_noise``,
+            ``max_crop_size_noise``); no flips.
         max_crop_noise: maximal random shift (rows, cols) of the window in raw pixels when augmenting.
         max_crop_size_noise: maximal random change of the window size in raw pixels when augmenting.
         tta: number of random windows averaged at test time (1 = the deterministic window only).

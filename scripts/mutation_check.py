@@ -1,0 +1,366 @@
+"""Mutation check: break core behaviour one line at a time and see whether the test suite notices.
+
+Each mutation replaces one exact line of a source file (the text must occur exactly once), runs the named
+tests with ``pytest -x`` against this checkout's ``src``, and restores the file in a ``finally`` (also on
+Ctrl-C). A mutation is *caught* when a test fails, *missed* when every named test passes (then the suite
+has a gap: add a test), and an *error* when pytest could not run the tests::
+
+    python scripts/mutation_check.py --list
+    python scripts/mutation_check.py                        # all mutations (minutes; fixture tests are slow)
+    python scripts/mutation_check.py --only flip-rule,auroc-ties --json report.json
+
+The mutations and the tests that catch them are listed in docs/testing.md. Tests that need the official
+fixtures are named last, so a checkout without ``../shared/fixtures`` still runs the fast ones first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "mammogmic"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One deliberate breakage: ``old`` (one line, unique in ``path``) becomes ``new``."""
+
+    name: str
+    what: str
+    path: str  # relative to src/mammogmic
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids relative to the repository root
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "window-geometry",
+        "the model-input window sits one row lower than the official rule",
+        "data/preprocessing.py",
+        "    top = center_row - win_h // 2\n",
+        "    top = center_row - win_h // 2 + 1\n",
+        (
+            "tests/data/test_data_preprocessing.py",
+            "tests/data/test_data_preprocessing_official.py::test_model_input_matches_official",
+        ),
+    ),
+    Mutation(
+        "flip-rule",
+        "left views are mirrored instead of right views",
+        "data/preprocessing.py",
+        '    return (side == "R") if flip == "NO" else (side == "L")\n',
+        '    return (side == "L") if flip == "NO" else (side == "R")\n',
+        ("tests/data/test_data_preprocessing.py",),
+    ),
+    Mutation(
+        "top-t-pooling",
+        "top-t pooling divides the top-k sum by every position (a scaled GAP)",
+        "models/roi.py",
+        "    return flat.topk(k, dim=2, sorted=False).values.mean(dim=2)\n",
+        "    return flat.topk(k, dim=2, sorted=False).values.sum(dim=2) / (h * w)\n",
+        ("tests/models/test_roi.py", "tests/models/test_conformance.py::test_outputs_match_reference"),
+    ),
+    Mutation(
+        "bn-eps",
+        "the global network's last BatchNorm uses eps 2e-5 instead of 1e-5 (a porting slip; outputs move ~1e-6)",
+        "models/resnet.py",
+        "        self.final_bn = nn.BatchNorm2d(in_ch)\n",
+        "        self.final_bn = nn.BatchNorm2d(in_ch, eps=2e-5)\n",
+        ("tests/models/test_conformance.py::test_outputs_match_reference",),
+    ),
+    Mutation(
+        "patch-placement",
+        "grid-to-pixel mapping floors instead of rounding",
+        "models/roi.py",
+        "    return torch.round(prop * size).long()\n",
+        "    return torch.floor(prop * size).long()\n",
+        ("tests/models/test_roi.py", "tests/models/test_conformance.py::test_patch_locations_exact"),
+    ),
+    Mutation(
+        "crop-border",
+        "patches leaving the image are filled from the start instead of the end",
+        "models/roi.py",
+        "    src = lo.unsqueeze(-1) + i - origin.unsqueeze(-1)  # (..., size)\n",
+        "    src = lo.unsqueeze(-1) + i  # (..., size)\n",
+        ("tests/models/test_roi.py",),
+    ),
+    Mutation(
+        "attention-normalisation",
+        "gated attention weights through a sigmoid instead of a softmax over the K patches",
+        "models/gmic.py",
+        "            alpha = scores.softmax(dim=1)\n",
+        "            alpha = scores.sigmoid()\n",
+        (
+            "tests/models/test_gmic.py",
+            "tests/models/test_conformance.py::test_local_branch_from_recorded_patches",
+        ),
+    ),
+    Mutation(
+        "breast-aggregation",
+        "breast score = mean of its images instead of the mean of per-view means",
+        "evaluation/aggregation.py",
+        "            row[col] = float(per_view.mean())\n",
+        '            row[col] = float(pd.to_numeric(part[col], errors="coerce").mean())\n',
+        ("tests/evaluation/test_aggregation.py",),
+    ),
+    Mutation(
+        "auroc-ties",
+        "tied scores count as losses in AUROC instead of one half",
+        "evaluation/metrics.py",
+        "        roc = np.sum(np.diff(fpr0, axis=1) * (tpr0[:, 1:] + tpr0[:, :-1]) / 2.0, axis=1)\n",
+        "        roc = np.sum(np.diff(fpr0, axis=1) * tpr0[:, :-1], axis=1)\n",
+        ("tests/evaluation/test_metrics.py",),
+    ),
+    Mutation(
+        "bootstrap-indexing",
+        "bootstrap resamples are scattered into the wrong rows of the weight matrix",
+        "evaluation/metrics.py",
+        "    flat = (idx + (np.arange(count) * n)[:, None]).ravel()\n",
+        "    flat = (idx + np.arange(count)[:, None]).ravel()\n",
+        ("tests/evaluation/test_metrics.py",),
+    ),
+    Mutation(
+        "bootstrap-ci-index",
+        "the CI's lower bound is read one order statistic too high",
+        "evaluation/metrics.py",
+        "    lo = values[min(int(alpha / 2 * n), n - 1)]\n",
+        "    lo = values[min(int(alpha / 2 * n) + 1, n - 1)]\n",
+        ("tests/evaluation/test_metrics.py", "tests/evaluation/test_evaluate_cli.py::test_evaluate_by_hand"),
+    ),
+    Mutation(
+        "paired-p-value",
+        "resampled differences of exactly 0 are left out of the paired p-value",
+        "evaluation/metrics.py",
+        "    p = min(1.0, 2.0 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))\n",
+        "    p = min(1.0, 2.0 * min(float(np.mean(d < 0)), float(np.mean(d > 0))))\n",
+        ("tests/evaluation/test_metrics.py", "tests/evaluation/test_evaluate_cli.py::test_evaluate_by_hand"),
+    ),
+    Mutation(
+        "operating-point",
+        "sensitivity/specificity call score > threshold positive instead of >=",
+        "evaluation/metrics.py",
+        "    called = s[None, :] >= t[:, None]  # (T, n)\n",
+        "    called = s[None, :] > t[:, None]  # (T, n)\n",
+        ("tests/evaluation/test_metrics.py", "tests/evaluation/test_evaluate_cli.py::test_evaluate_by_hand"),
+    ),
+    Mutation(
+        "resume-bookkeeping",
+        "on resume the log row of the checkpoint's own step is dropped",
+        "training/loop.py",
+        '        keep = [r for r in rows if r.get(self.key, "") != "" and int(float(r[self.key])) <= value]\n',
+        '        keep = [r for r in rows if r.get(self.key, "") != "" and int(float(r[self.key])) < value]\n',
+        ("tests/training/test_training_loop.py::test_resume_after_interruption_equals_uninterrupted_run",),
+    ),
+    Mutation(
+        "checkpoint-key-map",
+        "the official attention gates V and U are loaded into each other (same shapes, no load error)",
+        "models/checkpoint.py",
+        '    (r"^mil_attn_([VUw])\\.", r"attention.\\1."),\n',
+        '    (r"^mil_attn_V\\.", "attention.U."), (r"^mil_attn_U\\.", "attention.V."), (r"^mil_attn_w\\.", "attention.w."),\n',
+        (
+            "tests/models/test_checkpoint.py",
+            "tests/cli/test_model_cmds.py::test_convert_official_fixture_round_trip",
+        ),
+    ),
+    Mutation(
+        "official-export-buffers",
+        "the official export writes parameters only (BatchNorm running statistics lost)",
+        "models/checkpoint.py",
+        "    for key, value in model.state_dict().items():\n        name = ours_to_official(key)\n",
+        "    for key, value in model.named_parameters():\n        name = ours_to_official(key)\n",
+        ("tests/cli/test_model_cmds.py::test_convert_both_ways_and_refuse_overwrite",),
+    ),
+    Mutation(
+        "tta-averaging",
+        "predict keeps the first TTA window instead of the mean of all windows",
+        "evaluation/inference.py",
+        "                per_image = torch.stack([chunk.mean(0) for chunk in torch.split(pred, counts)])\n",
+        "                per_image = torch.stack([chunk[0] for chunk in torch.split(pred, counts)])\n",
+        ("tests/evaluation/test_predict_cli.py::test_predict_tta_and_ensemble_equal_the_windows_by_hand",),
+    ),
+    Mutation(
+        "ensemble-averaging",
+        "predict reports the last ensemble member instead of the members' mean",
+        "evaluation/inference.py",
+        "            probs = (probs_sum / len(members)).tolist()\n",
+        "            probs = per_image.tolist()\n",
+        ("tests/evaluation/test_predict_cli.py::test_predict_tta_and_ensemble_equal_the_windows_by_hand",),
+    ),
+    Mutation(
+        "training-tta",
+        "the trainer tests with one window whatever data.tta says",
+        "training/loop.py",
+        "            tta=cfg.data.tta,\n",
+        "            tta=1,\n",
+        ("tests/training/test_train_predict_pipeline.py::test_training_tta_is_predicts_tta",),
+    ),
+    Mutation(
+        "label-level",
+        "label_level: breast is ignored by the dataset (image labels used)",
+        "data/dataset.py",
+        "        self.labels = np.array([item.labels(label_level) for item in self.items], dtype=np.float32).reshape(\n",
+        '        self.labels = np.array([item.labels("image") for item in self.items], dtype=np.float32).reshape(\n',
+        ("tests/training/test_train_predict_pipeline.py::test_label_level_breast",),
+    ),
+    Mutation(
+        "keep-top-k",
+        "top_k/ keeps the worst epochs",
+        "training/loop.py",
+        "        entries.sort(key=lambda e: e[0], reverse=higher)\n",
+        "        entries.sort(key=lambda e: e[0], reverse=not higher)\n",
+        ("tests/training/test_training_paths.py::test_keep_top_k_holds_the_k_best_epochs",),
+    ),
+    Mutation(
+        "activation-checkpointing",
+        "runtime.activation_checkpointing silently does nothing",
+        "training/loop.py",
+        "            if torch.is_grad_enabled() and x.requires_grad is not None:\n",
+        "            if False:\n",
+        ("tests/training/test_training_paths.py::test_activation_checkpointing_same_outputs_and_gradients",),
+    ),
+    Mutation(
+        "channels-last-ignored",
+        "runtime.channels_last silently keeps the NCHW layout",
+        "training/loop.py",
+        "            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]\n",
+        "            pass\n",
+        ("tests/training/test_training_paths.py::test_channels_last_step_equals_nchw",),
+    ),
+    Mutation(
+        "amp-ignored",
+        "runtime.amp: bf16 silently trains in float32",
+        "training/loop.py",
+        '    if amp == "none":\n        return contextlib.nullcontext()\n',
+        "    if True:\n        return contextlib.nullcontext()\n",
+        ("tests/training/test_training_paths.py::test_bf16_step_runs_is_finite_and_reproducible",),
+    ),
+    Mutation(
+        "demo-zero-exams",
+        "demo --exams 0 accepted again",
+        "cli/train_cmds.py",
+        '    d.add_argument("--exams", type=positive_int, default=None, help="synthetic exams (default 600)")\n',
+        '    d.add_argument("--exams", type=int, default=None, help="synthetic exams (default 600)")\n',
+        ("tests/training/test_training_cli.py::test_demo_refuses_counts_below_one",),
+    ),
+    Mutation(
+        "prepare-no-masks",
+        "prepare --no-masks silently ignored",
+        "cli/data_cmds.py",
+        '        options["masks"] = not args.no_masks\n',
+        '        options["masks"] = True\n',
+        ("tests/data/test_data_adapters.py::test_cbis_ddsm_no_masks",),
+    ),
+    Mutation(
+        "nyu-images",
+        "prepare nyu --images silently ignored",
+        "data/adapters.py",
+        '    folders = [images] if images is not None else [pickle_path.parent, pickle_path.parent / "images"]\n',
+        '    folders = [pickle_path.parent, pickle_path.parent / "images"]\n',
+        ("tests/data/test_data_adapters.py::test_nyu_images_folder",),
+    ),
+)
+
+
+def run_one(mutation: Mutation, timeout: int, tests: tuple[str, ...] = ()) -> dict[str, object]:
+    """Apply ``mutation``, run its tests (or ``tests``), restore the file (always); the outcome as a dict."""
+    path = SRC / mutation.path
+    original = path.read_bytes()
+    text = original.decode("utf-8")
+    count = text.count(mutation.old)
+    if count != 1:
+        return {"name": mutation.name, "status": "error", "detail": f"{path}: target found {count} times"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:xdist", "-p", "no:cacheprovider"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    started = time.perf_counter()
+    try:
+        path.write_text(text.replace(mutation.old, mutation.new), encoding="utf-8")
+        try:
+            proc = subprocess.run(
+                [*command, *(tests or mutation.tests)],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return {"name": mutation.name, "status": "error", "detail": f"timed out after {timeout} s"}
+    finally:
+        path.write_bytes(original)
+    seconds = round(time.perf_counter() - started, 1)
+    failed = re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.MULTILINE)
+    errors = re.findall(r"^ERROR (\S+)", proc.stdout, flags=re.MULTILINE)
+    if proc.returncode == 1 and (failed or errors):
+        status = "caught"
+    elif proc.returncode == 0:
+        status = "missed"
+    else:
+        status = "error"
+    tail = (
+        proc.stdout.strip().splitlines()[-1:]
+        if proc.stdout.strip()
+        else proc.stderr.strip().splitlines()[-1:]
+    )
+    return {
+        "name": mutation.name,
+        "status": status,
+        "caught_by": failed + errors,
+        "seconds": seconds,
+        "summary": tail[0] if tail else "",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="Break core behaviour one line at a time; report caught/missed."
+    )
+    parser.add_argument("--only", default="", help="comma-separated mutation names (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per mutation (default 1800)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--tests",
+        nargs="+",
+        default=(),
+        metavar="NODE",
+        help="run these tests instead of each mutation's own",
+    )
+    args = parser.parse_args()
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:26s} {m.path:28s} {m.what}")
+        return 0
+    chosen = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(chosen) - {m.name for m in MUTATIONS})
+    if unknown:
+        print(f"error: unknown mutation(s) {unknown}; see --list", file=sys.stderr)
+        return 2
+    results = []
+    for mutation in MUTATIONS:
+        if chosen and mutation.name not in chosen:
+            continue
+        result = run_one(mutation, args.timeout, tuple(args.tests))
+        results.append(result)
+        caught = ", ".join(result.get("caught_by", [])) or result.get("detail", result.get("summary", ""))
+        print(f"{result['status']:7s} {mutation.name:26s} {caught}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    missed = [r["name"] for r in results if r["status"] != "caught"]
+    print(
+        f"{len(results) - len(missed)} of {len(results)} caught"
+        + (f"; not caught: {missed}" if missed else "")
+    )
+    return 0 if not missed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
