@@ -204,9 +204,13 @@ def save_official_checkpoint(model: GMIC, path: str | os.PathLike[str]) -> Path:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``; any error removes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file gets the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -1,0 +1,164 @@
+"""ONNX export: the whole GMIC graph (patch retrieval included) run by onnxruntime equals PyTorch.
+
+One export of the official-format fixture model through ``mammogmic export`` (the slow part: tracing takes
+30-80 s on 2 cores), then the exported file is compared with our PyTorch model and with the official
+release's recorded outputs on two fixture images, in one batch (the batch dimension is dynamic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mammogmic import GMIC, GMICConfig
+from mammogmic.cli.main import main
+from mammogmic.data.cache import sha256_file
+from mammogmic.data.sample import OFFICIAL_CONTRACT
+from mammogmic.errors import MammogmicError
+from mammogmic.evaluation.inference import PrepareSettings, items_from_paths, load_member, prepare_item
+from mammogmic.models.export import GMIC_OUTPUTS, OnnxSession, check_onnx, export_onnx, torch_outputs
+
+IMAGES = ("0_L-CC", "1_R_CC")  # margins >= 1.9e-5 at every selection step (fixture README)
+PROBABILITIES = ("y_fusion", "y_global", "y_local")
+
+
+@pytest.fixture(scope="module")
+def exported(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("onnx") / "gmic.onnx"
+    check = fixtures_dir / "images" / "original" / f"{IMAGES[0]}.png"
+    model = fixtures_dir / "official_format_seed0.p"
+    args = ["export", str(model), "--percent-t", "0.02", "--onnx", str(out), "--check-image", str(check)]
+    code, stdout, stderr = _run_capturing(args)
+    assert code == 0, stderr
+    return out, json.loads(stdout)
+
+
+def _run_capturing(args: list[str]) -> tuple[int, str, str]:
+    """``main(args)`` with its stdout and stderr (capsys is function-scoped; this runs in a module fixture)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(args)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def batch(fixtures_dir: Path) -> np.ndarray:
+    """The two fixture images as predict prepares them: ``(2, 1, 2944, 1920)``."""
+    paths = [fixtures_dir / "images" / "original" / f"{name}.png" for name in IMAGES]
+    inputs = []
+    for item in items_from_paths(paths):
+        prepared = prepare_item(item, [OFFICIAL_CONTRACT], PrepareSettings())
+        assert prepared.error is None, prepared.error
+        inputs.append(prepared.inputs[0][:1])
+    return np.stack(inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.fixtures
+def test_export_reports_a_passed_check(exported: tuple[Path, dict]) -> None:
+    path, report = exported
+    assert path.is_file() and report["onnx"] == str(path)
+    assert report["input_shape"] == [2944, 1920] and report["outputs"] == list(GMIC_OUTPUTS)
+    check = report["check"]
+    assert check["images"] == 1 and check["same_patch_locations"] is True
+    assert max(check["max_abs_difference"].values()) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.fixtures
+def test_onnxruntime_matches_pytorch_and_the_official_release(
+    exported: tuple[Path, dict], batch: np.ndarray, fixtures_dir: Path
+) -> None:
+    session = OnnxSession(exported[0])
+    got = session(batch)  # batch 2 here; the export's own check ran a batch of 1 (the batch is dynamic)
+    model = load_member(fixtures_dir / "official_format_seed0.p", percent_t=0.02).model
+    ref = torch_outputs(model, batch)
+    for name in PROBABILITIES:
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-4, rtol=0, err_msg=name)
+    np.testing.assert_array_equal(got["patch_locations"], ref["patch_locations"])
+    for i, image in enumerate(IMAGES):
+        official = np.load(fixtures_dir / "expected" / f"{image}.npz")
+        for name in PROBABILITIES:
+            np.testing.assert_allclose(got[name][i], official[name][0], atol=1e-4, rtol=0, err_msg=name)
+        np.testing.assert_array_equal(got["patch_locations"][i], official["patch_locations"][0])
+
+
+@pytest.mark.slow
+@pytest.mark.fixtures
+def test_onnx_file_carries_contract_and_provenance(exported: tuple[Path, dict], fixtures_dir: Path) -> None:
+    session = OnnxSession(exported[0])
+    meta = session.metadata
+    assert session.input_shape == (2944, 1920)
+    assert json.loads(meta["input_contract"]) == json.loads(json.dumps(OFFICIAL_CONTRACT.to_dict()))
+    assert json.loads(meta["percent_t"]) == 0.02 and json.loads(meta["model_config"])["percent_t"] == 0.02
+    assert meta["source_sha256"] == sha256_file(fixtures_dir / "official_format_seed0.p")
+    assert meta["model_type"] == "gmic" and json.loads(meta["outputs"]) == list(GMIC_OUTPUTS)
+
+
+@pytest.mark.slow
+@pytest.mark.fixtures
+def test_check_catches_a_graph_that_differs(
+    exported: tuple[Path, dict], batch: np.ndarray, fixtures_dir: Path
+) -> None:
+    # Same weights, another t: only y_global (and the prediction built from it) move.
+    other = load_member(fixtures_dir / "official_format_seed0.p", percent_t=0.1).model
+    check = check_onnx(other, OnnxSession(exported[0]), [batch[:1]])
+    assert not check.ok and check.max_abs["y_global"] > 1e-3 and check.max_abs["y_local"] <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.fixtures
+def test_session_rejects_a_wrong_input_size(exported: tuple[Path, dict]) -> None:
+    with pytest.raises(ValueError, match=r"expected input \(N, C, 2944, 1920\), got \(1, 1, 512, 320\)"):
+        OnnxSession(exported[0])(np.zeros((1, 1, 512, 320), np.float32))
+
+
+def test_export_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"keep me")
+    assert main(["export", str(tmp_path / "m.safetensors"), "--onnx", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+    with pytest.raises(FileExistsError):
+        export_onnx(GMIC(GMICConfig(global_width=4, local_width=8, crop_size=(32, 32))), out, (256, 192))
+
+
+def test_export_of_a_missing_model_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(tmp_path / "nope.safetensors"), "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+def test_random_patch_selection_is_refused(tmp_path: Path) -> None:
+    model = GMIC(GMICConfig(global_width=4, local_width=8, crop_size=(32, 32), patch_selection="random"))
+    with pytest.raises(MammogmicError, match="patch_selection='random'"):
+        export_onnx(model.eval(), tmp_path / "m.onnx", (256, 192))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_torch_outputs_are_the_model_outputs() -> None:
+    torch.manual_seed(0)
+    model = GMIC(GMICConfig(global_width=4, local_width=8, crop_size=(32, 32))).eval()
+    x = torch.randn(2, 1, 256, 192)
+    outs = torch_outputs(model, x.numpy())
+    with torch.no_grad():
+        direct = model(x)
+    assert tuple(outs) == GMIC_OUTPUTS
+    for name in GMIC_OUTPUTS:
+        np.testing.assert_array_equal(outs[name], getattr(direct, name).numpy())
+
+
+def test_export_without_onnx_extra_says_which_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # type: ignore[arg-type]  # as if not installed
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.safetensors"), "--onnx", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "onnxruntime" in err and "pip install 'mammogmic[onnx]'" in err
+    assert not out.exists()
