@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from mammogmic import GMIC, GMICConfig
+from mammogmic import GMIC, BaselineConfig, GMICConfig, ResNetBaseline, save_model
 from mammogmic.cli.main import main
 from mammogmic.data.cache import sha256_file
 from mammogmic.data.sample import OFFICIAL_CONTRACT
 from mammogmic.errors import MammogmicError
 from mammogmic.evaluation.inference import PrepareSettings, items_from_paths, load_member, prepare_item
+from mammogmic.models import fuse_for_inference
 from mammogmic.models.export import GMIC_OUTPUTS, OnnxSession, check_onnx, export_onnx, torch_outputs
 
 IMAGES = ("0_L-CC", "1_R_CC")  # margins >= 1.9e-5 at every selection step (fixture README)
@@ -162,3 +163,27 @@ def test_export_without_onnx_extra_says_which_extra(
     err = capsys.readouterr().err
     assert "onnxruntime" in err and "pip install 'mammogmic[onnx]'" in err
     assert not out.exists()
+
+
+def test_bad_check_image_is_exit_2_before_exporting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = save_model(
+        GMIC(GMICConfig(global_width=4, local_width=8, crop_size=(32, 32))), tmp_path / "m.safetensors"
+    )
+    out = tmp_path / "m.onnx"
+    args = ["export", str(model), "--onnx", str(out), "--check-image", str(tmp_path / "missing.png")]
+    assert main(args) == 2
+    assert "missing.png" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow
+def test_baseline_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = fuse_for_inference(ResNetBaseline(BaselineConfig(arch="resnet18", width=8)))
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((n, 1, 128, 96)).astype(np.float32) for n in (1, 3)]
+    result = export_onnx(model, tmp_path / "b.onnx", (128, 96), check_inputs=batches)
+    assert result.outputs == ("prediction",) and result.check is not None and result.check.ok
+    assert result.check.n_images == 4
+    assert OnnxSession(result.path).metadata["model_type"] == "resnet_baseline"
