@@ -1,14 +1,12 @@
 """ONNX export: the whole GMIC graph (patch retrieval included) run by onnxruntime equals PyTorch.
 
-One export of the official-format fixture model through ``mammogmic export`` (the slow part: tracing takes
-30-80 s on 2 cores), then the exported file is compared with our PyTorch model and with the official
+One export of the official-format fixture model through ``mammogmic export`` (the slow part: 1-1.5 minutes
+on 2 shared cores), then the exported file is compared with our PyTorch model and with the official
 release's recorded outputs on two fixture images, in one batch (the batch dimension is dynamic).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -30,27 +28,7 @@ IMAGES = ("0_L-CC", "1_R_CC")  # margins >= 1.9e-5 at every selection step (fixt
 PROBABILITIES = ("y_fusion", "y_global", "y_local")
 
 
-@pytest.fixture(scope="module")
-def exported(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("onnx") / "gmic.onnx"
-    check = fixtures_dir / "images" / "original" / f"{IMAGES[0]}.png"
-    model = fixtures_dir / "official_format_seed0.p"
-    args = ["export", str(model), "--percent-t", "0.02", "--onnx", str(out), "--check-image", str(check)]
-    code, stdout, stderr = _run_capturing(args)
-    assert code == 0, stderr
-    return out, json.loads(stdout)
-
-
-def _run_capturing(args: list[str]) -> tuple[int, str, str]:
-    """``main(args)`` with its stdout and stderr (capsys is function-scoped; this runs in a module fixture)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(args)
-    return code, stdout.getvalue(), stderr.getvalue()
-
-
-@pytest.fixture(scope="module")
-def batch(fixtures_dir: Path) -> np.ndarray:
+def _fixture_batch(fixtures_dir: Path) -> np.ndarray:
     """The two fixture images as predict prepares them: ``(2, 1, 2944, 1920)``."""
     paths = [fixtures_dir / "images" / "original" / f"{name}.png" for name in IMAGES]
     inputs = []
@@ -61,10 +39,7 @@ def batch(fixtures_dir: Path) -> np.ndarray:
     return np.stack(inputs)
 
 
-@pytest.mark.slow
-@pytest.mark.fixtures
-def test_export_reports_a_passed_check(exported: tuple[Path, dict]) -> None:
-    path, report = exported
+def _assert_report_of_a_passed_check(path: Path, report: dict) -> None:
     assert path.is_file() and report["onnx"] == str(path)
     assert report["input_shape"] == [2944, 1920] and report["outputs"] == list(GMIC_OUTPUTS)
     check = report["check"]
@@ -72,29 +47,23 @@ def test_export_reports_a_passed_check(exported: tuple[Path, dict]) -> None:
     assert max(check["max_abs_difference"].values()) <= 1e-4
 
 
-@pytest.mark.slow
-@pytest.mark.fixtures
-def test_onnxruntime_matches_pytorch_and_the_official_release(
-    exported: tuple[Path, dict], batch: np.ndarray, fixtures_dir: Path
-) -> None:
-    session = OnnxSession(exported[0])
+def _assert_matches_pytorch_and_official(session: OnnxSession, batch: np.ndarray, fixtures_dir: Path) -> None:
     got = session(batch)  # batch 2 here; the export's own check ran a batch of 1 (the batch is dynamic)
     model = load_member(fixtures_dir / "official_format_seed0.p", percent_t=0.02).model
     ref = torch_outputs(model, batch)
     for name in PROBABILITIES:
-        np.testing.assert_allclose(got[name], ref[name], atol=1e-4, rtol=0, err_msg=name)
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-4, rtol=0, err_msg=f"vs PyTorch: {name}")
     np.testing.assert_array_equal(got["patch_locations"], ref["patch_locations"])
     for i, image in enumerate(IMAGES):
         official = np.load(fixtures_dir / "expected" / f"{image}.npz")
         for name in PROBABILITIES:
-            np.testing.assert_allclose(got[name][i], official[name][0], atol=1e-4, rtol=0, err_msg=name)
+            np.testing.assert_allclose(
+                got[name][i], official[name][0], atol=1e-4, rtol=0, err_msg=f"vs official: {image} {name}"
+            )
         np.testing.assert_array_equal(got["patch_locations"][i], official["patch_locations"][0])
 
 
-@pytest.mark.slow
-@pytest.mark.fixtures
-def test_onnx_file_carries_contract_and_provenance(exported: tuple[Path, dict], fixtures_dir: Path) -> None:
-    session = OnnxSession(exported[0])
+def _assert_contract_and_provenance(session: OnnxSession, fixtures_dir: Path) -> None:
     meta = session.metadata
     assert session.input_shape == (2944, 1920)
     assert json.loads(meta["input_contract"]) == json.loads(json.dumps(OFFICIAL_CONTRACT.to_dict()))
@@ -103,22 +72,35 @@ def test_onnx_file_carries_contract_and_provenance(exported: tuple[Path, dict], 
     assert meta["model_type"] == "gmic" and json.loads(meta["outputs"]) == list(GMIC_OUTPUTS)
 
 
-@pytest.mark.slow
-@pytest.mark.fixtures
-def test_check_catches_a_graph_that_differs(
-    exported: tuple[Path, dict], batch: np.ndarray, fixtures_dir: Path
-) -> None:
-    # Same weights, another t: only y_global (and the prediction built from it) move.
+def _assert_check_catches_a_different_model(session: OnnxSession, x: np.ndarray, fixtures_dir: Path) -> None:
+    # Same weights, another t: only y_global moves (the prediction is the fusion head's).
     other = load_member(fixtures_dir / "official_format_seed0.p", percent_t=0.1).model
-    check = check_onnx(other, OnnxSession(exported[0]), [batch[:1]])
+    check = check_onnx(other, session, [x])
     assert not check.ok and check.max_abs["y_global"] > 1e-3 and check.max_abs["y_local"] <= 1e-4
 
 
 @pytest.mark.slow
 @pytest.mark.fixtures
-def test_session_rejects_a_wrong_input_size(exported: tuple[Path, dict]) -> None:
+def test_fixture_model_export_end_to_end(
+    fixtures_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One test, so that the 1-2 minute export runs once even when pytest-xdist spreads tests over workers."""
+    out = tmp_path / "gmic.onnx"
+    check = fixtures_dir / "images" / "original" / f"{IMAGES[0]}.png"
+    model = fixtures_dir / "official_format_seed0.p"
+    args = ["export", str(model), "--percent-t", "0.02", "--onnx", str(out), "--check-image", str(check)]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    _assert_report_of_a_passed_check(out, json.loads(captured.out))
+
+    session = OnnxSession(out)
+    batch = _fixture_batch(fixtures_dir)
+    _assert_matches_pytorch_and_official(session, batch, fixtures_dir)
+    _assert_contract_and_provenance(session, fixtures_dir)
+    _assert_check_catches_a_different_model(session, batch[:1], fixtures_dir)
     with pytest.raises(ValueError, match=r"expected input \(N, C, 2944, 1920\), got \(1, 1, 512, 320\)"):
-        OnnxSession(exported[0])(np.zeros((1, 1, 512, 320), np.float32))
+        session(np.zeros((1, 1, 512, 320), np.float32))
 
 
 def test_export_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
