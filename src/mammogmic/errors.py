@@ -25,3 +25,11 @@ class PreprocessingError(MammogmicError, ValueError):
 
 class ManifestError(MammogmicError, ValueError):
     """A manifest is invalid. The message lists every bad row by line number and reason."""
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency group (a pip "extra") is not installed. The message says which and how.
+
+    Not a :class:`MammogmicError`: the input is fine, the installation lacks a package. The CLI turns it into
+    exit code 2.
+    """

@@ -19,8 +19,6 @@ global ``--allocator`` option overrides it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -53,6 +51,10 @@ def tune_allocator(profile: str = "lean", mmap_threshold: int = 1 << 20) -> bool
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if profile == "fast":
         return False
+    # Imported here: ctypes.util pulls in subprocess and friends, ~40 ms of every `mammogmic --help`.
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     if name is None:
         return False

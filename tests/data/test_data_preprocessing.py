@@ -11,6 +11,7 @@ from mammogmic.data import NO_NOISE, CropNoise, best_center, cbis_ddsm_input, cr
 from mammogmic.data.preprocessing import (
     _dilate,
     _erode,
+    _largest_component,
     chest_wall_side,
     expected_chest_wall_side,
     needs_flip,
@@ -34,6 +35,23 @@ def test_distance_transform_morphology_equals_scipy(seed: int, iterations: int) 
     np.testing.assert_array_equal(
         _dilate(mask, iterations), ndimage.binary_dilation(mask, iterations=iterations)
     )
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_largest_component_equals_scipy_label(seed: int) -> None:
+    """OpenCV's labelling replaces scipy's: same component, ties to the first in raster order (scipy's lowest
+    label), also for shapes (a U opening upwards) whose OpenCV label order could differ from scipy's."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((40, 33)) > (0.72 if seed % 2 else 0.6)  # many small components, some tied
+    if seed == 0:
+        mask[:] = False
+        mask[5:20, 2] = mask[5:20, 8] = mask[19, 2:9] = True  # a U of 35 pixels: arms meet at the bottom
+        mask[3:8, 20:27] = True  # 35 pixels too, starting earlier in raster order: wins the tie
+        mask[25:35, 12:15] = True  # 30 pixels
+    labels, _ = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    np.testing.assert_array_equal(_largest_component(mask), labels == np.argmax(sizes))
 
 
 def test_parse_view_accepts_spellings_and_rejects_unknown() -> None:

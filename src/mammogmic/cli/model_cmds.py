@@ -1,4 +1,5 @@
-"""Model commands: ``smoke`` (one forward pass on a synthetic input) and ``convert`` (checkpoint formats)."""
+"""Model commands: ``smoke`` (one forward pass on a synthetic input), ``convert`` (checkpoint formats) and
+``export`` (ONNX for deployment runtimes)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from mammogmic.data.sample import InputContract
     from mammogmic.models import GMIC, ResNetBaseline
 
 
@@ -49,6 +53,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--to-official", action="store_true", help="write the official .p format instead")
     c.set_defaults(func=run_convert)
+
+    e = sub.add_parser(
+        "export",
+        help="export a model to ONNX (patch retrieval inside the graph), checked against onnxruntime",
+        description="Export the inference model (BatchNorms folded) to one ONNX file: dynamic batch, the input "
+        "size of the model's input contract, the whole GMIC forward pass with the patch retrieval in the "
+        "graph. Before the file is written, onnxruntime runs it and its outputs are compared with PyTorch's "
+        "(probabilities within --atol, patch locations equal) on --check-image files, prepared as predict "
+        "prepares them, or on one synthetic input. Needs the onnx extra: pip install 'mammogmic[onnx]'. "
+        "Never overwrites. Exit 0: written; 1: the check failed (nothing written); 2: bad input or a "
+        "missing extra. See docs/deployment.md.",
+    )
+    e.add_argument("model", type=Path, help="a mammogmic .safetensors model or an official .p file")
+    e.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    e.add_argument(
+        "--percent-t",
+        type=float,
+        default=None,
+        help="t for an official .p file (default: the released t of sample_model_N.p, else required)",
+    )
+    e.add_argument(
+        "--check-image",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="an image (PNG/DICOM) to check the export on, one batch each (repeatable; default: one "
+        "synthetic input)",
+    )
+    e.add_argument("--atol", type=float, default=1e-4, help="check tolerance on probabilities (default 1e-4)")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    e.add_argument("--no-check", action="store_true", help="write without running onnxruntime")
+    e.set_defaults(func=run_export)
 
 
 def _load(path: Path, percent_t: float | None) -> GMIC | ResNetBaseline:
@@ -132,4 +169,78 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.dest}")
+    return 0
+
+
+def _check_inputs(args: argparse.Namespace, contract: InputContract) -> list[np.ndarray]:
+    """One ``(1, 1, H, W)`` batch per --check-image (predict's preparation), else one synthetic input."""
+    import numpy as np
+
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.inference import PrepareSettings, items_from_paths, prepare_item
+
+    if args.no_check:
+        return []
+    if not args.check_image:
+        # Standardised noise: every saliency cell differs, so no window ties that rounding could flip.
+        return [np.random.default_rng(0).standard_normal((1, 1, *contract.input_shape)).astype(np.float32)]
+    batches = []
+    for item in items_from_paths(args.check_image):
+        prepared = prepare_item(item, [contract], PrepareSettings())
+        if prepared.error is not None:
+            raise MammogmicError(f"--check-image: {prepared.error}")
+        batches.append(prepared.inputs[0][:1, None])  # (1, 1, H, W); predict feeds 1-channel models only
+    return batches
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from mammogmic._extras import require
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.inference import load_member
+    from mammogmic.models.export import OnnxParityError, export_onnx
+
+    if args.onnx.exists():
+        print(f"error: {args.onnx}: already exists; not overwriting", file=sys.stderr)
+        return 2
+    for module in ("onnx", "onnxscript", "onnxruntime"):  # fail before the minutes of loading and tracing
+        require(module, "mammogmic export --onnx")
+    try:
+        member = load_member(args.model, args.percent_t, device="cpu", fuse=True)
+        inputs = _check_inputs(args, member.contract)
+        metadata = {
+            "input_contract": member.contract.to_dict(),
+            "source": args.model.name,
+            "source_sha256": member.sha256,
+            "percent_t": member.percent_t,
+        }
+        result = export_onnx(
+            member.model,
+            args.onnx,
+            member.contract.input_shape,
+            check_inputs=inputs,
+            atol=args.atol,
+            metadata=metadata,
+            opset=args.opset,
+        )
+    except OnnxParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (MammogmicError, FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = {
+        "onnx": str(result.path),
+        "input_shape": list(result.input_shape),
+        "outputs": list(result.outputs),
+        "opset": result.opset,
+        "export_seconds": round(result.seconds, 1),
+        "check": None
+        if result.check is None
+        else {
+            "images": result.check.n_images,
+            "max_abs_difference": result.check.max_abs,
+            "same_patch_locations": result.check.same_locations,
+        },
+    }
+    print(json.dumps(report, indent=2))
     return 0

@@ -1,6 +1,8 @@
 """``mammogmic train``, ``mammogmic tune``, ``mammogmic demo`` and ``mammogmic ablate``.
 
-Heavy imports (torch, optuna) happen inside each ``run`` so that ``mammogmic --help`` stays fast.
+Heavy imports (torch, optuna) happen inside each ``run`` so that ``mammogmic --help`` stays fast. ``train``,
+``demo`` (TensorBoard logs) and ``tune`` (Optuna) need the ``train`` extra and say so when it is missing
+(exit 2); ``ablate`` writes no TensorBoard logs and runs on the light install.
 """
 
 from __future__ import annotations
@@ -257,7 +259,10 @@ def run_train(args: argparse.Namespace) -> int:
     """``mammogmic train``; under ``torchrun`` every rank runs it and rank 0 alone prints the summary."""
     import torch.distributed as dist
 
+    from mammogmic._extras import require
     from mammogmic.errors import MammogmicError
+
+    require("tensorboard", "mammogmic train (its TensorBoard logs)")
     from mammogmic.training.config import load_config
     from mammogmic.training.loop import NonFiniteLossError, Trainer, TrainingInterrupted
 
@@ -312,10 +317,13 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 # -- tune -------------------------------------------------------------------------------------------------
 def run_tune(args: argparse.Namespace) -> int:
+    from mammogmic._extras import require
     from mammogmic._json import to_json_text
     from mammogmic.errors import MammogmicError
     from mammogmic.training.config import load_config
-    from mammogmic.training.tune import TuneSettings, tune
+    from mammogmic.training.tune import TuneSettings, tune  # needs optuna: MissingExtraError without it
+
+    require("tensorboard", "mammogmic tune (each trial's TensorBoard logs)")
 
     try:
         t_choices = tuple(float(v) for v in args.t_choices.split(",") if v.strip())
@@ -351,7 +359,10 @@ def run_tune(args: argparse.Namespace) -> int:
 
 # -- demo -------------------------------------------------------------------------------------------------
 def run_demo_cmd(args: argparse.Namespace) -> int:
+    from mammogmic._extras import require
     from mammogmic.errors import MammogmicError
+
+    require("tensorboard", "mammogmic demo (the training run's TensorBoard logs)")
     from mammogmic.training.demo import DemoSettings, run_demo
 
     defaults = DemoSettings()

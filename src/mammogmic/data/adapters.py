@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mammogmic._extras import require
 from mammogmic.data.io import laterality_view_from_name, normalize_laterality, normalize_view
 from mammogmic.errors import ManifestError
 
@@ -420,13 +421,15 @@ def prepare_rsna(source: Path, out_dir: Path) -> PrepareResult:
 
 def _read_table(path: Path) -> list[dict[str, str]]:
     if path.suffix.lower() in (".xlsx", ".xls"):
-        try:
-            import pandas as pd
+        import pandas as pd
 
+        if path.suffix.lower() == ".xlsx":
+            require("openpyxl", f"{path}: reading .xlsx (or save the sheet as CSV)")
+        try:
             frame = pd.read_excel(path, dtype=str)
-        except ImportError as exc:
+        except ImportError as exc:  # .xls: pandas needs xlrd, which no extra installs
             raise ManifestError(
-                f"{path}: reading .xlsx needs openpyxl (a mammogmic dependency: reinstall it) or save the sheet as CSV"
+                f"{path}: reading .xls needs xlrd ({exc}); save the sheet as CSV or .xlsx"
             ) from exc
         return [
             {str(k).strip(): ("" if v is None or v != v else str(v)) for k, v in r.items()}

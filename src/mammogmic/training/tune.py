@@ -32,9 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
-from optuna.trial import FrozenTrial, TrialState
+
+from mammogmic._extras import missing_extra
+
+try:
+    import optuna
+    from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+    from optuna.trial import FrozenTrial, TrialState
+except ImportError as _exc:
+    raise missing_extra("optuna", "mammogmic tune (the hyper-parameter search)", _exc) from _exc
 
 from mammogmic._json import write_json
 from mammogmic.data.cache import sha256_file
