@@ -173,10 +173,17 @@ class OutputFolder:
             raise OutputFolderError(f"{self.path}: the output folder is an existing file")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
             raise OutputFolderError(
                 f"{self.path}: cannot create the output folder ({exc.strerror or exc})"
+            ) from exc
+        lock = self.path / LOCK_NAME
+        try:
+            # Never through a link: the lock file is truncated, and a link could point at a user's file.
+            self._fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as exc:
+            raise OutputFolderError(
+                f"{lock}: cannot open the lock file ({exc.strerror or exc}); choose another --out"
             ) from exc
         try:
             self._lock()
@@ -207,7 +214,8 @@ class OutputFolder:
                 return
             if taken:
                 os.ftruncate(self._fd, 0)
-                os.pwrite(self._fd, f"{os.getpid()} {self.layout.command}\n".encode(), 0)
+                os.lseek(self._fd, 0, os.SEEK_SET)
+                os.write(self._fd, f"{os.getpid()} {self.layout.command}\n".encode())
                 return
             holder = self._holder()
             if not self.wait:

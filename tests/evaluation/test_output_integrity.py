@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import mammogmic
-from mammogmic._outdir import MARKER_NAME, OutputFolder, OutputLayout
+from mammogmic._outdir import MARKER_NAME, OutputFolder, OutputFolderError, OutputLayout
 from mammogmic.cli.main import main
 from mammogmic.evaluation.inference import ImageItem
 from mammogmic.evaluation.outputs import PredictionWriter, input_provenance
@@ -334,3 +334,24 @@ def test_visualize_rerun_keeps_nothing_of_the_earlier_run(
     assert run["models"][0]["sha256"] == _sha256(other_model)
     (out / "mine.txt").write_text("x")
     assert main([*base, str(scans), "--model", str(tiny_model)]) == 2
+
+
+def test_output_folder_removes_its_temp_files_and_never_follows_a_linked_lock(tmp_path: Path) -> None:
+    layout = OutputLayout("predict", frozenset({"errors.csv", "run.json"}))
+    out = tmp_path / "out"
+    with OutputFolder(out, layout) as folder:
+        folder.claim("errors.csv")
+    (out / ".errors.csv.k3j9x_2a.tmp").write_text("half")  # left by a killed atomic write
+    (out / ".run.json.tmp").write_text("half")
+    with OutputFolder(out, layout):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, ".mammogmic.lock"]
+
+    target = tmp_path / "precious.txt"
+    target.write_text("precious")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / ".mammogmic.lock").symlink_to(target)
+    with pytest.raises(OutputFolderError, match="cannot open the lock file"):
+        OutputFolder(linked, layout).__enter__()
+    assert target.read_text() == "precious"

@@ -44,7 +44,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Read each image, crop the breast and find the optimal window centre as the official GMIC "
             "pipeline does, and write cropped 16-bit .npy files, OUT/manifest.csv (with the preprocessing "
-            "columns) and OUT/errors.csv. Resumable: a rerun skips images whose source is unchanged."
+            "columns) and OUT/errors.csv. Resumable: a rerun skips images whose source, view, flip and masks "
+            "are unchanged (same settings). OUT must be new, empty or an earlier preprocess OUT (other files "
+            "need --force; files we did not write are never overwritten); one run at a time (--wait)."
         ),
     )
     pre.add_argument("manifest", type=Path, help="manifest CSV")

@@ -12,7 +12,11 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mammogmic._outdir import OutputFolder
+    from mammogmic.evaluation.outputs import PredictionWriter
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +229,16 @@ then ids, laterality, view, path; per-model columns for ensembles), breast_predi
 breast_predictions_metarepository.csv (index, left_malignant, right_malignant, left_benign,
 right_benign), exam_summary.csv, errors.csv (one row per image that failed, with the stage and reason),
 run.json, and with --save-saliency saliency/<image_id>.npz, with --save-patches patches.json.
-A rerun skips images already in image_predictions.csv unless --overwrite-predictions is given.
-Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments.
+Each row records input_sha256 (the image file), input_key (with the cache file and manifest fields) and
+run_key (models, t, input contracts, TTA, dtype; in full in run.json). A rerun with the same run_key skips
+images whose input_key is unchanged; another run_key predicts everything again and drops the earlier rows.
+--overwrite-predictions predicts everything again.
+
+--out must be new, empty, or a folder this command wrote (listed in its .mammogmic-out.json); other files
+need --force, and files with an output's name that we did not write are never overwritten. One run at a
+time per folder: a second one exits with status 2, or waits with --wait.
+Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments or an
+unusable --out.
 """
 
 VISUALIZE_EPILOG = """\
@@ -239,6 +251,8 @@ benign and malignant saliency, the K patches with attention), image_predictions.
 with masks localization.json (Dice of the upsampled saliency maps vs the masks). --report adds
 report.html: one self-contained page (metrics when labels are known, ROC/PR curves, the figures sorted
 by malignant score) that opens from disk. Explanations come from the first model on the first window.
+Every run predicts every image and replaces the earlier run's outputs in --out (same --out rules as
+predict: new, empty or ours; --force, --wait).
 """
 
 
@@ -437,7 +451,7 @@ def _check_inputs_untouched(args: argparse.Namespace, items: list[Any]) -> None:
         )
 
 
-def _check_out_folder(args: argparse.Namespace, command: str, items: list[Any]) -> Any:
+def _check_out_folder(args: argparse.Namespace, command: str, items: list[Any]) -> OutputFolder:
     """Claim --out for this run (an :class:`~mammogmic._outdir.OutputFolder`, to use in a ``with``).
 
     Refused before anything is written: an --out that is a file, where an output would land on an input,
@@ -538,12 +552,12 @@ def _resolve_device(name: str) -> str:
 def _run_inference(
     args: argparse.Namespace,
     items: list[Any],
-    folder: Any,
+    folder: OutputFolder,
     writer_options: dict[str, Any],
     keep_explanations: bool,
     keep_images: bool,
     handle_result: Any = None,
-) -> tuple[list[Any], list[Any], dict[str, Any], Any]:
+) -> tuple[list[Any], list[Any], dict[str, Any], PredictionWriter]:
     """Shared body of predict and visualize: items → predictions, fed to a ``PredictionWriter`` that keeps
     only earlier rows made from the same files, models and settings (returned last)."""
     import time

@@ -4,17 +4,21 @@ Layout of the output folder::
 
     image_predictions.csv     image_index, benign_pred, malignant_pred[, benign_label, malignant_label],
                               then image_id, exam_id, patient_id, breast_id, laterality, view, path
-                              (and <benign|malignant>_pred__<model> per member of an ensemble)
+                              (and <benign|malignant>_pred__<model> per member of an ensemble),
+                              then input_sha256, input_key, run_key (what the row was computed from)
     breast_predictions.csv    one row per breast: mean over its views (see aggregation)
     breast_predictions_metarepository.csv   index, left_malignant, right_malignant, left_benign, right_benign
     exam_summary.csv          one row per exam: maximum over its breasts
     errors.csv                image_id, path, stage, error (header only when every image worked)
     saliency/<image_id>.npz   saliency (2, h, w) float16, patch_locations, patch_attention, crop_size
     patches.json              {image_id: {"view", "crop_size", "locations", "attention"}}
-    run.json                  models, settings, counts
+    run.json                  models, run_key + settings, complete, counts
 
 The image CSV is rewritten (atomically) after every batch, so an interrupted run keeps what it
-finished and a rerun skips those images.
+finished and a rerun skips those images when they were made from the same file contents
+(:func:`input_provenance`) with the same models and settings (:func:`run_settings`); every row in the
+folder comes from the run that ``run.json`` describes (:class:`PredictionWriter`). The folder itself is
+claimed by :class:`mammogmic._outdir.OutputFolder` (one writer, our files only).
 
 Text cells that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or
 carriage return; numbers such as ``-0.5`` excepted) are written with a leading ``'`` in every CSV
