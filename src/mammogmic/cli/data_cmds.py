@@ -44,7 +44,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Read each image, crop the breast and find the optimal window centre as the official GMIC "
             "pipeline does, and write cropped 16-bit .npy files, OUT/manifest.csv (with the preprocessing "
-            "columns) and OUT/errors.csv. Resumable: a rerun skips images whose source is unchanged."
+            "columns) and OUT/errors.csv. Resumable: a rerun skips images whose source, view, flip and masks "
+            "are unchanged (same settings). OUT must be new, empty or an earlier preprocess OUT (other files "
+            "need --force; files we did not write are never overwritten); one run at a time (--wait)."
         ),
     )
     pre.add_argument("manifest", type=Path, help="manifest CSV")
@@ -69,6 +71,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     pre.add_argument("--no-voi", action="store_true", help="do not apply the DICOM VOI LUT / window")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.add_argument("--preview", type=int, default=16, help="images in OUT/preview.png (0: none)")
+    pre.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that holds other files (never overwriting any of them)",
+    )
+    pre.add_argument(
+        "--wait", action="store_true", help="wait for another run writing into --out instead of failing"
+    )
     pre.set_defaults(func=run_preprocess)
     return prep
 
@@ -125,6 +135,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     """Preprocess a manifest into a cache folder with a progress bar."""
     from tqdm import tqdm
 
+    from mammogmic._outdir import OutputFolderError
     from mammogmic.data.cache import PreprocessSettings, preprocess_manifest
     from mammogmic.data.manifest import load_manifest
     from mammogmic.errors import MammogmicError
@@ -146,7 +157,12 @@ def run_preprocess(args: argparse.Namespace) -> int:
                 jobs=args.jobs,
                 progress=bar.update,
                 preview=args.preview,
+                force=args.force,
+                wait=args.wait,
             )
+    except OutputFolderError as exc:  # busy, or holding files we did not write
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except MammogmicError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -7,11 +7,16 @@ Heavy imports (numpy, pandas, torch, matplotlib) happen inside the ``run_*`` fun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mammogmic._outdir import OutputFolder
+    from mammogmic.evaluation.outputs import PredictionWriter
 
 logger = logging.getLogger(__name__)
 
@@ -217,15 +222,23 @@ the view comes from the DICOM tags or the file name (e.g. 0_L-CC.png).
 
 Models: our .safetensors files, or official .p files; each .p file takes the next --percent-t value
 (sample_model_N.p defaults to the released t of model N). Several models form an ensemble whose
-probabilities are averaged; --tta N also averages N random windows per image (the paper uses 10).
+probabilities are averaged; --tta N also averages N random windows per image (default: the model's own, 1 for official files).
 
 Outputs (in --out): image_predictions.csv (image_index, benign_pred, malignant_pred, labels when known,
 then ids, laterality, view, path; per-model columns for ensembles), breast_predictions.csv,
 breast_predictions_metarepository.csv (index, left_malignant, right_malignant, left_benign,
 right_benign), exam_summary.csv, errors.csv (one row per image that failed, with the stage and reason),
 run.json, and with --save-saliency saliency/<image_id>.npz, with --save-patches patches.json.
-A rerun skips images already in image_predictions.csv unless --overwrite-predictions is given.
-Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments.
+Each row records input_sha256 (the image file), input_key (with the cache file and manifest fields) and
+run_key (models, t, input contracts, TTA, dtype; in full in run.json). A rerun with the same run_key skips
+images whose input_key is unchanged; another run_key predicts everything again and drops the earlier rows.
+--overwrite-predictions predicts everything again.
+
+--out must be new, empty, or a folder this command wrote (listed in its .mammogmic-out.json); other files
+need --force, and files with an output's name that we did not write are never overwritten. One run at a
+time per folder: a second one exits with status 2, or waits with --wait.
+Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments or an
+unusable --out.
 """
 
 VISUALIZE_EPILOG = """\
@@ -238,6 +251,8 @@ benign and malignant saliency, the K patches with attention), image_predictions.
 with masks localization.json (Dice of the upsampled saliency maps vs the masks). --report adds
 report.html: one self-contained page (metrics when labels are known, ROC/PR curves, the figures sorted
 by malignant score) that opens from disk. Explanations come from the first model on the first window.
+Every run predicts every image and replaces the earlier run's outputs in --out (same --out rules as
+predict: new, empty or ours; --force, --wait).
 """
 
 
@@ -311,6 +326,14 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
         "then 1.1-1.5x faster on CPU: worth it for hundreds of images)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that holds other files (never overwriting any of them)",
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="wait for another run writing into --out instead of failing"
+    )
 
 
 def add_predict_parsers(subparsers: Any) -> None:
@@ -435,12 +458,21 @@ def _check_inputs_untouched(args: argparse.Namespace, items: list[Any]) -> None:
         )
 
 
-def _check_out_folder(args: argparse.Namespace) -> None:
-    """Refuse an --out that is a file (e.g. the manifest or a model) before anything is written."""
+def _check_out_folder(args: argparse.Namespace, command: str, items: list[Any]) -> OutputFolder:
+    """Claim --out for this run (an :class:`~mammogmic._outdir.OutputFolder`, to use in a ``with``).
+
+    Refused before anything is written: an --out that is a file, where an output would land on an input,
+    that another run is writing into (unless --wait), that holds files we did not write (unless --force),
+    or whose files of an output's name are not ours (never overwritten).
+    """
+    from mammogmic._outdir import OutputFolder, OutputLayout
     from mammogmic.errors import MammogmicError
 
     if args.out.exists() and not args.out.is_dir():
         raise MammogmicError(f"{args.out}: --out must be a folder, and this is an existing file")
+    _check_inputs_untouched(args, items)
+    layout = OutputLayout(command, frozenset(_OUTPUT_FILES), frozenset(_OUTPUT_DIRS))
+    return OutputFolder(args.out, layout, force=args.force, wait=args.wait)
 
 
 def _load_members(args: argparse.Namespace, device: str) -> list[Any]:
@@ -526,20 +558,28 @@ def _resolve_device(name: str) -> str:
 
 def _run_inference(
     args: argparse.Namespace,
+    items: list[Any],
+    folder: OutputFolder,
+    writer_options: dict[str, Any],
     keep_explanations: bool,
     keep_images: bool,
-    writer: Any,
     handle_result: Any = None,
-) -> tuple[list[Any], list[Any], dict[str, Any]]:
-    """Shared body of predict and visualize: items → predictions, feeding ``writer``."""
+) -> tuple[list[Any], list[Any], dict[str, Any], PredictionWriter]:
+    """Shared body of predict and visualize: items → predictions, fed to a ``PredictionWriter`` that keeps
+    only earlier rows made from the same files, models and settings (returned last)."""
     import time
 
     from tqdm import tqdm
 
     from mammogmic.evaluation.inference import PrepareSettings, default_workers, predict_items
+    from mammogmic.evaluation.outputs import (
+        PredictionWriter,
+        hash_inputs,
+        run_key,
+        run_settings,
+        settings_differences,
+    )
 
-    items = _collect_items(args)
-    _check_inputs_untouched(args, items)
     device = _resolve_device(args.device)
     members = _load_members(args, device)
     _apply_contract_overrides(args, members)
@@ -552,52 +592,31 @@ def _run_inference(
             )
         tta = defaults[-1]
     settings = PrepareSettings(tta=tta, seed=args.seed, load_masks=keep_images)
-    todo = items
-    if writer is not None:
-        done = writer.done_ids
-        todo = [i for i in items if i.image_id not in done]
-        if len(todo) < len(items):
-            print(
-                f"{len(items) - len(todo)} image(s) already predicted in {args.out}; skipping them",
-                file=sys.stderr,
-            )
-    errors: list[Any] = []
-
-    def on_error(p: Any) -> None:
-        errors.append(p)
-        if writer is not None:
-            writer.add_error(p)
-
-    def on_result(res: Any) -> None:
-        if writer is not None:
-            writer.add_result(res)
-        if handle_result is not None:
-            handle_result(res)
-
-    bar = tqdm(total=len(todo), unit="img", disable=args.no_progress or not todo, desc="predict")
-
-    def progress(n: int) -> None:
-        bar.update(n)
-        if writer is not None:
-            writer.flush()
-
-    start = time.perf_counter()
-    results = predict_items(
-        todo,
-        members,
-        settings,
-        batch_size=args.batch_size,
-        device=device,
-        dtype=args.dtype,
-        workers=default_workers() if args.workers is None else args.workers,
-        keep_explanations=keep_explanations,
-        keep_images=keep_images,
-        on_error=on_error,
-        on_result=on_result,
-        progress=progress,
+    key_settings = run_settings(members, tta, args.seed, args.dtype)
+    writer = PredictionWriter(
+        args.out, **writer_options, run_key=run_key(key_settings), settings=key_settings, folder=folder
     )
-    bar.close()
-    info = {
+    if writer.n_stale:
+        print(
+            f"{writer.n_stale} earlier prediction(s) in {args.out} were made with other models or settings "
+            f"({settings_differences(writer.previous_settings, key_settings)}); replacing them: every input "
+            "is predicted again",
+            file=sys.stderr,
+        )
+    todo = writer.plan(items, hash_inputs(items))
+    if writer.n_kept:
+        print(
+            f"{writer.n_kept} image(s) already predicted in {args.out} from the same files, models and "
+            "settings; skipping them",
+            file=sys.stderr,
+        )
+    if writer.n_input_changed:
+        print(
+            f"{writer.n_input_changed} image(s) changed since they were predicted (file content or manifest "
+            "fields); predicting them again",
+            file=sys.stderr,
+        )
+    info: dict[str, Any] = {
         "models": [
             {
                 "name": m.name,
@@ -616,26 +635,61 @@ def _run_inference(
         "seed": args.seed,
         "n_inputs": len(items),
         "n_run": len(todo),
-        "seconds": round(time.perf_counter() - start, 3),
     }
-    return results, errors, info
+    writer.begin(info)
+    errors: list[Any] = []
+
+    def on_error(p: Any) -> None:
+        errors.append(p)
+        writer.add_error(p)
+
+    def on_result(res: Any) -> None:
+        writer.add_result(res)
+        if handle_result is not None:
+            handle_result(res)
+
+    bar = tqdm(total=len(todo), unit="img", disable=args.no_progress or not todo, desc="predict")
+
+    def progress(n: int) -> None:
+        bar.update(n)
+        writer.flush()
+
+    start = time.perf_counter()
+    results = predict_items(
+        todo,
+        members,
+        settings,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=args.dtype,
+        workers=default_workers() if args.workers is None else args.workers,
+        keep_explanations=keep_explanations,
+        keep_images=keep_images,
+        on_error=on_error,
+        on_result=on_result,
+        progress=progress,
+    )
+    bar.close()
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    return results, errors, info, writer
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """Entry point of ``mammogmic predict``."""
     from mammogmic.errors import MammogmicError
-    from mammogmic.evaluation.outputs import PredictionWriter
 
     try:
-        _check_out_folder(args)
-        writer = PredictionWriter(
-            args.out,
-            overwrite=args.overwrite_predictions,
-            save_saliency=args.save_saliency,
-            save_patches=args.save_patches,
-        )
-        _, errors, info = _run_inference(args, args.save_saliency or args.save_patches, False, writer)
-        written = writer.finish(info)
+        items = _collect_items(args)
+        with _check_out_folder(args, "predict", items) as folder:
+            options = {
+                "overwrite": args.overwrite_predictions,
+                "save_saliency": args.save_saliency,
+                "save_patches": args.save_patches,
+            }
+            _, errors, info, writer = _run_inference(
+                args, items, folder, options, args.save_saliency or args.save_patches, False
+            )
+            written = writer.finish(info)
     except (MammogmicError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -656,10 +710,11 @@ def run_visualize(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
+    from mammogmic._outdir import atomic_write_bytes, atomic_write_text
     from mammogmic.data.preprocessing import needs_flip
     from mammogmic.errors import MammogmicError
     from mammogmic.evaluation.localization import DiceResult, dice_scores
-    from mammogmic.evaluation.outputs import PredictionWriter, file_stem
+    from mammogmic.evaluation.outputs import file_stem
     from mammogmic.evaluation.table import evaluate_table
     from mammogmic.visualization.figure import gmic_figure
     from mammogmic.visualization.report import GalleryItem, write_html_report
@@ -688,8 +743,7 @@ def run_visualize(args: argparse.Namespace) -> int:
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=args.dpi)
             png = buf.getvalue()
-            fig_dir.mkdir(parents=True, exist_ok=True)
-            (fig_dir / f"{file_stem(res.item.image_id)}.png").write_bytes(png)
+            atomic_write_bytes(fig_dir / f"{file_stem(res.item.image_id)}.png", png)
             if args.report and args.max_figures > 0:
                 labels = None
                 if not np.isnan(res.item.malignant_label):
@@ -713,55 +767,73 @@ def run_visualize(args: argparse.Namespace) -> int:
         res.image = None
         res.masks = None
 
-    try:
-        _check_out_folder(args)
-        writer = PredictionWriter(args.out, overwrite=True)
-        results, errors, info = _run_inference(args, True, True, writer, handle_result=draw)
-        writer.finish(info)
-    except (MammogmicError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    n_figures = len(list(fig_dir.glob("*.png"))) if fig_dir.is_dir() else 0
-    if dice:
-        summary: dict[str, Any] = {
-            **DiceResult.concatenate(list(dice.values())).summary(),
-            "images": {name: d.to_dict() for name, d in dice.items()},
-        }
-        (args.out / "localization.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    print(f"{n_figures} figure(s) in {fig_dir}; {len(errors)} image(s) failed (see errors.csv)")
-    if args.report:
-        table = writer.image_table()
-        metrics = []
-        curves: list[tuple[str, bytes]] = []
-        for level in ("image", "breast"):
-            if "malignant_label" not in table.columns or table["malignant_label"].nunique(dropna=True) < 2:
-                break
-            try:
-                result, grouped = evaluate_table(
-                    table,
-                    label="malignant_label",
-                    scores=["malignant_pred"],
-                    group=level,
-                    source="predictions",
-                )
-            except ValueError as exc:
-                logger.warning("no %s-level metrics in the report: %s", level, exc)
-                continue
-            metrics.append((f"{level.capitalize()} level (malignant)", result))
-            if level == "image":
-                curves = _curve_pngs(result, grouped, "image level")
-        if "benign_label" in table.columns and pd.to_numeric(table["benign_label"]).nunique(dropna=True) == 2:
-            result, _ = evaluate_table(
-                table, label="benign_label", scores=["benign_pred"], source="predictions"
+    with contextlib.ExitStack() as stack:  # the folder stays locked until the report is written
+        try:
+            items = _collect_items(args)
+            folder = stack.enter_context(_check_out_folder(args, "visualize", items))
+            # Every run redoes every image: figures and files of an earlier run must not outlive it.
+            folder.remove("figures", "localization.json", "report.html")
+            folder.claim("figures")
+            results, errors, info, writer = _run_inference(
+                args, items, folder, {"overwrite": True}, True, True, handle_result=draw
             )
-            metrics.append(("Image level (benign)", result))
-        notes = [
-            f"Models: {', '.join(m['name'] for m in info['models'])}; device {info['device']}, {info['dtype']}, "
-            f"TTA {info['tta']}; {len(results)} image(s) predicted, {len(errors)} failed."
-        ]
-        if len(results) > len(gallery):
-            notes.append(f"The gallery shows the {len(gallery)} images with the highest malignant scores.")
-        items = [g[2] for g in gallery]
-        path = write_html_report(args.out / "report.html", "GMIC predictions", metrics, curves, items, notes)
-        print(f"report: {path}")
+            writer.finish(info)
+        except (MammogmicError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        n_figures = len(list(fig_dir.glob("*.png"))) if fig_dir.is_dir() else 0
+        if dice:
+            summary: dict[str, Any] = {
+                **DiceResult.concatenate(list(dice.values())).summary(),
+                "images": {name: d.to_dict() for name, d in dice.items()},
+            }
+            folder.claim("localization.json")
+            atomic_write_text(args.out / "localization.json", json.dumps(summary, indent=1) + "\n")
+        print(f"{n_figures} figure(s) in {fig_dir}; {len(errors)} image(s) failed (see errors.csv)")
+        if args.report:
+            table = writer.image_table()
+            metrics = []
+            curves: list[tuple[str, bytes]] = []
+            for level in ("image", "breast"):
+                if (
+                    "malignant_label" not in table.columns
+                    or table["malignant_label"].nunique(dropna=True) < 2
+                ):
+                    break
+                try:
+                    result, grouped = evaluate_table(
+                        table,
+                        label="malignant_label",
+                        scores=["malignant_pred"],
+                        group=level,
+                        source="predictions",
+                    )
+                except ValueError as exc:
+                    logger.warning("no %s-level metrics in the report: %s", level, exc)
+                    continue
+                metrics.append((f"{level.capitalize()} level (malignant)", result))
+                if level == "image":
+                    curves = _curve_pngs(result, grouped, "image level")
+            if (
+                "benign_label" in table.columns
+                and pd.to_numeric(table["benign_label"]).nunique(dropna=True) == 2
+            ):
+                result, _ = evaluate_table(
+                    table, label="benign_label", scores=["benign_pred"], source="predictions"
+                )
+                metrics.append(("Image level (benign)", result))
+            notes = [
+                f"Models: {', '.join(m['name'] for m in info['models'])}; device {info['device']}, {info['dtype']}, "
+                f"TTA {info['tta']}; {len(results)} image(s) predicted, {len(errors)} failed."
+            ]
+            if len(results) > len(gallery):
+                notes.append(
+                    f"The gallery shows the {len(gallery)} images with the highest malignant scores."
+                )
+            shown = [g[2] for g in gallery]
+            folder.claim("report.html")
+            path = write_html_report(
+                args.out / "report.html", "GMIC predictions", metrics, curves, shown, notes
+            )
+            print(f"report: {path}")
     return 1 if errors else 0

@@ -11,16 +11,24 @@ Output folder layout::
     OUT/preview.png         contact sheet: oriented crops with the model window (red) of the first images
     OUT/progress.jsonl      one line per finished image (lets an interrupted run resume)
     OUT/preprocess.json     the settings; a rerun with other settings redoes everything
+    OUT/.mammogmic-out.json, OUT/.mammogmic.lock   marker (what we wrote) and the one-writer lock
 
-A rerun skips images whose cache entry exists and whose source is unchanged (same size and mtime, or
-else the same SHA-256). One bad file never stops the batch: it goes to ``errors.csv``. The output folder
-may not be (or be inside) a folder that holds input images, and inputs are never written.
+A rerun skips images whose cache entry exists, whose source is unchanged (same size and mtime, or else the
+same SHA-256) and whose manifest fields used by the crop (view, horizontal_flip) and mask files (SHA-256)
+are unchanged; everything else is redone. ``manifest.csv``, ``errors.csv`` and ``summary.json`` are removed
+when a run starts and rewritten at its end, so an interrupted run never leaves a manifest that points at
+cache files of another run. One bad file never stops the batch: it goes to ``errors.csv``. The output
+folder may not be (or be inside) a folder that holds input images, and inputs are never written. The folder
+is claimed through :class:`mammogmic._outdir.OutputFolder`: one run at a time, and only a new folder, an
+empty one or one of an earlier ``preprocess`` (files of other origins need ``force``; a file with an output
+name that we did not write is never overwritten).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -33,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from mammogmic._json import to_json_text, write_json
-from mammogmic.data.io import read_image, read_mask
+from mammogmic._outdir import OutputFolder, OutputLayout, atomic_write_bytes, atomic_write_text
+from mammogmic.data.io import check_regular_file, read_image, read_mask
 from mammogmic.data.manifest import Manifest, ManifestRow, save_manifest
 from mammogmic.data.preprocessing import (
     best_center,
@@ -48,6 +57,7 @@ from mammogmic.errors import ImageReadError, MammogmicError, PreprocessingError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "PREPROCESS_LAYOUT",
     "PreprocessSettings",
     "PreprocessSummary",
     "preprocess_manifest",
@@ -55,6 +65,15 @@ __all__ = [
     "sha256_file",
     "write_preview",
 ]
+
+
+PREPROCESS_LAYOUT = OutputLayout(
+    "preprocess",
+    frozenset(
+        {"manifest.csv", "errors.csv", "summary.json", "preview.png", "progress.jsonl", "preprocess.json"}
+    ),
+    frozenset({"cache"}),
+)
 
 
 @dataclass(frozen=True)
@@ -222,7 +241,7 @@ def _load_previous(out_dir: Path) -> dict[str, dict[str, Any]]:
     previous: dict[str, dict[str, Any]] = {}
     journal = out_dir / "progress.jsonl"
     if journal.is_file():
-        with open(journal, encoding="utf-8") as handle:
+        with open(journal, encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 try:
                     entry = json.loads(line)
@@ -232,8 +251,37 @@ def _load_previous(out_dir: Path) -> dict[str, dict[str, Any]]:
     return previous
 
 
-def _unchanged(entry: dict[str, Any], source: Path, out_dir: Path) -> bool:
-    if not (out_dir / entry["record"]["cached_path"]).is_file():
+def _mask_sha256(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        check_regular_file(path)
+        return sha256_file(path)
+    except (MammogmicError, OSError):
+        return None  # the run reports it (stage "benign mask" / "malignant mask")
+
+
+def _row_key(row: ManifestRow, manifest: Manifest) -> dict[str, Any]:
+    """What of a manifest row, beyond its image, the cached crop depends on."""
+    return {
+        "view": row.full_view,
+        "horizontal_flip": row.horizontal_flip,
+        "benign_mask_sha256": _mask_sha256(manifest.resolve(row.benign_mask_path)),
+        "malignant_mask_sha256": _mask_sha256(manifest.resolve(row.malignant_mask_path)),
+    }
+
+
+def _end_line(journal: Path) -> None:
+    """End a line cut by an interruption, so that the next entry starts on its own line."""
+    if journal.is_file() and journal.stat().st_size > 0:
+        with open(journal, "rb+") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+
+
+def _unchanged(entry: dict[str, Any], source: Path, out_dir: Path, row_key: dict[str, Any]) -> bool:
+    if entry.get("key") != row_key or not (out_dir / entry["record"]["cached_path"]).is_file():
         return False
     for key in ("cached_benign_mask_path", "cached_malignant_mask_path"):
         if entry["extra"].get(key) and not (out_dir / entry["extra"][key]).is_file():
@@ -259,6 +307,8 @@ def preprocess_manifest(
     jobs: int = 1,
     progress: Callable[[int], Any] | None = None,
     preview: int = 16,
+    force: bool = False,
+    wait: bool = False,
 ) -> PreprocessSummary:
     """Preprocess every row of ``manifest`` into ``out_dir`` (see the module docstring).
 
@@ -269,13 +319,36 @@ def preprocess_manifest(
         jobs: Worker processes (1 = in this process).
         progress: Called with 1 after each image (e.g. ``tqdm.update``).
         preview: Number of images in ``preview.png`` (0: no picture).
+        force: write into a folder that also holds files we did not write (never overwriting them).
+        wait: wait for another run writing into ``out_dir`` instead of failing.
 
     Returns:
         A :class:`PreprocessSummary`.
+
+    Raises:
+        MammogmicError: ``out_dir`` is or contains an input folder.
+        OutputFolderError: ``out_dir`` is busy, or holds files we did not write (see ``force``).
     """
     settings = settings or PreprocessSettings()
     out = Path(out_dir)
     _check_output_dir(out, manifest)
+    with OutputFolder(out, PREPROCESS_LAYOUT, force=force, wait=wait) as folder:
+        return _preprocess(manifest, out, folder, settings, jobs, progress, preview)
+
+
+def _preprocess(
+    manifest: Manifest,
+    out: Path,
+    folder: OutputFolder,
+    settings: PreprocessSettings,
+    jobs: int,
+    progress: Callable[[int], Any] | None,
+    preview: int,
+) -> PreprocessSummary:
+    """Body of :func:`preprocess_manifest`, run while ``folder`` is claimed."""
+    folder.claim("cache", "preprocess.json", "progress.jsonl")
+    # Written again at the end: until then no manifest may point at cache files this run rewrites.
+    folder.remove("manifest.csv", "errors.csv", "summary.json")
     cache_dir = out / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings_path = out / "preprocess.json"
@@ -290,11 +363,13 @@ def preprocess_manifest(
     summary = PreprocessSummary(total=len(manifest))
     done: dict[str, dict[str, Any]] = {}
     tasks: list[dict[str, Any]] = []
+    keys: dict[str, dict[str, Any]] = {}
     for row in manifest:
         source = manifest.resolve(row.image_path)
         assert source is not None  # required column, validated
         entry = previous.get(row.image_id)
-        if entry is not None and _unchanged(entry, source, out):
+        keys[row.image_id] = _row_key(row, manifest)
+        if entry is not None and _unchanged(entry, source, out, keys[row.image_id]):
             done[row.image_id] = entry
             summary.skipped += 1
             if progress:
@@ -311,10 +386,16 @@ def preprocess_manifest(
             }
         )
     errors: list[dict[str, Any]] = []
+    _end_line(out / "progress.jsonl")
     with open(out / "progress.jsonl", "a", encoding="utf-8") as journal:
         for result in _run(tasks, jobs):
             if result["ok"]:
-                entry = {"image_id": result["image_id"], "record": result["record"], "extra": result["extra"]}
+                entry = {
+                    "image_id": result["image_id"],
+                    "record": result["record"],
+                    "extra": result["extra"],
+                    "key": keys[result["image_id"]],
+                }
                 journal.write(to_json_text(entry, indent=None))
                 journal.flush()
                 done[result["image_id"]] = entry
@@ -354,17 +435,19 @@ def preprocess_manifest(
                 extra=extra,
             )
         )
+    folder.claim("manifest.csv", "errors.csv", "summary.json")
     summary.manifest_path = save_manifest(Manifest(rows, out), out / "manifest.csv")
     summary.errors_path = out / "errors.csv"
-    with open(summary.errors_path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(
-            handle, fieldnames=["file", "image_id", "stage", "reason"], extrasaction="ignore"
-        )
-        writer.writeheader()
-        writer.writerows(errors)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["file", "image_id", "stage", "reason"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(errors)
+    atomic_write_text(summary.errors_path, text.getvalue())
     counts = {"total": summary.total, "processed": summary.processed, "skipped": summary.skipped}
     write_json(out / "summary.json", {**counts, "failed": summary.failed})
+    folder.remove("preview.png")  # a picture of an earlier run must not stay
     if rows and preview > 0:
+        folder.claim("preview.png")
         try:
             write_preview(Manifest(rows, out), out / "preview.png", settings.window_shape, limit=preview)
         except Exception as exc:  # a picture must never fail the batch
@@ -418,7 +501,9 @@ def write_preview(
     for index, tile in enumerate(tiles):
         r, c = divmod(index, columns)
         sheet[r * cell_h : r * cell_h + tile.shape[0], c * cell_w : c * cell_w + tile.shape[1]] = tile
-    Image.fromarray(sheet).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(sheet).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
