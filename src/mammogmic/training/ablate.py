@@ -120,6 +120,13 @@ def run_ablations(
             _write(out, rows, settings, base)
             continue
         res = evaluate_with_localization(cfg, _best_or_last(run), run, n_figures=0, heads=True)
+        dice_model = run / "best_dice_model.safetensors"
+        if dice_model.exists():  # localization from the Dice-selected model, as the demo reports it
+            scratch = run / "dice_model"
+            scratch.mkdir(exist_ok=True)
+            res["test"]["malignant_dice"] = evaluate_with_localization(cfg, dice_model, scratch, n_figures=0)[
+                "test"
+            ]["malignant_dice"]
         seconds = time.perf_counter() - t0
         heads = res["heads"]
         main_row = _row(group, name, heads["fusion"], res, seconds)
