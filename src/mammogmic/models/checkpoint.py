@@ -16,6 +16,9 @@ Official key map (official -> ours; see docs/architecture.md)::
     mil_attn_{V,U,w}.*                       attention.{V,U,w}.*
     classifier_linear.*                      local_classifier.*
     fusion_dnn.*                             fusion.*
+
+DMV-CNN files (``{"model": state_dict}``) map through :mod:`mammogmic.models.dmv`; the patch classifier's plain
+state dict has our names already (:mod:`mammogmic.models.patch`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,12 @@ from torch import nn
 
 from mammogmic.errors import CheckpointError
 from mammogmic.models.config import BaselineConfig, GMICConfig
+from mammogmic.models.dmv import DMVConfig, DMVModel, dmv_state_from_official, ours_to_official_dmv
 from mammogmic.models.gmic import GMIC, ResNetBaseline
+from mammogmic.models.patch import PatchClassifier, PatchConfig
+
+#: Every model type our files hold, by the ``model_type`` of their metadata.
+SavedModel = GMIC | ResNetBaseline | DMVModel | PatchClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +125,17 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _check_and_load(model: nn.Module, state: dict[str, torch.Tensor], path: Path, official: bool) -> None:
-    """Load ``state`` (our names) into ``model`` after checking every key and shape, naming all problems."""
+def _check_and_load(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    official: bool,
+    to_official: Callable[[str], str | None] = ours_to_official,
+) -> None:
+    """Load ``state`` (our names) into ``model`` after checking every key and shape, naming all problems
+    (under their official names, by ``to_official``, for official files)."""
     expected = model.state_dict()
-    label = (lambda k: ours_to_official(k) or k) if official else (lambda k: k)
+    label = (lambda k: to_official(k) or k) if official else (lambda k: k)
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
     missing = sorted(label(k) for k in expected if k not in state and k not in optional)
     unexpected = sorted(label(k) for k in state if k not in expected)
@@ -183,6 +198,41 @@ def load_official_checkpoint(
     return model.float().eval()
 
 
+def load_official_dmv_checkpoint(path: str | os.PathLike[str]) -> DMVModel:
+    """Load an official DMV-CNN file (``sample_image_model.p``, ``sample_imageheatmaps_model.p``,
+    ``ImageOnly__ModeImage_weights.p``, ...) into :class:`DMVModel`, in eval mode, float32.
+
+    The head (view-wise or image-wise) and the input channels (1, or 3 with heat maps) are read from the file.
+
+    Raises:
+        CheckpointError: unsafe pickle, unreadable file, unknown or missing keys, left/right column copies that
+            differ, or shapes that do not match (all named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    state, config = dmv_state_from_official(_extract_state_dict(_safe_torch_load(path), path), str(path))
+    model = DMVModel(config)
+    _check_and_load(model, state, path, official=True, to_official=ours_to_official_dmv)
+    return model.float().eval()
+
+
+def load_official_patch_classifier(path: str | os.PathLike[str]) -> PatchClassifier:
+    """Load the official patch classifier (``sample_patch_model.p``: a DenseNet-121 state dict, with or
+    without ``num_batches_tracked``) into :class:`PatchClassifier`, in eval mode, float32.
+
+    Raises:
+        CheckpointError: unsafe pickle, unreadable file, keys or shapes that do not match (all named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    state = _extract_state_dict(_safe_torch_load(path), path)
+    model = PatchClassifier()
+    _check_and_load(model, state, path, official=False)
+    return model.float().eval()
+
+
 def official_state_dict(model: GMIC) -> dict[str, torch.Tensor]:
     """Our model's weights under the official key names (the reverse of :func:`load_official_checkpoint`)."""
     out = {}
@@ -223,7 +273,7 @@ def _package_version() -> str:
 
 
 def save_model(
-    model: GMIC | ResNetBaseline,
+    model: SavedModel,
     path: str | os.PathLike[str],
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
@@ -231,7 +281,7 @@ def save_model(
     """Save weights + config + provenance as one ``.safetensors`` file (written atomically).
 
     Args:
-        model: a :class:`GMIC` or :class:`ResNetBaseline`.
+        model: a :class:`GMIC`, :class:`ResNetBaseline`, :class:`DMVModel` or :class:`PatchClassifier`.
         path: destination file (``.safetensors`` recommended).
         metadata: JSON-serialisable extras, e.g. ``{"training_config": {...}, "metrics": {...}}``.
         overwrite: replace an existing file (default: refuse).
@@ -245,7 +295,7 @@ def save_model(
         )
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
-    kind = "gmic" if isinstance(model, GMIC) else "resnet_baseline"
+    kind = next(name for name, (cls, _) in _MODEL_TYPES.items() if isinstance(model, cls))
     header = {
         "format": "mammogmic",
         "format_version": FORMAT_VERSION,
@@ -284,7 +334,16 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> GMIC | ResNetBaseline:
+#: ``model_type`` -> (class, config class).
+_MODEL_TYPES: dict[str, tuple[Any, Any]] = {
+    "gmic": (GMIC, GMICConfig),
+    "resnet_baseline": (ResNetBaseline, BaselineConfig),
+    "dmv": (DMVModel, DMVConfig),
+    "dmv_patch": (PatchClassifier, PatchConfig),
+}
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> SavedModel:
     """Load a model saved by :func:`save_model`: builds it from the stored config, in eval mode."""
     from safetensors.torch import load_file
 
@@ -294,13 +353,13 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         raise CheckpointError(
             f"{path}: format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
-    model: GMIC | ResNetBaseline
-    if meta.get("model_type") == "gmic":
-        model = GMIC(GMICConfig.from_dict(meta["model_config"]))
-    elif meta.get("model_type") == "resnet_baseline":
-        model = ResNetBaseline(BaselineConfig.from_dict(meta["model_config"]))
-    else:
-        raise CheckpointError(f"{path}: unknown model_type {meta.get('model_type')!r}")
+    kind = meta.get("model_type")
+    if kind not in _MODEL_TYPES:
+        raise CheckpointError(
+            f"{path}: unknown model_type {kind!r}; expected one of {', '.join(sorted(_MODEL_TYPES))}"
+        )
+    cls, config_cls = _MODEL_TYPES[kind]
+    model = cls(config_cls.from_dict(meta["model_config"]))
     _check_and_load(model, load_file(str(path)), path, official=False)
     return model.to(device).eval()
 
