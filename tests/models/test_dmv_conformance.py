@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -219,3 +220,30 @@ def test_heatmap_corners_match_official(name: str, grids, meta, reference_maps, 
         ours, theirs = maps[:, rows, cols], ref[:, rows, cols]
         assert ours.size > 2 * 100 * 100
         assert np.abs(ours - theirs).max() <= 1e-5, f"{name} {where}"
+
+
+def test_predict_cli_reproduces_exam_0(dirs, reference_maps, expected, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``mammogmic predict`` on exam 0's four PNGs (cropped and centred again by our pipeline) with the official
+    image + heat-map model and the official heat maps as ``--heatmaps`` files."""
+    from mammogmic.cli.main import main
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for name in EXAM.values():
+        _heatmap_file(maps, reference_maps, name)
+    files = [str(dirs[0] / "images" / "cropped" / f"{name}.png") for name in EXAM.values()]
+    out = tmp_path / "out"
+    model = dirs[1] / MODELS["viewwise_imageheatmaps"]
+    args = ["predict", *files, "--model", str(model), "--heatmaps", str(maps), "--out", str(out)]
+    assert main([*args, "--device", "cpu", "--no-progress"]) == 0
+    table = pd.read_csv(out / "breast_predictions_metarepository.csv", dtype={"index": str})
+    assert table["index"].tolist() == ["0"]
+    ref = dict(
+        zip(
+            DMV_LABELS,
+            expected["exams"]["viewwise_imageheatmaps"]["predictions_no_augmentation"],
+            strict=True,
+        )
+    )
+    for label, value in ref.items():
+        assert abs(float(table[label][0]) - value) <= 1e-5, label

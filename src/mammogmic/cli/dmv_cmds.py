@@ -254,3 +254,168 @@ def run_heatmaps(args: argparse.Namespace) -> int:
         f"{len(done)} image(s) mapped, {skipped} already done, {len(errors)} failed; outputs in {args.out}",
     )
     return 1 if errors else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# predict with DMV-CNN models (called by ``mammogmic predict`` when its models are DMV-CNN files)
+
+_GMIC_ONLY = {
+    "percent_t": "--percent-t",
+    "input_size": "--input-size",
+    "window_size": "--window-size",
+    "save_saliency": "--save-saliency",
+    "save_patches": "--save-patches",
+    "compile": "--compile",
+}
+_DMV_OUTPUTS = ("breast_predictions.csv", "breast_predictions_metarepository.csv", "errors.csv", "run.json")
+
+
+def dmv_models_given(args: argparse.Namespace) -> bool:
+    """Whether ``predict``'s models are DMV-CNN files (all of them; a mix is refused)."""
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.dmv import is_dmv_file
+
+    kinds = [is_dmv_file(path) for path in args.models]
+    if any(kinds) and not all(kinds):
+        dmv = [str(p) for p, k in zip(args.models, kinds, strict=True) if k]
+        raise MammogmicError(
+            f"DMV-CNN model(s) {', '.join(dmv)} cannot be mixed with GMIC models in one run: predict them separately"
+        )
+    if not any(kinds) and getattr(args, "heatmaps", None) is not None:
+        raise MammogmicError("--heatmaps is for DMV-CNN models (the image + heat maps models)")
+    return all(kinds)
+
+
+def _previous_breasts(path: Path, overwrite: bool) -> Any:
+    """Breast rows of an earlier DMV-CNN run in the same --out (kept unless ``overwrite``)."""
+    import pandas as pd
+
+    from mammogmic.evaluation.outputs import unescape_csv_text
+
+    if overwrite or not path.exists():
+        return None
+    ids = {c: str for c in ("breast_id", "exam_id", "patient_id", "laterality")}
+    table = pd.read_csv(path, dtype=ids)
+    for col in ids:
+        if col in table.columns:
+            table[col] = table[col].map(unescape_csv_text)
+    return table
+
+
+def run_dmv_predict(args: argparse.Namespace) -> int:
+    """``mammogmic predict`` with DMV-CNN models: one row per exam in breast_predictions_metarepository.csv."""
+    import dataclasses
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from mammogmic.cli.eval_cmds import (
+        _check_inputs_untouched,
+        _check_out_folder,
+        _collect_items,
+        _resolve_device,
+    )
+    from mammogmic.data.sample import OFFICIAL_CONTRACT
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.aggregation import metarepository_breast_table
+    from mammogmic.evaluation.dmv import (
+        ExamError,
+        ExamResult,
+        breast_table,
+        exam_of,
+        load_dmv_member,
+        predict_exams,
+    )
+    from mammogmic.evaluation.outputs import atomic_write_text, escape_csv_text
+
+    try:
+        given = [flag for name, flag in _GMIC_ONLY.items() if getattr(args, name, None)]
+        if given:
+            raise MammogmicError(f"{', '.join(given)}: GMIC options; DMV-CNN models do not take them")
+        _check_out_folder(args)
+        if (args.out / "image_predictions.csv").exists():
+            raise MammogmicError(
+                f"{args.out}: holds GMIC predictions (image_predictions.csv); choose another --out"
+            )
+        items = _collect_items(args)
+        _check_inputs_untouched(args, items)
+        if args.heatmaps is not None and not args.heatmaps.is_dir():
+            raise MammogmicError(f"--heatmaps {args.heatmaps}: not a folder")
+        device = _resolve_device(args.device)
+        members = [load_dmv_member(path, device) for path in args.models]
+        contract = OFFICIAL_CONTRACT
+        if args.crop_iterations is not None:
+            contract = dataclasses.replace(contract, crop_iterations=args.crop_iterations)
+        tta = 1 if args.tta is None else args.tta
+        previous = _previous_breasts(args.out / "breast_predictions.csv", args.overwrite_predictions)
+        done = set() if previous is None else set(previous["exam_id"].astype(str))
+        todo = [i for i in items if exam_of(i) not in done]
+        if len(todo) < len(items):
+            print(
+                f"{len(items) - len(todo)} image(s) of exams already predicted in {args.out}; skipping them",
+                file=sys.stderr,
+            )
+        errors: list[ExamError] = []
+        bar = tqdm(total=len(todo), unit="img", disable=args.no_progress or not todo, desc="predict")
+
+        def progress(n: int) -> None:
+            bar.update(n)
+
+        start = time.perf_counter()
+        results: list[ExamResult] = predict_exams(
+            todo,
+            members,
+            heatmaps=args.heatmaps,
+            tta=tta,
+            seed=args.seed,
+            device=device,
+            dtype=args.dtype,
+            contract=contract,
+            on_error=errors.append,
+            progress=progress,
+        )
+        bar.close()
+    except (MammogmicError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    breasts = breast_table(results)
+    if previous is not None:
+        breasts = pd.concat([previous, breasts], ignore_index=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    tables = {"breast_predictions.csv": breasts}
+    if len(breasts):
+        tables["breast_predictions_metarepository.csv"] = metarepository_breast_table(breasts)
+    tables["errors.csv"] = pd.DataFrame(
+        [
+            {"image_id": e.item.image_id, "path": str(e.item.path), "stage": e.stage, "error": e.error}
+            for e in errors
+        ],
+        columns=["image_id", "path", "stage", "error"],
+    )
+    for name, table in tables.items():
+        text = table.map(escape_csv_text).to_csv(index=False, float_format="%.6f")
+        atomic_write_text(args.out / name, text)
+        written.append(args.out / name)
+    info = {
+        "model_type": "dmv",
+        "models": [
+            {"name": m.name, "path": m.source, "sha256": m.sha256, "config": m.model.config.to_dict()}
+            for m in members
+        ],
+        "heatmaps": str(args.heatmaps) if args.heatmaps else None,
+        "device": device,
+        "dtype": args.dtype,
+        "tta": tta,
+        "seed": args.seed,
+        "n_inputs": len(items),
+        "n_run": len(todo),
+        "n_exams_predicted_now": len(results),
+        "n_errors": len(errors),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    atomic_write_text(args.out / "run.json", json.dumps(info, indent=2) + "\n")
+    print(f"{len(results)} exam(s) predicted, {len(errors)} image(s) failed; outputs in {args.out}")
+    for path in written:
+        print(f"  {path}")
+    return 1 if errors else 0

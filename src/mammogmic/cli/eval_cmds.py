@@ -225,6 +225,8 @@ breast_predictions_metarepository.csv (index, left_malignant, right_malignant, l
 right_benign), exam_summary.csv, errors.csv (one row per image that failed, with the stage and reason),
 run.json, and with --save-saliency saliency/<image_id>.npz, with --save-patches patches.json.
 A rerun skips images already in image_predictions.csv unless --overwrite-predictions is given.
+DMV-CNN models (official .p or ours; docs/dmv.md) predict whole exams (one image per view) into
+breast_predictions.csv and breast_predictions_metarepository.csv; image + heat-map models need --heatmaps DIR.
 Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments.
 """
 
@@ -326,6 +328,11 @@ def add_predict_parsers(subparsers: Any) -> None:
     pr.add_argument("--save-saliency", action="store_true", help="write saliency/<image_id>.npz")
     pr.add_argument("--save-patches", action="store_true", help="write patches.json (locations, attention)")
     pr.add_argument("--overwrite-predictions", action="store_true", help="predict every image again")
+    pr.add_argument(
+        "--heatmaps",
+        type=Path,
+        help="DMV-CNN image + heat-map models: folder of `mammogmic heatmaps` outputs (<image_id>.npz)",
+    )
     pr.set_defaults(func=run_predict)
 
     vi = subparsers.add_parser(
@@ -616,10 +623,13 @@ def _run_inference(
 
 def run_predict(args: argparse.Namespace) -> int:
     """Entry point of ``mammogmic predict``."""
+    from mammogmic.cli.dmv_cmds import dmv_models_given, run_dmv_predict
     from mammogmic.errors import MammogmicError
     from mammogmic.evaluation.outputs import PredictionWriter
 
     try:
+        if dmv_models_given(args):  # DMV-CNN files: exam-level prediction (cli/dmv_cmds.py)
+            return run_dmv_predict(args)
         _check_out_folder(args)
         writer = PredictionWriter(
             args.out,

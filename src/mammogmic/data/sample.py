@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ __all__ = [
     "Source",
     "demo_contract",
     "dmv_contract",
+    "dmv_exam_passes",
     "dmv_exam_windows",
     "dmv_window_sample",
     "items_from_manifest",
@@ -510,17 +511,20 @@ def read_heatmaps(path: Path, shape: Sequence[int]) -> np.ndarray:
     return maps
 
 
-def load_dmv_source(item: ImageItem, heatmaps: Path | None = None) -> Source:
+def load_dmv_source(
+    item: ImageItem, heatmaps: Path | None = None, *, contract: InputContract | None = None
+) -> Source:
     """Read, crop and centre ``item`` for DMV-CNN, with its heat maps when ``heatmaps`` (an ``.npz`` from
     ``mammogmic heatmaps``) is given.
 
     The crop and the optimal centre are GMIC's (:data:`OFFICIAL_CONTRACT`: the centre is found for a 2944x1920
     window), as in the official DMV-CNN runs; DMV-CNN's own windows are then placed around that centre.
+    ``contract`` replaces :data:`OFFICIAL_CONTRACT` for the crop and centre (e.g. fewer crop iterations).
 
     Raises:
         SampleError: naming the file, with the stage that failed (``heatmaps`` for the heat-map file).
     """
-    source = load_source(item, OFFICIAL_CONTRACT)
+    source = load_source(item, contract or OFFICIAL_CONTRACT)
     if heatmaps is not None:
         source.heatmaps = read_heatmaps(heatmaps, source.cropped.shape)
     return source
@@ -547,11 +551,13 @@ def dmv_window_sample(source: Source, contract: InputContract, *, rng: Any = Non
     return out if out.ndim == 3 else out[None]
 
 
-def dmv_exam_windows(sources: Mapping[str, Source], tta: int = 1, rng: Any = None) -> dict[str, np.ndarray]:
-    """DMV-CNN inputs of one exam: ``{view: (T, C, H, W)}`` for the four views, each under its angle's
-    :data:`DMV_CONTRACTS`.
+def dmv_exam_passes(
+    sources: Mapping[str, Source], tta: int = 1, rng: Any = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """DMV-CNN inputs of one exam, one pass at a time: ``{view: (C, H, W)}`` for the four views, each under
+    its angle's :data:`DMV_CONTRACTS`.
 
-    ``tta <= 1``: the deterministic windows (``T = 1``). Otherwise ``tta`` noisy windows per view, drawn from
+    ``tta <= 1``: one pass of deterministic windows. Otherwise ``tta`` passes of noisy windows drawn from
     ``rng`` in the official order: pass by pass, and within a pass L-CC, R-CC, L-MLO, R-MLO. Seeded with
     ``numpy.random.RandomState(seed)`` this replays the official ``--use-augmentation --num-epochs tta`` run
     of a one-exam list.
@@ -559,12 +565,14 @@ def dmv_exam_windows(sources: Mapping[str, Source], tta: int = 1, rng: Any = Non
     missing = [v for v in VIEWS if v not in sources]
     if missing:
         raise ValueError(f"DMV-CNN needs all four views; missing {', '.join(missing)}")
-    if tta <= 1:
-        return {v: dmv_window_sample(sources[v], dmv_contract(v))[None] for v in VIEWS}
-    if rng is None:
+    if tta > 1 and rng is None:
         raise ValueError("TTA windows need a random generator")
-    windows: dict[str, list[np.ndarray]] = {v: [] for v in VIEWS}
-    for _ in range(tta):
-        for view in VIEWS:
-            windows[view].append(dmv_window_sample(sources[view], dmv_contract(view), rng=rng))
-    return {v: np.stack(w) for v, w in windows.items()}
+    for _ in range(max(tta, 1)):
+        noise_rng = rng if tta > 1 else None
+        yield {view: dmv_window_sample(sources[view], dmv_contract(view), rng=noise_rng) for view in VIEWS}
+
+
+def dmv_exam_windows(sources: Mapping[str, Source], tta: int = 1, rng: Any = None) -> dict[str, np.ndarray]:
+    """All passes of :func:`dmv_exam_passes` stacked: ``{view: (T, C, H, W)}``."""
+    passes = list(dmv_exam_passes(sources, tta, rng))
+    return {view: np.stack([p[view] for p in passes]) for view in VIEWS}
