@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -61,9 +62,9 @@ def main() -> int:
         if name not in args.images:
             patch_grid(cropped.shape, rng)  # keep the draws of the later images
             continue
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         maps = produce_heatmaps(model, cropped, info["view"], rng, batch_size=args.batch_size, amp=args.amp)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         n = maps.grid.shape[0] * maps.grid.shape[1]
         diff = max(
             float(np.abs(maps.benign - reference[f"{name}__benign"]).max()),
@@ -76,6 +77,8 @@ def main() -> int:
             "patches": n,
             "seconds": round(seconds, 2),
             "patches_per_s": round(n / seconds, 2),
+            "cpu_seconds_per_patch": round(cpu / n, 3),
+            "load_avg_1min": round(os.getloadavg()[0], 1),
             "max_abs_diff": diff,
         }
         rows.append(row)

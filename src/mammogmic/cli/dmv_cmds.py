@@ -185,7 +185,13 @@ def run_heatmaps(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         try:
             source = load_source(item, contract)
-            bar.set_postfix_str(item.image_id[-30:])
+            patches = [0]
+
+            def progress(n: int, name: str = item.image_id[-30:], patches: list[int] = patches) -> None:
+                patches[0] += n
+                bar.set_postfix_str(f"{name}: {patches[0]} patches")
+
+            progress(0)
             maps = produce_heatmaps(
                 model,
                 source.cropped,
@@ -195,6 +201,7 @@ def run_heatmaps(args: argparse.Namespace) -> int:
                 stride=args.stride,
                 batch_size=args.batch_size,
                 amp=args.amp,
+                progress=progress,
             )
         except SampleError as exc:
             errors.append(

@@ -61,7 +61,10 @@ def is_dmv_file(path: Path) -> bool:
 
     try:
         if path.suffix == ".p":
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # zip-format files: memory-mapped, only the key names are read
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) pickles cannot be mapped
+                obj = torch.load(path, map_location="cpu", weights_only=True)
             state = obj.get("model", obj) if isinstance(obj, dict) else None
             return isinstance(state, dict) and any(str(k).startswith("four_view_resnet.") for k in state)
         return read_model_metadata(path).get("model_type") == "dmv"
