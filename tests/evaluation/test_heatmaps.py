@@ -60,7 +60,10 @@ def test_patch_steps_draws_only_when_steps_shrink() -> None:
 
 
 def test_grid_draws_rows_then_columns() -> None:
-    grid = patch_grid((2023, 801), random.Random(5))
+    rng = random.Random(5)
+    with pytest.raises(ValueError, match="smaller than a 256x256 patch"):
+        patch_grid((2023, 255), rng)  # refused before drawing anything
+    grid = patch_grid((2023, 801), rng)
     rng = random.Random(5)
     rows, cols = patch_steps(2023, rng), patch_steps(801, rng)
     assert grid.rows.tolist() == [0, *np.cumsum(rows).tolist()]
@@ -129,6 +132,7 @@ def _scans(root: Path, breast_png) -> Path:  # type: ignore[no-untyped-def]
     scans = root / "scans"
     breast_png(scans / "0_L-CC.png", "L", 0, shape=(480, 360))
     breast_png(scans / "0_R-MLO.png", "R", 1, shape=(520, 380))
+    breast_png(scans / "5_L-CC.png", "L", 2, shape=(480, 200))  # cropped narrower than a patch
     (scans / "broken_L-CC.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return scans
 
@@ -139,7 +143,9 @@ def test_heatmaps_cli(tmp_path: Path, breast_png, patch_file: Path) -> None:  # 
     args = ["heatmaps", str(scans), "--model", str(patch_file), "--out", str(out), "--crop-iterations", "3"]
     assert main([*args, "--no-progress", "--batch-size", "3"]) == 1  # one image failed
     errors = pd.read_csv(out / "errors.csv")
-    assert errors["image_id"].tolist() == ["broken_L-CC"] and errors["stage"].tolist() == ["read"]
+    assert errors["image_id"].tolist() == ["5_L-CC", "broken_L-CC"]
+    assert errors["stage"].tolist() == ["heatmaps", "read"]
+    assert "smaller than a 256x256 patch" in errors["error"][0]
     first = {}
     for name, view in (("0_L-CC", "L-CC"), ("0_R-MLO", "R-MLO")):
         with np.load(out / f"{name}.npz", allow_pickle=False) as data:
@@ -152,7 +158,7 @@ def test_heatmaps_cli(tmp_path: Path, breast_png, patch_file: Path) -> None:  # 
         assert 0 < maps["benign"].min() and maps["malignant"].max() < 1
         assert maps["row_starts"][-1] + 256 == cropped.shape[0]
     run = json.loads((out / "run.json").read_text())
-    assert (run["n_done_now"], run["n_errors"], run["stride"]) == (2, 1, "70")
+    assert (run["n_done_now"], run["n_errors"], run["stride"]) == (2, 2, "70")
 
     # a rerun skips what is done; after deleting the first image's file it is redone identically, and the
     # second image, skipped, still has its draws (its grid is redrawn from the saved map's shape)

@@ -173,12 +173,17 @@ def run_heatmaps(args: argparse.Namespace) -> int:
     skipped = 0
     start = time.perf_counter()
     bar = tqdm(total=len(items), unit="img", disable=args.no_progress or not items, desc="heatmaps")
+
+    def fail(item: Any, stage: str, message: str) -> None:
+        errors.append({"image_id": item.image_id, "path": str(item.path), "stage": stage, "error": message})
+        logger.warning("skipped image %s: %s", item.image_id, message)
+        bar.update(1)
+
     for item, target in zip(items, targets, strict=True):
         previous = _previous_settings(target) if target.exists() else None
         if previous is not None and previous[0] == settings:
-            patch_grid(
-                previous[1], rng, PATCH_SIZE, args.stride
-            )  # the draws this image took, for the next ones
+            # Done already: replay the draws its grid took, so that the next images get theirs.
+            patch_grid(previous[1], rng, PATCH_SIZE, args.stride)
             skipped += 1
             bar.update(1)
             continue
@@ -204,23 +209,10 @@ def run_heatmaps(args: argparse.Namespace) -> int:
                 progress=progress,
             )
         except SampleError as exc:
-            errors.append(
-                {"image_id": item.image_id, "path": str(item.path), "stage": exc.stage, "error": str(exc)}
-            )
-            logger.warning("skipped image %s: %s", item.image_id, exc)
-            bar.update(1)
+            fail(item, exc.stage, str(exc))
             continue
         except ValueError as exc:  # e.g. an image smaller than a patch
-            errors.append(
-                {
-                    "image_id": item.image_id,
-                    "path": str(item.path),
-                    "stage": "heatmaps",
-                    "error": f"{item.path}: {exc}",
-                }
-            )
-            logger.warning("skipped image %s: %s", item.image_id, exc)
-            bar.update(1)
+            fail(item, "heatmaps", f"{item.path}: {exc}")
             continue
         arrays = {
             "benign": maps.benign,

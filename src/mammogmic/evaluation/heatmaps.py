@@ -88,7 +88,15 @@ class PatchGrid:
 def patch_grid(
     shape: Sequence[int], rng: random.Random, patch: int = PATCH_SIZE, stride: int = PATCH_STRIDE
 ) -> PatchGrid:
-    """The patch grid of an image of ``shape`` (H, W); draws the rows' steps, then the columns'."""
+    """The patch grid of an image of ``shape`` (H, W); draws the rows' steps, then the columns'.
+
+    Raises:
+        ValueError: the image is smaller than a patch (checked before any draw, so a refused image takes none).
+    """
+    if min(int(shape[0]), int(shape[1])) < patch:
+        raise ValueError(
+            f"the image ({int(shape[0])}x{int(shape[1])}) is smaller than a {patch}x{patch} patch"
+        )
     row_steps = patch_steps(int(shape[0]), rng, patch, stride)
     col_steps = patch_steps(int(shape[1]), rng, patch, stride)
     return PatchGrid(
