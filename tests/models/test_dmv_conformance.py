@@ -25,6 +25,7 @@ from mammogmic.data.io import read_image
 from mammogmic.data.sample import (
     ImageItem,
     dmv_contract,
+    dmv_exam_passes,
     dmv_exam_windows,
     dmv_window_sample,
     load_dmv_source,
@@ -135,10 +136,11 @@ def test_viewwise_one_pass(kind: str, exam_sources, dmv_models, expected) -> Non
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_viewwise_tta10_seed0(kind: str, exam_sources, dmv_models, expected) -> None:  # type: ignore[no-untyped-def]
     """The official ``--use-augmentation --num-epochs 10`` run: one RandomState(0) over passes and views."""
-    windows = dmv_exam_windows(exam_sources[kind], tta=10, rng=np.random.RandomState(0))
-    assert {v: w.shape[0] for v, w in windows.items()} == dict.fromkeys(EXAM, 10)
-    out = _run(dmv_models[kind], windows)
-    mean = out.predictions.double().mean(0).numpy()
+    predictions = []
+    for windows in dmv_exam_passes(exam_sources[kind], tta=10, rng=np.random.RandomState(0)):
+        predictions.append(_run(dmv_models[kind], {v: x[None] for v, x in windows.items()}).predictions[0])
+    assert len(predictions) == 10
+    mean = torch.stack(predictions).double().mean(0).numpy()
     np.testing.assert_allclose(mean, expected["exams"][kind]["predictions_tta10_seed0"], atol=1e-5, rtol=0)
 
 

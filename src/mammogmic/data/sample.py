@@ -11,7 +11,7 @@ applied to exactly the kind of input it was trained on::
 
 DMV-CNN (the GMIC paper's comparison model) takes the same path with its own windows per view angle
 (:data:`DMV_CONTRACTS`), optional heat-map channels that follow the image's geometry unstandardised
-(:func:`dmv_window_sample`), and the four views of an exam drawn together (:func:`dmv_exam_windows`).
+(:func:`dmv_window_sample`), and the four views of an exam drawn together (:func:`dmv_exam_passes`).
 
 What a trained model depends on in that path is its :class:`InputContract` (input size, window size, crop
 morphology, VOI handling, augmentation noise, TTA default, class order). The trainer stores it in the model
