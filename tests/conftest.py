@@ -9,6 +9,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = (REPO_ROOT / ".." / "shared" / "fixtures" / "official_gmic").resolve()
+DMV_FIXTURES = (REPO_ROOT / ".." / "shared" / "fixtures" / "official_dmv").resolve()
 
 
 def official_fixtures() -> Path:
@@ -37,3 +38,18 @@ def sk_metrics():  # type: ignore[no-untyped-def]
             pytest.fail(message + " (CI is set: these tests must run)")
         pytest.skip(message)
     return sklearn.metrics
+
+
+def official_dmv_fixtures() -> Path:
+    """Path of ``shared/fixtures/official_dmv``. Missing: fail when ``CI`` is set, skip otherwise."""
+    if not (DMV_FIXTURES / "expected_seed0.json").is_file():
+        message = f"official DMV-CNN fixtures not found at {DMV_FIXTURES}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set: these tests must run)")
+        pytest.skip(message)
+    return DMV_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def dmv_fixtures_dir() -> Path:
+    return official_dmv_fixtures()

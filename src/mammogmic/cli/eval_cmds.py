@@ -237,6 +237,8 @@ images whose input_key is unchanged; another run_key predicts everything again a
 --out must be new, empty, or a folder this command wrote (listed in its .mammogmic-out.json); other files
 need --force, and files with an output's name that we did not write are never overwritten. One run at a
 time per folder: a second one exits with status 2, or waits with --wait.
+DMV-CNN models (official .p or ours; docs/dmv.md) predict whole exams (one image per view) into
+breast_predictions.csv and breast_predictions_metarepository.csv; image + heat-map models need --heatmaps DIR.
 Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments or an
 unusable --out.
 """
@@ -349,6 +351,11 @@ def add_predict_parsers(subparsers: Any) -> None:
     pr.add_argument("--save-saliency", action="store_true", help="write saliency/<image_id>.npz")
     pr.add_argument("--save-patches", action="store_true", help="write patches.json (locations, attention)")
     pr.add_argument("--overwrite-predictions", action="store_true", help="predict every image again")
+    pr.add_argument(
+        "--heatmaps",
+        type=Path,
+        help="DMV-CNN image + heat-map models: folder of `mammogmic heatmaps` outputs (<image_id>.npz)",
+    )
     pr.set_defaults(func=run_predict)
 
     vi = subparsers.add_parser(
@@ -676,9 +683,12 @@ def _run_inference(
 
 def run_predict(args: argparse.Namespace) -> int:
     """Entry point of ``mammogmic predict``."""
+    from mammogmic.cli.dmv_cmds import dmv_models_given, run_dmv_predict
     from mammogmic.errors import MammogmicError
 
     try:
+        if dmv_models_given(args):  # DMV-CNN files: exam-level prediction (cli/dmv_cmds.py)
+            return run_dmv_predict(args)
         items = _collect_items(args)
         with _check_out_folder(args, "predict", items) as folder:
             options = {

@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mammogmic.cli.data_cmds",
     "mammogmic.cli.eval_cmds",
     "mammogmic.cli.model_cmds",
+    "mammogmic.cli.dmv_cmds",
 )
 
 

@@ -90,7 +90,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _load(path: Path, percent_t: float | None) -> GMIC | ResNetBaseline:
     from mammogmic.errors import CheckpointError
-    from mammogmic.models import load_model, load_official_checkpoint, official_percent_t
+    from mammogmic.models import (
+        GMIC,
+        ResNetBaseline,
+        load_model,
+        load_official_checkpoint,
+        official_percent_t,
+    )
 
     if path.suffix == ".p":
         return load_official_checkpoint(path, percent_t=official_percent_t(path, percent_t))
@@ -98,7 +104,10 @@ def _load(path: Path, percent_t: float | None) -> GMIC | ResNetBaseline:
         raise CheckpointError(
             f"{path}: --percent-t applies to official .p files; this model's t is in its config"
         )
-    return load_model(path)
+    model = load_model(path)
+    if not isinstance(model, (GMIC, ResNetBaseline)):
+        raise CheckpointError(f"{path}: a {type(model).__name__} model; this command takes GMIC models")
+    return model
 
 
 def run_smoke(args: argparse.Namespace) -> int:

@@ -644,6 +644,7 @@ def model_input(
     horizontal_flip: str = "NO",
     window_shape: tuple[int, int] | None = None,
     masks: Sequence[np.ndarray] | None = None,
+    auxiliary: Sequence[np.ndarray] | None = None,
     standardize_image: bool = True,
     exact: bool = True,
 ) -> Any:
@@ -664,12 +665,16 @@ def model_input(
             Use ``(2944, 1920)`` with a smaller ``out_shape`` to feed full-size images to a small model.
         masks: Optional raw-orientation masks of the same shape as ``cropped``; they go through the same
             geometry with nearest-neighbour interpolation.
+        auxiliary: Optional raw-orientation float channels of the same shape as ``cropped`` (DMV-CNN's heat
+            maps): oriented, windowed and resized exactly like the image, not standardised, and returned
+            stacked after it.
         standardize_image: Set ``False`` to get the un-standardised float32 window.
         exact: Standardise with the official float32 maths (default) or the faster float64 statistics
             (see :func:`standardize`; used for training samples).
 
     Returns:
-        ``float32`` array of ``out_shape``; with ``masks``, a tuple ``(image, masks_uint8 (K, H, W))``.
+        ``float32`` array of ``out_shape`` (with ``auxiliary``: ``(1 + A, *out_shape)``, the image first); with
+        ``masks``, a tuple ``(that array, masks_uint8 (K, H, W))``.
     """
     image = _check_image(cropped, "cropped image")
     oriented = orient(image, view, horizontal_flip)
@@ -685,6 +690,16 @@ def model_input(
     out = apply_window(oriented, window, out_shape)
     if standardize_image:
         standardize(out, exact=exact)
+    if auxiliary is not None:
+        channels = [out]
+        for index, aux in enumerate(auxiliary):
+            if aux.shape != image.shape:
+                raise PreprocessingError(
+                    f"auxiliary channel {index} has shape {aux.shape}, image has {image.shape}"
+                )
+            oriented_aux = orient(np.asarray(aux, dtype=np.float32), view, horizontal_flip)
+            channels.append(apply_window(oriented_aux, window, out_shape))
+        out = np.stack(channels)
     if masks is None:
         return out
     mask_out = np.zeros((len(masks), int(out_shape[0]), int(out_shape[1])), dtype=np.uint8)

@@ -9,6 +9,10 @@ applied to exactly the kind of input it was trained on::
        (augmentation: the official position and size noise, window resized back with INTER_CUBIC)
     -> per-image standardisation (the official float32 maths); masks through the same geometry
 
+DMV-CNN (the GMIC paper's comparison model) takes the same path with its own windows per view angle
+(:data:`DMV_CONTRACTS`), optional heat-map channels that follow the image's geometry unstandardised
+(:func:`dmv_window_sample`), and the four views of an exam drawn together (:func:`dmv_exam_passes`).
+
 What a trained model depends on in that path is its :class:`InputContract` (input size, window size, crop
 morphology, VOI handling, augmentation noise, TTA default, class order). The trainer stores it in the model
 file; ``predict`` reads it back from there (:func:`mammogmic.models.read_model_metadata`).
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,23 +35,33 @@ import numpy as np
 from mammogmic.data.io import read_image, read_mask
 from mammogmic.data.preprocessing import (
     MODEL_INPUT_SHAPE,
+    VIEWS,
     CropNoise,
     best_center,
     crop_breast,
     model_input,
+    parse_view,
     scaled_train_noise,
 )
 from mammogmic.errors import ImageReadError, MammogmicError, PreprocessingError
 
 __all__ = [
+    "DMV_CONTRACTS",
+    "HEATMAP_ARRAYS",
     "OFFICIAL_CONTRACT",
     "ImageItem",
     "InputContract",
     "SampleError",
     "Source",
     "demo_contract",
+    "dmv_contract",
+    "dmv_exam_passes",
+    "dmv_exam_windows",
+    "dmv_window_sample",
     "items_from_manifest",
+    "load_dmv_source",
     "load_source",
+    "read_heatmaps",
     "scaled_crop_settings",
     "tta_rng",
     "window_sample",
@@ -156,6 +170,18 @@ class InputContract:
 
 #: The official release's inference pipeline (2944x1920 windows, 100 crop iterations, no TTA).
 OFFICIAL_CONTRACT = InputContract()
+
+#: DMV-CNN's pipeline: the same crop and centre stages, windows of the official DMV-CNN input sizes per view
+#: angle (CC 2677x1942, MLO 2974x1748), the same augmentation noise.
+DMV_CONTRACTS: dict[str, InputContract] = {
+    "CC": InputContract(input_shape=(2677, 1942)),
+    "MLO": InputContract(input_shape=(2974, 1748)),
+}
+
+
+def dmv_contract(view: str) -> InputContract:
+    """DMV-CNN's contract for ``view`` (``"L-CC"`` etc.)."""
+    return DMV_CONTRACTS[parse_view(view)[1]]
 
 
 def demo_contract(input_shape: tuple[int, int]) -> InputContract:
@@ -284,6 +310,8 @@ class Source:
         horizontal_flip: the manifest's flag (``NO``: right views are mirrored to face right).
         center: optimal centre ``(row, col)`` in the oriented cropped image.
         masks: raw-orientation cropped ``(benign, malignant)`` masks, when asked and the item has any.
+        heatmaps: raw-orientation ``(benign, malignant)`` heat maps of the cropped image (DMV-CNN's extra
+            input channels; :func:`read_heatmaps`).
     """
 
     cropped: np.ndarray
@@ -291,6 +319,7 @@ class Source:
     horizontal_flip: str
     center: tuple[int, int]
     masks: list[np.ndarray] | None = None
+    heatmaps: np.ndarray | None = None
 
 
 def _read_cached(path: Path) -> np.ndarray:
@@ -443,3 +472,107 @@ def window_samples(
         if t == 0:
             first_masks = masks
     return np.stack(windows), first_masks
+
+
+# --------------------------------------------------------------------------------------------------
+# DMV-CNN
+
+#: Arrays of a heat-map file (``mammogmic heatmaps``): float32, the cropped image's size and orientation.
+HEATMAP_ARRAYS = ("benign", "malignant")
+
+
+def read_heatmaps(path: Path, shape: Sequence[int]) -> np.ndarray:
+    """The ``(2, H, W)`` float32 benign and malignant heat maps of ``path`` (an ``.npz`` from
+    ``mammogmic heatmaps``, never unpickled), checked against the cropped image's ``shape``.
+
+    Raises:
+        SampleError: missing or unreadable file, missing arrays, wrong shape or non-finite values (stage
+            ``heatmaps``).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in HEATMAP_ARRAYS if k not in data.files]
+            if missing:
+                raise SampleError(
+                    f"{path}: heat-map file without array(s) {', '.join(missing)} (has {', '.join(data.files)})",
+                    "heatmaps",
+                )
+            maps = np.stack([np.asarray(data[k], dtype=np.float32) for k in HEATMAP_ARRAYS])
+    except (OSError, ValueError) as exc:
+        raise SampleError(f"{path}: unreadable heat-map file ({exc})", "heatmaps") from exc
+    if maps.shape[1:] != tuple(shape):
+        raise SampleError(
+            f"{path}: heat maps of shape {maps.shape[1:]}, but the cropped image is {tuple(shape)}; "
+            f"were they made for this image and crop?",
+            "heatmaps",
+        )
+    if not np.isfinite(maps).all():
+        raise SampleError(f"{path}: heat maps contain NaN or infinite values", "heatmaps")
+    return maps
+
+
+def load_dmv_source(
+    item: ImageItem, heatmaps: Path | None = None, *, contract: InputContract | None = None
+) -> Source:
+    """Read, crop and centre ``item`` for DMV-CNN, with its heat maps when ``heatmaps`` (an ``.npz`` from
+    ``mammogmic heatmaps``) is given.
+
+    The crop and the optimal centre are GMIC's (:data:`OFFICIAL_CONTRACT`: the centre is found for a 2944x1920
+    window), as in the official DMV-CNN runs; DMV-CNN's own windows are then placed around that centre.
+    ``contract`` replaces :data:`OFFICIAL_CONTRACT` for the crop and centre (e.g. fewer crop iterations).
+
+    Raises:
+        SampleError: naming the file, with the stage that failed (``heatmaps`` for the heat-map file).
+    """
+    source = load_source(item, contract or OFFICIAL_CONTRACT)
+    if heatmaps is not None:
+        source.heatmaps = read_heatmaps(heatmaps, source.cropped.shape)
+    return source
+
+
+def dmv_window_sample(source: Source, contract: InputContract, *, rng: Any = None) -> np.ndarray:
+    """One DMV-CNN input ``(C, H, W)`` float32: the standardised image window, then (when the source has heat
+    maps) the benign and malignant heat maps cut and resized with it, not standardised.
+
+    With ``rng`` (``numpy.random.RandomState`` for the official draws) the window carries the contract's
+    augmentation noise; without, it is the deterministic window.
+    """
+    out = model_input(
+        source.cropped,
+        source.view,
+        source.center,
+        rng=rng,
+        noise=contract.noise if rng is not None else None,
+        out_shape=contract.input_shape,
+        horizontal_flip=source.horizontal_flip,
+        window_shape=contract.window,
+        auxiliary=None if source.heatmaps is None else list(source.heatmaps),
+    )
+    return out if out.ndim == 3 else out[None]
+
+
+def dmv_exam_passes(
+    sources: Mapping[str, Source], tta: int = 1, rng: Any = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """DMV-CNN inputs of one exam, one pass at a time: ``{view: (C, H, W)}`` for the four views, each under
+    its angle's :data:`DMV_CONTRACTS`.
+
+    ``tta <= 1``: one pass of deterministic windows. Otherwise ``tta`` passes of noisy windows drawn from
+    ``rng`` in the official order: pass by pass, and within a pass L-CC, R-CC, L-MLO, R-MLO. Seeded with
+    ``numpy.random.RandomState(seed)`` this replays the official ``--use-augmentation --num-epochs tta`` run
+    of a one-exam list.
+    """
+    missing = [v for v in VIEWS if v not in sources]
+    if missing:
+        raise ValueError(f"DMV-CNN needs all four views; missing {', '.join(missing)}")
+    if tta > 1 and rng is None:
+        raise ValueError("TTA windows need a random generator")
+    for _ in range(max(tta, 1)):
+        noise_rng = rng if tta > 1 else None
+        yield {view: dmv_window_sample(sources[view], dmv_contract(view), rng=noise_rng) for view in VIEWS}
+
+
+def dmv_exam_windows(sources: Mapping[str, Source], tta: int = 1, rng: Any = None) -> dict[str, np.ndarray]:
+    """All passes of :func:`dmv_exam_passes` stacked: ``{view: (T, C, H, W)}``."""
+    passes = list(dmv_exam_passes(sources, tta, rng))
+    return {view: np.stack([p[view] for p in passes]) for view in VIEWS}

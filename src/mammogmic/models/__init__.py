@@ -1,9 +1,11 @@
-"""GMIC model, backbones, patch retrieval and checkpoint I/O."""
+"""GMIC model, backbones, patch retrieval and checkpoint I/O; DMV-CNN and its patch classifier."""
 
 from mammogmic.models.checkpoint import (
     RELEASED_PERCENT_T,
     load_model,
     load_official_checkpoint,
+    load_official_dmv_checkpoint,
+    load_official_patch_classifier,
     official_percent_t,
     official_state_dict,
     read_model_metadata,
@@ -11,22 +13,33 @@ from mammogmic.models.checkpoint import (
     save_official_checkpoint,
 )
 from mammogmic.models.config import BaselineConfig, GMICConfig
+from mammogmic.models.dmv import DMV_LABELS, DMV_VIEWS, DMVConfig, DMVModel, DMVOutput
 from mammogmic.models.fuse import compile_for_inference, fuse_for_inference
 from mammogmic.models.gmic import GMIC, BaselineOutput, GatedAttention, GMICOutput, ResNetBaseline
+from mammogmic.models.patch import PatchClassifier, PatchConfig
 
 __all__ = [
+    "DMV_LABELS",
+    "DMV_VIEWS",
     "GMIC",
     "RELEASED_PERCENT_T",
     "BaselineConfig",
     "BaselineOutput",
+    "DMVConfig",
+    "DMVModel",
+    "DMVOutput",
     "GMICConfig",
     "GMICOutput",
     "GatedAttention",
+    "PatchClassifier",
+    "PatchConfig",
     "ResNetBaseline",
     "compile_for_inference",
     "fuse_for_inference",
     "load_model",
     "load_official_checkpoint",
+    "load_official_dmv_checkpoint",
+    "load_official_patch_classifier",
     "official_state_dict",
     "official_percent_t",
     "read_model_metadata",

@@ -22,6 +22,9 @@ Official key map (official -> ours; see docs/architecture.md)::
     mil_attn_{V,U,w}.*                       attention.{V,U,w}.*
     classifier_linear.*                      local_classifier.*
     fusion_dnn.*                             fusion.*
+
+DMV-CNN files (``{"model": state_dict}``) map through :mod:`mammogmic.models.dmv`; the patch classifier's plain
+state dict has our names already (:mod:`mammogmic.models.patch`).
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ from torch import nn
 
 from mammogmic.errors import CheckpointError, ConfigError
 from mammogmic.models.config import BaselineConfig, GMICConfig
+from mammogmic.models.dmv import DMVConfig, DMVModel, dmv_state_from_official, ours_to_official_dmv
 from mammogmic.models.gmic import GMIC, ResNetBaseline
+from mammogmic.models.patch import PatchClassifier, PatchConfig
+
+#: Every model type our files hold, by the ``model_type`` of their metadata.
+SavedModel = GMIC | ResNetBaseline | DMVModel | PatchClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -159,13 +167,14 @@ def check_state_matches(
     official: bool = False,
     skip: Collection[str] = (),
     hint: str = "",
+    to_official: Callable[[str], str | None] = ours_to_official,
 ) -> None:
     """Compare a file's tensors with the model's, naming every missing, unexpected and mismatched key.
 
     Args:
         path: the file (named in the error).
         expected, found: ``name -> (shape, dtype)`` of the model and of the file (our names).
-        official: also show the official name of each key (official ``.p`` files).
+        official: also show the official name of each key (official ``.p`` files), by ``to_official``.
         skip: names to leave out on both sides (tensors re-initialised on purpose).
         hint: appended to the error (what the user can do).
 
@@ -174,7 +183,7 @@ def check_state_matches(
     """
 
     def label(key: str) -> str:
-        name = ours_to_official(key) if official else None
+        name = to_official(key) if official else None
         return _clean(f"{key} ({name})" if name and name != key else key)
 
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
@@ -209,10 +218,19 @@ def specs_of(state: Mapping[str, torch.Tensor]) -> dict[str, _Spec]:
     return _specs_of(state)
 
 
-def _check_and_load(model: nn.Module, state: dict[str, torch.Tensor], path: Path, official: bool) -> None:
-    """Load ``state`` (our names) into ``model`` after checking every key and shape, naming all problems."""
+def _check_and_load(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    official: bool,
+    to_official: Callable[[str], str | None] = ours_to_official,
+) -> None:
+    """Load ``state`` (our names) into ``model`` after checking every key and shape, naming all problems
+    (with their official names, by ``to_official``, for official files)."""
     expected = model.state_dict()
-    check_state_matches(path, _specs_of(expected), _specs_of(state), official=official)
+    check_state_matches(
+        path, _specs_of(expected), _specs_of(state), official=official, to_official=to_official
+    )
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
     full = {**{k: expected[k] for k in optional if k not in state}, **state}
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in full.items()}, strict=True)
@@ -485,6 +503,41 @@ def load_official_checkpoint(
     return model.float().eval()
 
 
+def load_official_dmv_checkpoint(path: str | os.PathLike[str]) -> DMVModel:
+    """Load an official DMV-CNN file (``sample_image_model.p``, ``sample_imageheatmaps_model.p``,
+    ``ImageOnly__ModeImage_weights.p``, ...) into :class:`DMVModel`, in eval mode, float32.
+
+    The head (view-wise or image-wise) and the input channels (1, or 3 with heat maps) are read from the file.
+
+    Raises:
+        CheckpointError: unsafe pickle, unreadable file, unknown or missing keys, left/right column copies that
+            differ, or shapes that do not match (all named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    state, config = dmv_state_from_official(read_state_dict(path), str(path))  # sizes checked before reading
+    model = DMVModel(config)
+    _check_and_load(model, state, path, official=True, to_official=ours_to_official_dmv)
+    return model.float().eval()
+
+
+def load_official_patch_classifier(path: str | os.PathLike[str]) -> PatchClassifier:
+    """Load the official patch classifier (``sample_patch_model.p``: a DenseNet-121 state dict, with or
+    without ``num_batches_tracked``) into :class:`PatchClassifier`, in eval mode, float32.
+
+    Raises:
+        CheckpointError: unsafe pickle, unreadable file, keys or shapes that do not match (all named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    state = read_state_dict(path)  # sizes checked before reading
+    model = PatchClassifier()
+    _check_and_load(model, state, path, official=False)
+    return model.float().eval()
+
+
 def official_state_dict(model: GMIC) -> dict[str, torch.Tensor]:
     """Our model's weights under the official key names (the reverse of :func:`load_official_checkpoint`)."""
     out = {}
@@ -539,7 +592,7 @@ def _package_version() -> str:
 
 
 def save_model(
-    model: GMIC | ResNetBaseline,
+    model: SavedModel,
     path: str | os.PathLike[str],
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
@@ -547,7 +600,7 @@ def save_model(
     """Save weights + config + provenance as one ``.safetensors`` file (written atomically).
 
     Args:
-        model: a :class:`GMIC` or :class:`ResNetBaseline`.
+        model: a :class:`GMIC`, :class:`ResNetBaseline`, :class:`DMVModel` or :class:`PatchClassifier`.
         path: destination file (``.safetensors`` recommended).
         metadata: JSON-serialisable extras, e.g. ``{"training_config": {...}, "metrics": {...}}``.
         overwrite: replace an existing file (default: refuse).
@@ -564,7 +617,7 @@ def save_model(
         )
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
-    kind = "gmic" if isinstance(model, GMIC) else "resnet_baseline"
+    kind = next(name for name, (cls, _) in _MODEL_TYPES.items() if isinstance(model, cls))
     header = {
         "format": "mammogmic",
         "format_version": FORMAT_VERSION,
@@ -696,13 +749,16 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _decode_metadata(path, _read_safetensors_header(path)[0])
 
 
+#: ``model_type`` -> (class, config class).
 _MODEL_TYPES: dict[str, tuple[Any, Any]] = {
     "gmic": (GMIC, GMICConfig),
     "resnet_baseline": (ResNetBaseline, BaselineConfig),
+    "dmv": (DMVModel, DMVConfig),
+    "dmv_patch": (PatchClassifier, PatchConfig),
 }
 
 
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> GMIC | ResNetBaseline:
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> SavedModel:
     """Load a model saved by :func:`save_model`: builds it from the stored config, in eval mode.
 
     The stored config is validated and the file's tensor table compared with the model it describes before
@@ -733,7 +789,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}: invalid model_config in the file's metadata: {exc}") from None
     check_state_matches(path, _expected_specs(model_cls, config), specs)
-    model: GMIC | ResNetBaseline = model_cls(config)  # allocated only now that the file is known to fit it
+    model: SavedModel = model_cls(config)  # allocated only now that the file is known to fit it
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as exc:

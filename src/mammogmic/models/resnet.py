@@ -1,7 +1,7 @@
 """ResNet backbones used by GMIC.
 
-* :class:`ResNet22` - the pre-activation ("v2") ResNet-22 global network of GMIC/DMV-CNN: a 7x7/2 stem,
-  a 3x3/2 max pool without padding, five stages of two :class:`PreActBlock` with strides 1, 2, 2, 2, 2 and
+* :class:`ResNet22` - the pre-activation ("v2") ResNet-22 global network of GMIC/DMV-CNN: a 7x7/2 stem
+  (padding 3 in GMIC, 0 in DMV-CNN), a 3x3/2 max pool without padding, five stages of two :class:`PreActBlock` with strides 1, 2, 2, 2, 2 and
   width doubling per stage, and a final BN + ReLU. Total stride 64: a 2944x1920 input gives a 46x30 map.
 * :class:`ResNetV1` - the classic post-activation ResNet-18/34 (:class:`BasicBlock`) and ResNet-50
   (:class:`Bottleneck`, stride on the 3x3 conv) in the torchvision parameter layout, used as the local
@@ -57,6 +57,7 @@ class ResNet22(nn.Module):
         width: filters of the stem and the first stage (16 in the paper); doubles per stage.
         blocks: blocks per stage.
         strides: stride of the first block of each stage.
+        stem_padding: zero padding of the 7x7 stem convolution (GMIC 3, DMV-CNN 0).
     """
 
     def __init__(
@@ -65,11 +66,14 @@ class ResNet22(nn.Module):
         width: int = 16,
         blocks: Sequence[int] = (2, 2, 2, 2, 2),
         strides: Sequence[int] = (1, 2, 2, 2, 2),
+        stem_padding: int = 3,
     ) -> None:
         super().__init__()
         if len(blocks) != len(strides):
             raise ValueError(f"blocks {tuple(blocks)} and strides {tuple(strides)} differ in length")
-        self.stem_conv = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.stem_conv = nn.Conv2d(
+            in_channels, width, kernel_size=7, stride=2, padding=stem_padding, bias=False
+        )
         self.stem_pool = nn.MaxPool2d(kernel_size=3, stride=2)
         stages = []
         in_ch = width
@@ -89,12 +93,13 @@ class ResNet22(nn.Module):
     def stem(self, x: torch.Tensor, tile_rows: int = 96) -> torch.Tensor:
         """Stem conv + max pool. Without autograd, large inputs go through in bands of ``tile_rows`` pooled
         rows, so the full-resolution stem output (90 MB for 2944x1920) never exists at once."""
-        pooled_rows = (x.shape[2] + 6 - 7) // 2 + 1
+        conv = self.stem_conv
+        pad = int(conv.padding[0])
+        pooled_rows = (x.shape[2] + 2 * pad - 7) // 2 + 1
         pooled_rows = (pooled_rows - 3) // 2 + 1
         if torch.is_grad_enabled() or pooled_rows <= 2 * tile_rows:
             return self.stem_pool(self.stem_conv(x))
-        conv = self.stem_conv
-        pooled_cols = ((x.shape[3] + 6 - 7) // 2 + 1 - 3) // 2 + 1
+        pooled_cols = ((x.shape[3] + 2 * pad - 7) // 2 + 1 - 3) // 2 + 1
         # Allocated in its final layout: converting an empty NCHW buffer would copy 22 MB of garbage.
         layout = torch.channels_last if self._channels_last() else torch.contiguous_format
         shape = (x.shape[0], conv.out_channels, pooled_rows, pooled_cols)
@@ -102,10 +107,10 @@ class ResNet22(nn.Module):
         for p0 in range(0, pooled_rows, tile_rows):
             p1 = min(p0 + tile_rows, pooled_rows)
             s0, s1 = 2 * p0, 2 * (p1 - 1) + 3  # stem rows [s0, s1) feed pooled rows [p0, p1)
-            i0, i1 = 2 * s0 - 3, 2 * (s1 - 1) + 4  # input rows [i0, i1) feed stem rows [s0, s1)
+            i0, i1 = 2 * s0 - pad, 2 * (s1 - 1) + 7 - pad  # input rows [i0, i1) feed stem rows [s0, s1)
             band = x[:, :, max(i0, 0) : min(i1, x.shape[2])]
             band = nn.functional.pad(band, (0, 0, max(-i0, 0), max(i1 - x.shape[2], 0)))
-            stem = nn.functional.conv2d(band, conv.weight, None, conv.stride, (0, 3))
+            stem = nn.functional.conv2d(band, conv.weight, None, conv.stride, (0, pad))
             out[:, :, p0:p1] = self.stem_pool(stem)
         return out
 

@@ -1,0 +1,429 @@
+"""DMV-CNN commands: ``heatmaps`` (benign/malignant heat maps from the patch classifier)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+HEATMAPS_EPILOG = """\
+Examples:
+  mammogmic heatmaps scans/ --model sample_patch_model.p --out heatmaps/
+  mammogmic heatmaps --manifest test.csv --model patch.safetensors --out heatmaps/ --device cuda --amp bf16
+
+Inputs as for predict: folders (searched recursively for .png/.dcm/.dicom), files, and/or --manifest CSV
+(rows with the preprocess cache columns cached_path + best_center skip the crop). Each image is cropped as
+for GMIC, turned to face right, standardised, and cut into 256x256 patches at stride 70 (the last patch flush
+with the border; which steps shrink by one pixel is drawn from one random.Random(--seed) for the run, image
+after image in input order, rows then columns: give the images exam by exam, L-CC, R-CC, L-MLO, R-MLO to
+replay the official run). A pixel's probability is the mean over the patches covering it.
+
+Outputs (in --out): <image_id>.npz with float32 arrays benign and malignant at the cropped image's size, in
+the orientation of the cropped image as stored (what predict --heatmaps reads), plus the grid and the
+settings; errors.csv (image_id, path, stage, error); run.json. A rerun skips images whose .npz was made with
+the same model file (sha256) and settings, and replaces the others.
+Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments.
+"""
+
+_NPZ_SETTINGS = ("model_sha256", "patch_size", "stride", "seed", "amp")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "heatmaps",
+        help="DMV-CNN's benign and malignant heat maps (patch classifier over 256x256 patches)",
+        description="Make the benign and malignant heat maps of DMV-CNN's patch classifier for each image.",
+        epilog=HEATMAPS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="*", type=Path, metavar="INPUT", help="image files and/or folders")
+    p.add_argument("--manifest", type=Path, help="manifest CSV listing the images")
+    p.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="the patch classifier: an official .p file (sample_patch_model.p) or our .safetensors",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--stride", type=int, default=70, help="patch stride before the flush adjustment (70)")
+    p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stride draws (official: 0)")
+    p.add_argument(
+        "--crop-iterations",
+        type=int,
+        default=None,
+        help="breast-crop morphology iterations (default: the official 100; smaller for small images)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument(
+        "--amp",
+        choices=("none", "bf16"),
+        default="none",
+        help="bf16 autocast: faster where the hardware has bf16, maps differ by ~1e-2 (default none: float32, "
+        "the official maps to 1e-6)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_heatmaps)
+
+
+def _load_patch_model(path: Path, device: str) -> Any:
+    import torch
+
+    from mammogmic.errors import CheckpointError
+    from mammogmic.models import PatchClassifier, load_model, load_official_patch_classifier
+
+    if path.suffix == ".p":
+        model = load_official_patch_classifier(path)
+    else:
+        loaded = load_model(path)
+        if not isinstance(loaded, PatchClassifier):
+            raise CheckpointError(f"{path}: a {type(loaded).__name__} model, not a patch classifier")
+        model = loaded
+    # channels-last: about 1.3x faster on CPU (oneDNN), same maps to float32 rounding.
+    return model.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+
+
+def _previous_settings(path: Path) -> tuple[dict[str, str], tuple[int, int]] | None:
+    """Settings and map shape of an earlier output, or ``None`` when it is missing or unreadable."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            settings = {k: str(data[k]) for k in _NPZ_SETTINGS}
+            shape = tuple(int(n) for n in data["benign"].shape)
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(shape) != 2:
+        return None
+    return settings, (shape[0], shape[1])
+
+
+def _check_outputs(args: argparse.Namespace, items: list[Any], targets: list[Path]) -> None:
+    """Refuse an --out where an output would land on an input (image, cache, manifest, model)."""
+    from mammogmic.errors import MammogmicError
+
+    if args.out.exists() and not args.out.is_dir():
+        raise MammogmicError(f"{args.out}: --out must be a folder, and this is an existing file")
+    protected = {args.model.resolve()}
+    if args.manifest:
+        protected.add(args.manifest.resolve())
+    for item in items:
+        for path in (item.path, item.cached_path):
+            if path is not None:
+                protected.add(Path(path).resolve())
+    outputs = {t.resolve() for t in targets} | {(args.out / n).resolve() for n in ("errors.csv", "run.json")}
+    clash = sorted(str(p) for p in protected & outputs)
+    if args.out.resolve() in protected or clash:
+        raise MammogmicError(
+            f"{args.out}: outputs would overwrite input file(s) {clash[:3] or [str(args.out)]}; choose another --out"
+        )
+
+
+def run_heatmaps(args: argparse.Namespace) -> int:
+    """Entry point of ``mammogmic heatmaps``."""
+    import dataclasses
+    import random
+
+    import numpy as np
+    import pandas as pd
+    from tqdm import tqdm
+
+    from mammogmic.cli.eval_cmds import _collect_items, _resolve_device
+    from mammogmic.data.cache import sha256_file
+    from mammogmic.data.sample import OFFICIAL_CONTRACT, SampleError, load_source
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.heatmaps import PATCH_SIZE, patch_grid, produce_heatmaps
+    from mammogmic.evaluation.outputs import atomic_write_text, escape_csv_text, file_stem
+    from mammogmic.models.checkpoint import _atomic_write
+
+    try:
+        if args.stride < 1 or args.batch_size < 1:
+            raise MammogmicError(
+                f"--stride and --batch-size must be positive, got {args.stride}, {args.batch_size}"
+            )
+        items = _collect_items(args)
+        targets = [args.out / f"{file_stem(item.image_id)}.npz" for item in items]
+        _check_outputs(args, items, targets)
+        device = _resolve_device(args.device)
+        model = _load_patch_model(args.model, device)
+        digest = sha256_file(args.model)
+        contract = OFFICIAL_CONTRACT
+        if args.crop_iterations is not None:
+            contract = dataclasses.replace(contract, crop_iterations=args.crop_iterations)
+    except (MammogmicError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "model_sha256": digest,
+        "patch_size": str(PATCH_SIZE),
+        "stride": str(args.stride),
+        "seed": str(args.seed),
+        "amp": args.amp,
+    }
+    rng = random.Random(args.seed)
+    errors: list[dict[str, str]] = []
+    done: dict[str, float] = {}
+    skipped = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), unit="img", disable=args.no_progress or not items, desc="heatmaps")
+
+    def fail(item: Any, stage: str, message: str) -> None:
+        errors.append({"image_id": item.image_id, "path": str(item.path), "stage": stage, "error": message})
+        logger.warning("skipped image %s: %s", item.image_id, message)
+        bar.update(1)
+
+    for item, target in zip(items, targets, strict=True):
+        previous = _previous_settings(target) if target.exists() else None
+        if previous is not None and previous[0] == settings:
+            # Done already: replay the draws its grid took, so that the next images get theirs.
+            patch_grid(previous[1], rng, PATCH_SIZE, args.stride)
+            skipped += 1
+            bar.update(1)
+            continue
+        t0 = time.perf_counter()
+        try:
+            source = load_source(item, contract)
+            patches = [0]
+
+            def progress(n: int, name: str = item.image_id[-30:], patches: list[int] = patches) -> None:
+                patches[0] += n
+                bar.set_postfix_str(f"{name}: {patches[0]} patches")
+
+            progress(0)
+            maps = produce_heatmaps(
+                model,
+                source.cropped,
+                source.view,
+                rng,
+                horizontal_flip=source.horizontal_flip,
+                stride=args.stride,
+                batch_size=args.batch_size,
+                amp=args.amp,
+                progress=progress,
+            )
+        except SampleError as exc:
+            fail(item, exc.stage, str(exc))
+            continue
+        except ValueError as exc:  # e.g. an image smaller than a patch
+            fail(item, "heatmaps", f"{item.path}: {exc}")
+            continue
+        arrays = {
+            "benign": maps.benign,
+            "malignant": maps.malignant,
+            "row_starts": maps.grid.rows,
+            "col_starts": maps.grid.cols,
+            "view": np.asarray(source.view),
+            **{k: np.asarray(v) for k, v in settings.items()},
+        }
+
+        def write(tmp: str, arrays: dict[str, np.ndarray] = arrays) -> None:
+            with open(tmp, "wb") as handle:  # a file object: numpy adds no ".npz" to the temporary name
+                np.savez(handle, **arrays)  # type: ignore[arg-type]
+
+        if target.exists():
+            logger.info("%s: replacing heat maps made with another model or settings", target)
+        _atomic_write(target, write)
+        done[item.image_id] = round(time.perf_counter() - t0, 3)
+        bar.update(1)
+    bar.close()
+    table = pd.DataFrame(errors, columns=["image_id", "path", "stage", "error"])
+    atomic_write_text(args.out / "errors.csv", table.map(escape_csv_text).to_csv(index=False))
+    info = {
+        "model": str(args.model),
+        **settings,
+        "crop_iterations": contract.crop_iterations,
+        "device": device,
+        "batch_size": args.batch_size,
+        "n_inputs": len(items),
+        "n_already_done": skipped,
+        "n_done_now": len(done),
+        "n_errors": len(errors),
+        "seconds": round(time.perf_counter() - start, 3),
+        "seconds_per_image": done,
+    }
+    atomic_write_text(args.out / "run.json", json.dumps(info, indent=2) + "\n")
+    print(
+        f"{len(done)} image(s) mapped, {skipped} already done, {len(errors)} failed; outputs in {args.out}",
+    )
+    return 1 if errors else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# predict with DMV-CNN models (called by ``mammogmic predict`` when its models are DMV-CNN files)
+
+_GMIC_ONLY = {
+    "percent_t": "--percent-t",
+    "input_size": "--input-size",
+    "window_size": "--window-size",
+    "save_saliency": "--save-saliency",
+    "save_patches": "--save-patches",
+    "compile": "--compile",
+}
+_DMV_OUTPUTS = ("breast_predictions.csv", "breast_predictions_metarepository.csv", "errors.csv", "run.json")
+
+
+def dmv_models_given(args: argparse.Namespace) -> bool:
+    """Whether ``predict``'s models are DMV-CNN files (all of them; a mix is refused)."""
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.dmv import is_dmv_file
+
+    kinds = [is_dmv_file(path) for path in args.models]
+    if any(kinds) and not all(kinds):
+        dmv = [str(p) for p, k in zip(args.models, kinds, strict=True) if k]
+        raise MammogmicError(
+            f"DMV-CNN model(s) {', '.join(dmv)} cannot be mixed with GMIC models in one run: predict them separately"
+        )
+    if not any(kinds) and getattr(args, "heatmaps", None) is not None:
+        raise MammogmicError("--heatmaps is for DMV-CNN models (the image + heat maps models)")
+    return all(kinds)
+
+
+def _previous_breasts(path: Path, overwrite: bool) -> Any:
+    """Breast rows of an earlier DMV-CNN run in the same --out (kept unless ``overwrite``)."""
+    import pandas as pd
+
+    from mammogmic.evaluation.outputs import unescape_csv_text
+
+    if overwrite or not path.exists():
+        return None
+    ids = {c: str for c in ("breast_id", "exam_id", "patient_id", "laterality")}
+    table = pd.read_csv(path, dtype=ids)
+    for col in ids:
+        if col in table.columns:
+            table[col] = table[col].map(unescape_csv_text)
+    return table
+
+
+def run_dmv_predict(args: argparse.Namespace) -> int:
+    """``mammogmic predict`` with DMV-CNN models: one row per exam in breast_predictions_metarepository.csv.
+
+    The output folder follows predict's rules (one writer at a time, our folder or a new one; ``_outdir``).
+    """
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        return _run_dmv_predict(args, stack)
+
+
+def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
+    import dataclasses
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from mammogmic.cli.eval_cmds import (
+        _check_out_folder,
+        _collect_items,
+        _resolve_device,
+    )
+    from mammogmic.data.sample import OFFICIAL_CONTRACT
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.aggregation import metarepository_breast_table
+    from mammogmic.evaluation.dmv import (
+        ExamError,
+        ExamResult,
+        breast_table,
+        exam_of,
+        load_dmv_member,
+        predict_exams,
+    )
+    from mammogmic.evaluation.outputs import atomic_write_text, escape_csv_text
+
+    try:
+        given = [flag for name, flag in _GMIC_ONLY.items() if getattr(args, name, None)]
+        if given:
+            raise MammogmicError(f"{', '.join(given)}: GMIC options; DMV-CNN models do not take them")
+        items = _collect_items(args)
+        folder = stack.enter_context(_check_out_folder(args, "predict-dmv", items))
+        if (args.out / "image_predictions.csv").exists():
+            raise MammogmicError(
+                f"{args.out}: holds GMIC predictions (image_predictions.csv); choose another --out"
+            )
+        if args.heatmaps is not None and not args.heatmaps.is_dir():
+            raise MammogmicError(f"--heatmaps {args.heatmaps}: not a folder")
+        device = _resolve_device(args.device)
+        members = [load_dmv_member(path, device) for path in args.models]
+        contract = OFFICIAL_CONTRACT
+        if args.crop_iterations is not None:
+            contract = dataclasses.replace(contract, crop_iterations=args.crop_iterations)
+        tta = 1 if args.tta is None else args.tta
+        previous = _previous_breasts(args.out / "breast_predictions.csv", args.overwrite_predictions)
+        done = set() if previous is None else set(previous["exam_id"].astype(str))
+        todo = [i for i in items if exam_of(i) not in done]
+        if len(todo) < len(items):
+            print(
+                f"{len(items) - len(todo)} image(s) of exams already predicted in {args.out}; skipping them",
+                file=sys.stderr,
+            )
+        errors: list[ExamError] = []
+        bar = tqdm(total=len(todo), unit="img", disable=args.no_progress or not todo, desc="predict")
+
+        def progress(n: int) -> None:
+            bar.update(n)
+
+        start = time.perf_counter()
+        results: list[ExamResult] = predict_exams(
+            todo,
+            members,
+            heatmaps=args.heatmaps,
+            tta=tta,
+            seed=args.seed,
+            device=device,
+            dtype=args.dtype,
+            contract=contract,
+            on_error=errors.append,
+            progress=progress,
+        )
+        bar.close()
+    except (MammogmicError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    breasts = breast_table(results)
+    if previous is not None:
+        breasts = pd.concat([previous, breasts], ignore_index=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    tables = {"breast_predictions.csv": breasts}
+    if len(breasts):
+        tables["breast_predictions_metarepository.csv"] = metarepository_breast_table(breasts)
+    tables["errors.csv"] = pd.DataFrame(
+        [
+            {"image_id": e.item.image_id, "path": str(e.item.path), "stage": e.stage, "error": e.error}
+            for e in errors
+        ],
+        columns=["image_id", "path", "stage", "error"],
+    )
+    folder.claim(*tables, "run.json")
+    for name, table in tables.items():
+        text = table.map(escape_csv_text).to_csv(index=False, float_format="%.6f")
+        atomic_write_text(args.out / name, text)
+        written.append(args.out / name)
+    info = {
+        "model_type": "dmv",
+        "models": [
+            {"name": m.name, "path": m.source, "sha256": m.sha256, "config": m.model.config.to_dict()}
+            for m in members
+        ],
+        "heatmaps": str(args.heatmaps) if args.heatmaps else None,
+        "device": device,
+        "dtype": args.dtype,
+        "tta": tta,
+        "seed": args.seed,
+        "n_inputs": len(items),
+        "n_run": len(todo),
+        "n_exams_predicted_now": len(results),
+        "n_errors": len(errors),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    atomic_write_text(args.out / "run.json", json.dumps(info, indent=2) + "\n")
+    print(f"{len(results)} exam(s) predicted, {len(errors)} image(s) failed; outputs in {args.out}")
+    for path in written:
+        print(f"  {path}")
+    return 1 if errors else 0

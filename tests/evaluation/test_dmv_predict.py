@@ -1,0 +1,106 @@
+"""``mammogmic predict`` with DMV-CNN models: exams of four views -> one row per exam, bad exams in errors.csv."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mammogmic.cli.main import main
+from mammogmic.models import DMVConfig, DMVModel, save_model
+
+META_COLUMNS = ["index", "left_malignant", "right_malignant", "left_benign", "right_benign"]
+
+
+@pytest.fixture(scope="module")
+def dmv_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dmv")
+    out = {}
+    for name, channels in (("image", 1), ("heat", 3)):
+        torch.manual_seed(channels)
+        out[name] = root / f"{name}.safetensors"
+        save_model(DMVModel(DMVConfig(width=2, in_channels=channels)).eval(), out[name])
+    return out
+
+
+def _exams(root: Path, breast_png) -> Path:  # type: ignore[no-untyped-def]
+    scans = root / "scans"
+    for i, view in enumerate(("L-CC", "R-CC", "L-MLO", "R-MLO")):
+        breast_png(scans / f"0_{view}.png", view[0], i)
+    breast_png(scans / "3_L-CC.png", "L", 7)  # an exam without its other views
+    return scans
+
+
+def test_predict_exams(
+    tmp_path: Path, breast_png, dmv_files: dict[str, Path], gmic_model: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    scans = _exams(tmp_path, breast_png)
+    out = tmp_path / "out"
+    args = ["predict", str(scans), "--model", str(dmv_files["image"]), "--out", str(out)]
+    flags = ["--crop-iterations", "3", "--no-progress"]
+    assert main([*args, *flags]) == 1  # exam 3 is incomplete
+    table = pd.read_csv(out / "breast_predictions_metarepository.csv", dtype={"index": str})
+    assert list(table.columns) == META_COLUMNS and table["index"].tolist() == ["0"]
+    assert table[META_COLUMNS[1:]].apply(lambda c: c.between(0, 1)).all().all()
+    errors = pd.read_csv(out / "errors.csv")
+    assert errors["image_id"].tolist() == ["3_L-CC"] and errors["stage"].tolist() == ["exam"]
+    assert "lacks R-CC, L-MLO, R-MLO" in errors["error"][0]
+    run = json.loads((out / "run.json").read_text())
+    assert (run["model_type"], run["n_exams_predicted_now"], run["tta"]) == ("dmv", 1, 1)
+
+    # a rerun into the same folder keeps exam 0; with --overwrite-predictions it is predicted again
+    assert main([*args, *flags, "--tta", "2"]) == 1
+    assert json.loads((out / "run.json").read_text())["n_exams_predicted_now"] == 0
+    again = pd.read_csv(out / "breast_predictions_metarepository.csv", dtype={"index": str})
+    pd.testing.assert_frame_equal(again, table)
+    assert main([*args, *flags, "--tta", "2", "--overwrite-predictions"]) == 1
+    run = json.loads((out / "run.json").read_text())
+    assert (run["n_exams_predicted_now"], run["tta"]) == (1, 2)
+    assert pd.read_csv(out / "breast_predictions_metarepository.csv")["index"].tolist() == [0]
+
+    capsys.readouterr()
+    heat = ["predict", str(scans), "--model", str(dmv_files["heat"]), "--out", str(tmp_path / "o2"), *flags]
+    assert main(heat) == 2
+    assert "--heatmaps DIR" in capsys.readouterr().err
+    maps = tmp_path / "maps"  # only exam 0's first view has heat maps: the exam fails at that image
+    maps.mkdir()
+    np.savez(maps / "0_L-CC.npz", benign=np.zeros((2, 2), np.float32), malignant=np.zeros((2, 2), np.float32))
+    assert main([*heat, "--heatmaps", str(maps)]) == 1
+    errors = pd.read_csv(tmp_path / "o2" / "errors.csv")
+    stages = dict(zip(errors["image_id"], errors["stage"], strict=True))
+    assert (
+        stages["0_L-CC"] == "heatmaps" and stages["0_R-CC"] == "heatmaps" and stages["3_L-CC"] == "heatmaps"
+    )
+    assert not (tmp_path / "o2" / "breast_predictions_metarepository.csv").exists()
+
+    mixed = ["predict", str(scans), "--model", str(dmv_files["image"]), "--model", str(gmic_model)]
+    assert main([*mixed, "--out", str(tmp_path / "o3")]) == 2
+    assert "cannot be mixed with GMIC models" in capsys.readouterr().err
+    gmic = [
+        "predict",
+        str(scans),
+        "--model",
+        str(gmic_model),
+        "--out",
+        str(tmp_path / "o4"),
+        "--heatmaps",
+        str(maps),
+    ]
+    assert main(gmic) == 2
+    assert "--heatmaps is for DMV-CNN models" in capsys.readouterr().err
+    assert main([*args, "--input-size", "256", "192"]) == 2
+    assert "--input-size: GMIC options" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def gmic_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mammogmic import GMIC, GMICConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gmic") / "gmic.safetensors"
+    save_model(GMIC(GMICConfig(global_width=4, local_width=8, crop_size=(32, 32), num_patches=2)), path)
+    return path
