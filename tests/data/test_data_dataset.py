@@ -112,6 +112,9 @@ def test_dataloader_with_workers_is_reproducible(prepared: tuple[Path, Path]) ->
             ds,
             batch_size=3,
             num_workers=2,
+            # Forked workers deadlock when the parent's OpenCV/OpenMP pools were busy (earlier tests in the same
+            # xdist worker): spawn them fresh.
+            multiprocessing_context="spawn",
             worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(7),
         )
