@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from mammogmic.errors import CheckpointError, ConfigError
+from mammogmic.models._keys import rename_key
 from mammogmic.models.config import BaselineConfig, GMICConfig
 from mammogmic.models.dmv import DMVConfig, DMVModel, dmv_state_from_official, ours_to_official_dmv
 from mammogmic.models.gmic import GMIC, ResNetBaseline
@@ -93,22 +94,14 @@ _OURS_TO_OFFICIAL: tuple[tuple[str, str], ...] = (
 RELEASED_PERCENT_T = {1: 0.02, 2: 0.03, 3: 0.03, 4: 0.05, 5: 0.10}
 
 
-def _rename(key: str, rules: tuple[tuple[str, str], ...]) -> str | None:
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return None
-
-
 def official_to_ours(key: str) -> str | None:
     """Our parameter name for an official state-dict key (``None`` if it belongs to no known module)."""
-    return _rename(key, _OFFICIAL_TO_OURS)
+    return rename_key(key, _OFFICIAL_TO_OURS)
 
 
 def ours_to_official(key: str) -> str | None:
     """The official state-dict key for one of our parameter names."""
-    return _rename(key, _OURS_TO_OFFICIAL)
+    return rename_key(key, _OURS_TO_OFFICIAL)
 
 
 # -- messages about untrusted files --------------------------------------------------------------------------

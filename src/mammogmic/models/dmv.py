@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mammogmic.errors import CheckpointError, ConfigError
+from mammogmic.models._keys import rename_key
 from mammogmic.models.resnet import ResNet22
 
 __all__ = [
@@ -227,22 +228,14 @@ _MIRRORS = {"l_cc": "cc", "r_cc": "cc", "l_mlo": "mlo", "r_mlo": "mlo"}
 _MIRROR_KEY = re.compile(r"^four_view_resnet\.(l_cc|r_cc|l_mlo|r_mlo)\.(.+)$")
 
 
-def _rename(key: str, rules: tuple[tuple[str, str], ...]) -> str | None:
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return None
-
-
 def official_dmv_to_ours(key: str) -> str | None:
     """Our parameter name for an official DMV-CNN key (``None``: a mirror copy or an unknown key)."""
-    return _rename(key, _OFFICIAL_TO_OURS)
+    return rename_key(key, _OFFICIAL_TO_OURS)
 
 
 def ours_to_official_dmv(key: str) -> str | None:
     """The official key of one of our DMV-CNN parameters."""
-    return _rename(key, _OURS_TO_OFFICIAL)
+    return rename_key(key, _OURS_TO_OFFICIAL)
 
 
 def dmv_state_from_official(
