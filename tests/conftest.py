@@ -12,13 +12,17 @@ FIXTURES = (REPO_ROOT / ".." / "shared" / "fixtures" / "official_gmic").resolve(
 DMV_FIXTURES = (REPO_ROOT / ".." / "shared" / "fixtures" / "official_dmv").resolve()
 
 
+def require_or_skip(message: str) -> None:
+    """Something a test needs is missing: fail when ``CI`` is set (it must run there), skip otherwise."""
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI is set: these tests must run)")
+    pytest.skip(message)
+
+
 def official_fixtures() -> Path:
     """Path of ``shared/fixtures/official_gmic``. Missing: fail when ``CI`` is set, skip otherwise."""
     if not (FIXTURES / "metadata.json").is_file():
-        message = f"official GMIC fixtures not found at {FIXTURES}"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI is set: these tests must run)")
-        pytest.skip(message)
+        require_or_skip(f"official GMIC fixtures not found at {FIXTURES}")
     return FIXTURES
 
 
@@ -33,20 +37,14 @@ def sk_metrics():  # type: ignore[no-untyped-def]
     try:
         import sklearn.metrics
     except ImportError as exc:
-        message = f"scikit-learn is not installed ({exc}); pip install -e '.[dev]'"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI is set: these tests must run)")
-        pytest.skip(message)
+        require_or_skip(f"scikit-learn is not installed ({exc}); pip install -e '.[dev]'")
     return sklearn.metrics
 
 
 def official_dmv_fixtures() -> Path:
     """Path of ``shared/fixtures/official_dmv``. Missing: fail when ``CI`` is set, skip otherwise."""
     if not (DMV_FIXTURES / "expected_seed0.json").is_file():
-        message = f"official DMV-CNN fixtures not found at {DMV_FIXTURES}"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI is set: these tests must run)")
-        pytest.skip(message)
+        require_or_skip(f"official DMV-CNN fixtures not found at {DMV_FIXTURES}")
     return DMV_FIXTURES
 
 
