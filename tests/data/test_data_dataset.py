@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,43 @@ def test_vertical_flip_and_tta(prepared: tuple[Path, Path]) -> None:
     assert sample["image"].shape == (4, 1, *OUT) and sample["masks"].shape == (2, *OUT)  # first window's
     assert len({hash(w.numpy().tobytes()) for w in sample["image"]}) > 1  # different windows
     assert torch.equal(sample["image"], tta[0]["image"])  # fixed per image
+
+
+def test_horizontal_flip_mirrors_image_and_masks_together(prepared: tuple[Path, Path]) -> None:
+    _, cached = prepared
+    kwargs = {"mode": "train", "out_shape": OUT, "seed": 0, "masks": True}
+    plain = MammogramDataset(cached, **kwargs)
+    mirrored = MammogramDataset(cached, hflip_prob=1.0, **kwargs)
+    a, b = plain[0], mirrored[0]
+    assert torch.equal(b["image"], torch.flip(a["image"], dims=[2]))
+    assert torch.equal(b["masks"], torch.flip(a["masks"], dims=[2]))
+    assert b["masks"][1].sum() > 0  # the malignant lesion moved with the image
+    # Deterministic (evaluation) samples are never flipped.
+    evaluation = MammogramDataset(cached, mode="eval", out_shape=OUT, hflip_prob=1.0)
+    assert torch.equal(
+        evaluation[0]["image"], MammogramDataset(cached, mode="eval", out_shape=OUT)[0]["image"]
+    )
+    with pytest.raises(ValueError, match="hflip_prob"):
+        MammogramDataset(cached, hflip_prob=1.5)
+
+
+def test_keep_in_memory_reads_each_file_once(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    raw, _ = prepared
+    copy = tmp_path / "in"
+    shutil.copytree(raw.parent, copy)
+    kwargs = {"mode": "train", "out_shape": OUT, "crop_iterations": 3, "crop_buffer_size": 5, "masks": True}
+    reference = MammogramDataset(raw, **kwargs)
+    kept = MammogramDataset(copy / "manifest.csv", keep_in_memory=True, **kwargs)
+    for i in range(len(kept)):
+        assert torch.equal(kept[i]["image"], reference[i]["image"])
+    for png in copy.glob("*.png"):
+        png.unlink()  # any second read of an image or mask would now fail
+    kept.set_epoch(1)
+    reference.set_epoch(1)
+    for i in range(len(kept)):
+        again, expected = kept[i], reference[i]  # epoch 1's windows, cut from memory
+        assert torch.equal(again["image"], expected["image"])
+        assert torch.equal(again["masks"], expected["masks"])
 
 
 def test_dataloader_with_workers_is_reproducible(prepared: tuple[Path, Path]) -> None:

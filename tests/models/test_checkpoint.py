@@ -48,6 +48,22 @@ def test_official_export_round_trip(tmp_path: Path) -> None:
     _same_outputs(model, loaded, torch.randn(1, 1, 256, 192))
 
 
+def test_resnet10_global_network_round_trips_but_has_no_official_form(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    config = TINY.replace(global_arch="resnet10")
+    model = GMIC(config)
+    blocks = [name for name, _ in model.global_net.named_children() if name.startswith("layer")]
+    assert [len(getattr(model.global_net, name)) for name in blocks] == [1, 1, 1, 1]
+    out = model.eval()(torch.randn(1, 1, 256, 192))
+    assert out.saliency.shape[-2:] == (8, 6)  # stride 32, like ResNet-18
+    loaded = load_model(save_model(model, tmp_path / "r10.safetensors"))
+    assert loaded.config.global_arch == "resnet10"
+    _same_outputs(model, loaded, torch.randn(1, 1, 256, 192))
+    with pytest.raises(CheckpointError, match="resnet10 has no official equivalent"):
+        save_official_checkpoint(model, tmp_path / "r10.p")
+    assert not (tmp_path / "r10.p").exists()
+
+
 def test_official_key_problems_are_named(tmp_path: Path) -> None:
     state = official_state_dict(GMIC(TINY))
     del state["fusion_dnn.bias"]

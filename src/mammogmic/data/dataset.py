@@ -92,7 +92,13 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         label_level: ``"image"`` (default) or ``"breast"`` labels.
         masks: Also return ``masks`` ``(2, H, W)`` uint8 (zeros where a class has no mask).
         vflip_prob: Probability of a vertical flip of an augmented sample (default 0: the official recipe).
+        hflip_prob: Probability of a horizontal flip of an augmented sample (default 0: the official recipe
+            shows every breast facing the same way; a mirrored sample puts the chest wall on the other side).
         seed: Base seed (``None``: per-worker generators, see :func:`seed_worker`).
+        keep_in_memory: Keep every image's read, cropped and centred source in memory after its first use, so
+            later epochs only cut windows (a small dataset's training is then no longer bound by PNG decoding
+            and cropping). Memory grows with the dataset: about 2 bytes per cropped pixel. Each DataLoader
+            worker keeps its own copy, so it helps with ``num_workers=0`` or persistent workers.
         crop_iterations: Erosion iterations for rows cropped on the fly.
         crop_buffer_size: Crop buffer for rows cropped on the fly.
     """
@@ -111,7 +117,9 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         label_level: str = "image",
         masks: bool = False,
         vflip_prob: float = 0.0,
+        hflip_prob: float = 0.0,
         seed: int | None = 0,
+        keep_in_memory: bool = False,
         crop_iterations: int | None = None,
         crop_buffer_size: int | None = None,
     ) -> None:
@@ -119,8 +127,9 @@ class MammogramDataset(Dataset[dict[str, Any]]):
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
         if label_level not in ("image", "breast"):
             raise ValueError(f"label_level must be 'image' or 'breast', got {label_level!r}")
-        if not 0.0 <= vflip_prob <= 1.0:
-            raise ValueError(f"vflip_prob must be in [0, 1], got {vflip_prob}")
+        for name, prob in (("vflip_prob", vflip_prob), ("hflip_prob", hflip_prob)):
+            if not 0.0 <= prob <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {prob}")
         if tta < 1:
             raise ValueError(f"tta must be at least 1, got {tta}")
         base = contract or InputContract()
@@ -147,7 +156,10 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         self.label_level = label_level
         self.with_masks = masks
         self.vflip_prob = float(vflip_prob)
+        self.hflip_prob = float(hflip_prob)
         self.seed = seed
+        self.keep_in_memory = bool(keep_in_memory)
+        self._sources: dict[int, Any] = {}
         self.epoch = 0
         self._worker_rng: np.random.Generator | None = None
         self.labels = np.array([item.labels(label_level) for item in self.items], dtype=np.float32).reshape(
@@ -180,11 +192,17 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         return np.random.default_rng([self.seed, 0, self.epoch, index])
 
     def _source(self, index: int) -> Any:
+        source = self._sources.get(index)
+        if source is not None:
+            return source
         item = self.items[index]
         try:
-            return load_source(item, self.contract, masks=self.with_masks)
+            source = load_source(item, self.contract, masks=self.with_masks)
         except SampleError as exc:
             raise SampleError(f"{item.image_id}: {exc}", exc.stage) from exc
+        if self.keep_in_memory:
+            self._sources[index] = source
+        return source
 
     def _masks(self, masks: np.ndarray | None, n: int | None = None) -> torch.Tensor:
         if masks is None:
@@ -202,6 +220,9 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         if rng is not None and self.vflip_prob > 0 and rng.random() < self.vflip_prob:
             image = np.ascontiguousarray(image[::-1])
             masks = None if masks is None else np.ascontiguousarray(masks[:, ::-1])
+        if rng is not None and self.hflip_prob > 0 and rng.random() < self.hflip_prob:
+            image = np.ascontiguousarray(image[:, ::-1])
+            masks = None if masks is None else np.ascontiguousarray(masks[:, :, ::-1])
         sample: dict[str, Any] = {
             "image": torch.from_numpy(image[None]),
             "labels": torch.from_numpy(self.labels[index].copy()),

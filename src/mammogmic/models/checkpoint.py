@@ -532,7 +532,16 @@ def load_official_patch_classifier(path: str | os.PathLike[str]) -> PatchClassif
 
 
 def official_state_dict(model: GMIC) -> dict[str, torch.Tensor]:
-    """Our model's weights under the official key names (the reverse of :func:`load_official_checkpoint`)."""
+    """Our model's weights under the official key names (the reverse of :func:`load_official_checkpoint`).
+
+    Raises:
+        CheckpointError: the architecture has no official equivalent (``global_arch: resnet10``).
+    """
+    if model.config.global_arch.startswith("resnet10"):
+        raise CheckpointError(
+            f"global_arch {model.config.global_arch} has no official equivalent (the official code builds ResNet-22 or ResNet-18 "
+            "global networks); keep this model as .safetensors"
+        )
     out = {}
     for key, value in model.state_dict().items():
         name = ours_to_official(key)

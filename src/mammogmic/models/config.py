@@ -8,7 +8,7 @@ from typing import Any
 
 from mammogmic.errors import ConfigError
 
-GLOBAL_ARCHS = ("resnet22", "resnet18")
+GLOBAL_ARCHS = ("resnet22", "resnet18", "resnet10", "resnet10_s16")
 LOCAL_ARCHS = ("resnet18", "resnet34", "resnet50")
 AGGREGATIONS = ("top_t", "gap", "gmp")
 PATCH_SELECTIONS = ("saliency", "random")
@@ -68,7 +68,9 @@ class GMICConfig:
 
     Attributes:
         in_channels: 1 (image) or 3 (image + benign and malignant heat maps).
-        global_arch: ``"resnet22"`` (paper, pre-activation) or ``"resnet18"`` (v1 blocks).
+        global_arch: ``"resnet22"`` (paper, pre-activation), ``"resnet18"`` (v1 blocks, the official
+            ``use_v1_global`` option) or ``"resnet10"`` (v1, one block per stage: a smaller receptive field for
+            reduced-size inputs, see docs/localization.md; no official equivalent).
         global_width: filters of the global network's first stage (16 in the paper).
         local_arch: local network ``f_l``: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         local_width: channels of the local network's first layer (64 in the paper); the patch feature width is
@@ -163,7 +165,7 @@ class GMICConfig:
     @property
     def global_dim(self) -> int:
         """Channels of ``h_g``."""
-        return self.global_width * (16 if self.global_arch == "resnet22" else 8)
+        return self.global_width * {"resnet22": 16, "resnet10_s16": 4}.get(self.global_arch, 8)
 
 
 @dataclass(frozen=True)

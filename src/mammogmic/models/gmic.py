@@ -129,7 +129,7 @@ class GMIC(nn.Module):
         if cfg.global_arch == "resnet22":
             self.global_net: nn.Module = ResNet22(cfg.in_channels, cfg.global_width)
         else:
-            self.global_net = ResNetV1("resnet18", cfg.in_channels, cfg.global_width)
+            self.global_net = ResNetV1(cfg.global_arch, cfg.in_channels, cfg.global_width)
         self.saliency_head = nn.Conv2d(cfg.global_dim, cfg.num_classes, kernel_size=1, bias=False)
         # The local network keeps the reference's 3-channel stem: a 1-channel patch is repeated (which also
         # lets ImageNet weights load unchanged); a 3-channel input passes its own 3 channels.

@@ -147,9 +147,16 @@ class DataConfig:
         batch_size: images per optimizer micro-batch (per process under DDP).
         eval_batch_size: images per evaluation batch.
         augment: random window position and size noise during training (``max_crop_noise``,
-            ``max_crop_size_noise``); no flips.
+            ``max_crop_size_noise``) and, when their probabilities are set, flips.
+        hflip_prob: probability of mirroring a training sample left-right (0 = the official recipe, where every
+            breast faces the same way; see docs/localization.md for why the demo uses 0.5).
+        vflip_prob: probability of flipping a training sample upside down (0 = the official recipe).
         max_crop_noise: maximal random shift (rows, cols) of the window in raw pixels when augmenting.
         max_crop_size_noise: maximal random change of the window size in raw pixels when augmenting.
+        keep_in_memory: keep each image's read, cropped and centred source in memory after the first epoch
+            (:class:`~mammogmic.data.dataset.MammogramDataset`); for small datasets such as the demo's, where
+            PNG decoding and cropping otherwise cost more than the model. With ``runtime.num_workers > 0``
+            each worker process keeps its own copy for one epoch only, so it helps with ``num_workers: 0``.
         tta: number of random windows averaged at test time (1 = the deterministic window only).
         train_split: value of the manifest ``split`` column used for training.
         val_split: split used for validation / early stopping (empty = no validation).
@@ -169,6 +176,9 @@ class DataConfig:
     augment: bool = True
     max_crop_noise: tuple[int, int] = (100, 100)
     max_crop_size_noise: int = 100
+    hflip_prob: float = 0.0
+    vflip_prob: float = 0.0
+    keep_in_memory: bool = False
     tta: int = 1
     train_split: str = "train"
     val_split: str = "val"
@@ -188,6 +198,10 @@ class DataConfig:
         for i, s in enumerate(self.max_crop_noise):
             _check_nonneg(f"max_crop_noise[{i}]", s)
         _check_nonneg("max_crop_size_noise", self.max_crop_size_noise)
+        for name in ("hflip_prob", "vflip_prob"):
+            prob = getattr(self, name)
+            if not 0.0 <= prob <= 1.0:  # also refuses NaN
+                raise _fail(name, f"must be a probability in [0, 1], got {prob}")
         _check_positive("tta", self.tta)
         if not self.train_split:
             raise _fail("train_split", "must not be empty")

@@ -58,6 +58,9 @@ def split_dataset(config: TrainConfig, split: str, *, masks: bool = False) -> Ma
         contract=input_contract(config),
         label_level=d.label_level,
         masks=masks,
+        hflip_prob=d.hflip_prob,  # flips apply to augmented (training) samples only
+        vflip_prob=d.vflip_prob,
+        keep_in_memory=d.keep_in_memory,
         seed=config.runtime.seed,
     )
 
