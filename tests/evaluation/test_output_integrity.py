@@ -145,10 +145,10 @@ def test_changed_pixels_recompute_that_image_only(
     assert after.loc["0_R-CC", "input_sha256"] == _sha256(scans / "0_R-CC.png")
     run = json.loads((out / "run.json").read_text())
     assert (run["n_run"], run["n_input_changed"], run["n_already_predicted"]) == (1, 1, 2)
-    # Unchanged inputs, same model: nothing to do, and --overwrite-predictions still redoes everything.
+    # Unchanged inputs, same model: nothing to do, and --overwrite still redoes everything.
     assert _predict([scans], tiny_model, out, size_args) == 0
     assert json.loads((out / "run.json").read_text())["n_run"] == 0
-    assert _predict([scans], tiny_model, out, size_args, "--overwrite-predictions") == 0
+    assert _predict([scans], tiny_model, out, size_args, "--overwrite") == 0
     assert json.loads((out / "run.json").read_text())["n_run"] == 3
     pd.testing.assert_frame_equal(_table(out)[SCORES], after[SCORES])
 
@@ -341,11 +341,12 @@ def test_output_folder_removes_its_temp_files_and_never_follows_a_linked_lock(tm
     out = tmp_path / "out"
     with OutputFolder(out, layout) as folder:
         folder.claim("errors.csv")
+        (out / "errors.csv").write_text("image_id\n")
     (out / ".errors.csv.k3j9x_2a.tmp").write_text("half")  # left by a killed atomic write
     (out / ".run.json.tmp").write_text("half")
     with OutputFolder(out, layout):
         pass
-    assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, ".mammogmic.lock"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, ".mammogmic.lock", "errors.csv"]
 
     target = tmp_path / "precious.txt"
     target.write_text("precious")
