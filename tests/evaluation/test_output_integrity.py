@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import mammogmic
-from mammogmic._outdir import MARKER_NAME, OutputFolder, OutputFolderError, OutputLayout
+from mammogmic._outdir import MARKER_NAME, OutputFolder, OutputFolderError, OutputLayout, removed_if_unused
 from mammogmic.cli.main import main
 from mammogmic.evaluation.inference import ImageItem
 from mammogmic.evaluation.outputs import PredictionWriter, input_provenance
@@ -356,3 +356,35 @@ def test_output_folder_removes_its_temp_files_and_never_follows_a_linked_lock(tm
     with pytest.raises(OutputFolderError, match="cannot open the lock file"):
         OutputFolder(linked, layout).__enter__()
     assert target.read_text() == "precious"
+
+
+def test_a_failed_start_leaves_no_folder_but_never_removes_one_that_existed(tmp_path: Path) -> None:
+    layout = OutputLayout("predict", frozenset({"run.json"}), frozenset({"figures"}))
+    new = tmp_path / "made" / "for" / "out"
+    with pytest.raises(RuntimeError), OutputFolder(new, layout) as folder:
+        folder.claim("run.json", "figures")
+        (new / "figures").mkdir()  # an empty output folder holds nothing to lose
+        raise RuntimeError("the model would not load")
+    assert not (tmp_path / "made").exists()  # with the parents created for it
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(RuntimeError), OutputFolder(existing, layout):
+        raise RuntimeError("the model would not load")
+    assert existing.is_dir()  # the user's folder stays, with our marker
+
+    written = tmp_path / "written"
+    with OutputFolder(written, layout) as folder:
+        folder.claim("run.json")
+        (written / "run.json").write_text("{}")
+    assert (written / "run.json").read_text() == "{}"
+
+    for path, existed in ((tmp_path / "a" / "b", False), (tmp_path / "existing", True)):
+        with pytest.raises(KeyError), removed_if_unused(path):
+            path.mkdir(parents=True, exist_ok=True)
+            raise KeyError("config")
+        assert path.exists() == existed and not (tmp_path / "a").exists()
+    with removed_if_unused(tmp_path / "kept"):
+        (tmp_path / "kept").mkdir()
+        (tmp_path / "kept" / "config.yaml").write_text("x")
+    assert (tmp_path / "kept" / "config.yaml").exists()
