@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/bench_synth.py --exams 250 --size 3328 2560 -j 2      # 1,000 full-size images
-    python benchmarks/bench_synth.py --exams 50 --size 736 480 -j 2 --profile
+    python benchmarks/bench_synth.py --exams 250 --image-size 3328 2560 -j 2      # 1,000 full-size images
+    python benchmarks/bench_synth.py --exams 50 --image-size 736 480 -j 2 --profile
 
 Prints one JSON line: size, exams, images, workers, wall seconds, images per second, CPU seconds (this
 process and its workers; unlike wall time, not inflated by other jobs on the machine), MB written,
@@ -44,7 +44,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--exams", type=int, default=25)
-    parser.add_argument("--size", type=int, nargs=2, default=(3328, 2560), metavar=("H", "W"))
+    parser.add_argument("--image-size", type=int, nargs=2, default=(3328, 2560), metavar=("H", "W"))
     parser.add_argument("-j", "--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dicom", action="store_true")
@@ -54,7 +54,7 @@ def main() -> None:
 
     from mammogmic.data.synth import SynthConfig, generate_dataset
 
-    size = (args.size[0], args.size[1])
+    size = (args.image_size[0], args.image_size[1])
     tmp = None if args.out else tempfile.mkdtemp(prefix="bench_synth_")
     out = args.out or Path(tmp or ".") / "set"
     try:

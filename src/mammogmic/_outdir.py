@@ -14,12 +14,17 @@
   in the same folder and rename it, so a crash never leaves half a file. Temporary files left by a crash
   (``.<name>.XXXXXXXX.tmp``, ``.<name>.tmp``, ``<name>.tmp``) are recognised as ours and removed when the folder is claimed.
 
+* **No empty folder from a failed start.** A folder that this run created and that holds nothing but the
+  lock and the marker when the run ends (an error before any output) is removed again, with the parent
+  folders created for it; :func:`removed_if_unused` does the same for commands without an ``OutputFolder``.
+
 Operating-system litter (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``) is ignored. On file systems that do
 not support locks the run goes on with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -29,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +52,7 @@ __all__ = [
     "OutputLayout",
     "atomic_write_bytes",
     "atomic_write_text",
+    "removed_if_unused",
 ]
 
 MARKER_NAME = ".mammogmic-out.json"
@@ -108,6 +115,60 @@ def _is_our_temp(name: str, layout: OutputLayout) -> bool:
     )
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The topmost folder that ``path.mkdir(parents=True)`` would create, or ``None`` when ``path`` exists."""
+    path = Path(os.path.abspath(path))
+    if os.path.lexists(path):
+        return None
+    top = path
+    while not os.path.lexists(top.parent) and top.parent != top:
+        top = top.parent
+    return top
+
+
+def _remove_if_unused(path: Path, created: Path, ours: Collection[str] = ()) -> bool:
+    """Remove ``path`` and the parents up to ``created`` when it holds nothing but the files ``ours`` and empty
+    folders; returns whether it did. Anything else in it (an output, a user's file) keeps everything."""
+    path = Path(os.path.abspath(path))
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return False
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            if not _empty_dir(entry.path):
+                return False
+        elif entry.name not in ours:
+            return False
+    try:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                os.rmdir(entry.path)
+            else:
+                os.unlink(entry.path)
+        folder = path
+        while True:
+            os.rmdir(folder)  # fails (and stops) on a folder that is not empty
+            if folder == created or not folder.is_relative_to(created):
+                break
+            folder = folder.parent
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def removed_if_unused(path: Path) -> Iterator[None]:
+    """Remove ``path`` on leaving the block when the block created it and left it empty (so that a command that
+    fails before writing anything leaves no empty ``--out`` behind). A folder that existed is never removed."""
+    created = _first_missing(path)
+    try:
+        yield
+    finally:
+        if created is not None:
+            _remove_if_unused(path, created)
+
+
 def _empty_dir(path: str) -> bool:
     with os.scandir(path) as entries:
         return next(entries, None) is None
@@ -167,10 +228,27 @@ class OutputFolder:
         self.poll_s = poll_s
         self._fd: int | None = None
         self._owned: set[str] = set()
+        self._created: Path | None = None  # the topmost folder this run created, removed again if left unused
 
     def __enter__(self) -> OutputFolder:
         if self.path.exists() and not self.path.is_dir():
             raise OutputFolderError(f"{self.path}: the output folder is an existing file")
+        while True:
+            self._open()
+            try:
+                self._lock()
+                if self._lock_is_current():
+                    self._check()
+                    self._write_marker()
+                    return self
+            except BaseException:
+                self._release()
+                raise
+            # The run we waited for failed to start and removed the folder it had created: start again.
+            self._release()
+
+    def _open(self) -> None:
+        self._created = _first_missing(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -182,17 +260,20 @@ class OutputFolder:
             # Never through a link: the lock file is truncated, and a link could point at a user's file.
             self._fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as exc:
+            self._release()
             raise OutputFolderError(
                 f"{lock}: cannot open the lock file ({exc.strerror or exc}); choose another --out"
             ) from exc
+
+    def _lock_is_current(self) -> bool:
+        """Whether the lock file we hold is still the folder's (not one removed while we waited for it)."""
+        assert self._fd is not None
         try:
-            self._lock()
-            self._check()
-            self._write_marker()
-        except BaseException:
-            self._release()
-            raise
-        return self
+            on_disk = os.stat(self.path / LOCK_NAME, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fd)
+        return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
@@ -237,6 +318,11 @@ class OutputFolder:
         return f" (pid {pid}, {command})" if pid.isdigit() else ""
 
     def _release(self) -> None:
+        if self._created is not None:
+            # A folder this run created and wrote nothing into goes again, removed while we still hold the
+            # lock: a run waiting for it then finds its lock file gone and starts again (_lock_is_current).
+            _remove_if_unused(self.path, self._created, (LOCK_NAME, MARKER_NAME))
+            self._created = None
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None

@@ -1,4 +1,5 @@
-"""Process-level memory settings, applied by the command-line tools (never on library import).
+"""Process-level settings the command-line tools apply (never on library import): memory, and the precision of
+``--amp auto`` (:func:`resolve_amp`).
 
 Two things decide how fast and how big a full-size GMIC run is on the CPU, both outside the model:
 
@@ -22,13 +23,44 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ALLOCATOR_PROFILES", "tune_allocator"]
+__all__ = ["ALLOCATOR_PROFILES", "AMP_MODES", "cpu_has_fast_bf16", "resolve_amp", "tune_allocator"]
 
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 ALLOCATOR_PROFILES = ("lean", "fast")
+AMP_MODES = ("auto", "bf16", "none")  # every command's --amp
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str, device: str) -> str:
+    """The autocast of ``--amp`` on ``device``: ``"bf16"`` or ``"none"`` (float32).
+
+    ``auto`` is bf16 where the device computes it natively (a CUDA GPU with bf16 support, a CPU with
+    AVX512-BF16/AMX) and float32 elsewhere; ``bf16`` and ``none`` are taken as given.
+
+    Raises:
+        ValueError: ``amp`` is not one of :data:`AMP_MODES`.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp != "auto":
+        return amp
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "none"
+    return "bf16" if device == "cpu" and cpu_has_fast_bf16() else "none"
 
 
 def tune_allocator(profile: str = "lean", mmap_threshold: int = 1 << 20) -> bool:

@@ -19,7 +19,7 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_smoke_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["smoke", "--height", "512", "--width", "320"]) == 0
+    assert main(["smoke", "--input-size", "512", "320"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["saliency_shape"] == [1, 2, 8, 5]
     assert len(report["patch_locations"]) == 6

@@ -33,8 +33,9 @@ def _csv(path: Path, header: list[str], rows: list[list[str]], delimiter: str = 
     return path
 
 
-def _rows(out_csv: Path) -> dict[str, dict[str, str]]:
-    with open(out_csv, newline="", encoding="utf-8") as handle:
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    """The rows of ``prepare --out OUT``'s ``OUT/manifest.csv`` by image id."""
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as handle:
         return {r["image_id"]: r for r in csv.DictReader(handle)}
 
 
@@ -95,7 +96,7 @@ def cbis(tmp_path: Path) -> Path:
 
 
 def test_cbis_ddsm(cbis: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out" / "cbis.csv"
+    out = tmp_path / "out"
     assert main(["prepare", "cbis-ddsm", str(cbis), "--out", str(out)]) == 0
     rows = _rows(out)
     assert set(rows) == {"Mass-Training_P_00001_LEFT_CC", "Calc-Test_P_00002_RIGHT_MLO"}
@@ -116,7 +117,7 @@ def test_cbis_ddsm(cbis: Path, tmp_path: Path) -> None:
     assert merged.shape == SHAPE and int((merged > 0).sum()) == 48  # two 4x6 masks merged
     assert Path(b["benign_mask_path"]).is_relative_to(tmp_path / "out")  # written beside the manifest
     assert len(json.loads(b["boxes"])) == 2
-    load_manifest(out, check_files=True)
+    load_manifest(out / "manifest.csv", check_files=True)
 
 
 # ------------------------------------------------------------------------------------------- VinDr
@@ -156,7 +157,7 @@ def test_vindr(tmp_path: Path) -> None:
          ["s1", "se1", "i1", "L", "CC", "64", "48", "BI-RADS 1", "DENSITY C", "['No Finding']", "", "", "", "", "",
           "training"]],
     )  # fmt: skip
-    out = tmp_path / "vindr.csv"
+    out = tmp_path / "vindr_out"
     assert main(["prepare", "vindr", str(src), "--out", str(out)]) == 0
     got = _rows(out)
     assert set(got) == {"i1", "i2", "i3", "i4"}
@@ -169,9 +170,9 @@ def test_vindr(tmp_path: Path) -> None:
     ]
     assert got["i1"]["boxes"] == "" and got["i1"]["split"] == "train" and got["i1"]["density"] == "C"
     assert got["i2"]["patient_id"] == "s1" and got["i2"]["laterality"] == "R" and got["i2"]["view"] == "MLO"
-    skipped = out.with_name("vindr.skipped.csv").read_text()
+    skipped = (out / "skipped.csv").read_text()
     assert "image not found" in skipped
-    out3 = tmp_path / "vindr3.csv"
+    out3 = tmp_path / "vindr3_out"
     assert main(["prepare", "vindr", str(src), "--out", str(out3), "--birads3", "benign"]) == 0
     assert _rows(out3)["i3"]["malignant_label"] == "0"
 
@@ -191,14 +192,14 @@ def test_rsna(tmp_path: Path) -> None:
             ["1", "500", image, side, view, "61", cancer, cancer, cancer, "", "0", "B", "49", "False"]
         )
     _csv(src / "train.csv", RSNA, rows)
-    out = tmp_path / "rsna.csv"
+    out = tmp_path / "rsna_out"
     assert main(["prepare", "rsna", str(src), "--out", str(out)]) == 0
     got = _rows(out)
     assert set(got) == {"10", "11", "12"}  # the AT view is skipped
     assert (got["10"]["malignant_label"], got["10"]["breast_malignant_label"]) == ("0", "0")
     assert (got["12"]["malignant_label"], got["12"]["breast_malignant_label"]) == ("", "1")
     assert got["12"]["benign_label"] == "" and got["12"]["breast_id"] == "500_R"
-    assert "'AT' is not CC or MLO" in out.with_name("rsna.skipped.csv").read_text()
+    assert "'AT' is not CC or MLO" in (out / "skipped.csv").read_text()
 
 
 # ------------------------------------------------------------------------------------------- CMMD
@@ -230,7 +231,7 @@ def test_cmmd(tmp_path: Path, table_format: str) -> None:
         import pandas as pd
 
         pd.DataFrame(rows, columns=header).to_excel(src / "CMMD_clinicaldata_revision.xlsx", index=False)
-    out = tmp_path / "cmmd.csv"
+    out = tmp_path / "cmmd_out"
     assert main(["prepare", "cmmd", str(src), "--out", str(out)]) == 0
     got = list(_rows(out).values())
     assert len(got) == 4
@@ -272,7 +273,7 @@ def test_inbreast(tmp_path: Path) -> None:
     roi = {"Name": "Mass", "Point_px": ["(10.5, 20)", "(30, 25.25)", "(12, 40)"]}
     with open(src / "AllXML" / "22678622.xml", "wb") as handle:
         plistlib.dump({"Images": [{"ROIs": [roi]}]}, handle)
-    out = tmp_path / "inbreast.csv"
+    out = tmp_path / "inbreast_out"
     assert main(["prepare", "inbreast", str(src), "--out", str(out)]) == 0
     got = _rows(out)
     assert set(got) == set(files)
@@ -293,7 +294,7 @@ def test_inbreast(tmp_path: Path) -> None:
 
 def test_cbis_ddsm_no_masks(cbis: Path, tmp_path: Path) -> None:
     """--no-masks: the same rows and labels, no mask paths, nothing written under masks/."""
-    with_masks, without = tmp_path / "a" / "cbis.csv", tmp_path / "b" / "cbis.csv"
+    with_masks, without = tmp_path / "a", tmp_path / "b"
     assert main(["prepare", "cbis-ddsm", str(cbis), "--out", str(with_masks)]) == 0
     assert main(["prepare", "cbis-ddsm", str(cbis), "--out", str(without), "--no-masks"]) == 0
     full, bare = _rows(with_masks), _rows(without)
@@ -304,7 +305,7 @@ def test_cbis_ddsm_no_masks(cbis: Path, tmp_path: Path) -> None:
         assert row["benign_mask_path"] == row["malignant_mask_path"] == ""
         for key in ("benign_label", "malignant_label", "breast_malignant_label", "split", "image_path"):
             assert row[key] == full[image_id][key], key
-    load_manifest(without, check_files=True)
+    load_manifest(without / "manifest.csv", check_files=True)
 
 
 def test_prepare_refuses_options_of_another_layout(
@@ -314,10 +315,10 @@ def test_prepare_refuses_options_of_another_layout(
         (["--images", str(tmp_path)], "--images applies to nyu, not cbis-ddsm"),
         (["--birads3", "benign"], "--birads3 applies to vindr, not cbis-ddsm"),
     ):
-        out = tmp_path / "x.csv"
+        out = tmp_path / "x"
         assert main(["prepare", "cbis-ddsm", str(cbis), "--out", str(out), *flags]) == 2
         assert message in capsys.readouterr().err and not out.exists()
-    assert main(["prepare", "vindr", str(cbis), "--out", str(tmp_path / "y.csv"), "--no-masks"]) == 2
+    assert main(["prepare", "vindr", str(cbis), "--out", str(tmp_path / "y"), "--no-masks"]) == 2
     assert "--no-masks applies to cbis-ddsm and inbreast, not vindr" in capsys.readouterr().err
 
 
@@ -336,7 +337,7 @@ def test_nyu_images_folder(tmp_path: Path) -> None:
         Image.fromarray(synthetic_breast(SHAPE, side)).save(pngs / f"{stem}.png")
         Image.fromarray(synthetic_breast(SHAPE, side)).save(lists / f"{stem}.png")  # decoy
     Image.fromarray(synthetic_breast(SHAPE, "R")).save(lists / "0_R-MLO.png")  # decoy only
-    out = tmp_path / "out" / "nyu.csv"
+    out = tmp_path / "out"
     assert (
         main(["prepare", "nyu", str(lists / "exam_list.pkl"), "--images", str(pngs), "--out", str(out)]) == 0
     )
@@ -345,10 +346,10 @@ def test_nyu_images_folder(tmp_path: Path) -> None:
     for stem, row in got.items():
         assert Path(row["image_path"]) == (pngs / f"{stem}.png").resolve()
     assert (got["0_L-CC"]["malignant_label"], got["0_R-CC"]["benign_label"]) == ("1", "1")
-    with open(tmp_path / "out" / "nyu.skipped.csv", newline="") as handle:
+    with open(out / "skipped.csv", newline="") as handle:
         assert list(csv.reader(handle))[1:] == [["exam 0 R-MLO", "image 0_R-MLO.png not found"]]
     # Without --images the PNGs beside the exam list are used.
-    beside = tmp_path / "out2" / "nyu.csv"
+    beside = tmp_path / "out2"
     assert main(["prepare", "nyu", str(lists / "exam_list.pkl"), "--out", str(beside)]) == 0
     assert {Path(r["image_path"]).parent for r in _rows(beside).values()} == {lists.resolve()}
     assert len(_rows(beside)) == 3
@@ -359,7 +360,7 @@ def test_nyu_exam_list_from_official_fixture(fixtures_dir: Path, tmp_path: Path)
     src = tmp_path / "nyu"
     shutil.copytree(fixtures_dir / "images" / "original", src / "images")
     shutil.copy(fixtures_dir / "exam_lists" / "exam_list_before_cropping.pkl", src / "exam_list.pkl")
-    out = tmp_path / "nyu.csv"
+    out = tmp_path / "nyu_out"
     assert main(["prepare", "nyu", str(src / "exam_list.pkl"), "--out", str(out)]) == 0
     got = _rows(out)
     assert set(got) == {"0_L-CC", "0_R-CC", "0_L-MLO", "0_R-MLO", "1_R_CC", "2_L_CC"}

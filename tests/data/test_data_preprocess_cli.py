@@ -18,7 +18,7 @@ from mammogmic.data.cache import PreprocessSettings, preprocess_manifest
 from mammogmic.data.manifest import load_manifest
 from mammogmic.errors import MammogmicError
 
-SETTINGS = ["--iterations", "3", "--buffer-size", "5", "--window", "64", "48", "--no-progress"]
+SETTINGS = ["--crop-iterations", "3", "--buffer-size", "5", "--window-size", "64", "48", "--no-progress"]
 
 
 def _breast_png(path: Path, side: str) -> Path:
@@ -144,16 +144,18 @@ def test_refuses_to_write_into_input_folder(dataset: Path) -> None:
     manifest = load_manifest(dataset / "manifest.csv")
     with pytest.raises(MammogmicError, match="input folder"):
         preprocess_manifest(manifest, dataset / "cache here")
-    assert main(["preprocess", str(dataset / "manifest.csv"), "--out", str(dataset), *SETTINGS]) == 1
+    assert main(["preprocess", str(dataset / "manifest.csv"), "--out", str(dataset), *SETTINGS]) == 2
 
 
 def test_prepare_refuses_out_inside_source_and_existing(tmp_path: Path) -> None:
     source = tmp_path / "vindr"
     source.mkdir()
-    assert main(["prepare", "vindr", str(source), "--out", str(source / "m.csv")]) == 2
-    existing = tmp_path / "m.csv"
+    assert main(["prepare", "vindr", str(source), "--out", str(source / "m")]) == 2
+    assert not (source / "m").exists()
+    existing = tmp_path / "m" / "manifest.csv"
+    existing.parent.mkdir()
     existing.write_text("keep")
-    assert main(["prepare", "vindr", str(source), "--out", str(existing)]) == 2
+    assert main(["prepare", "vindr", str(source), "--out", str(existing.parent)]) == 2
     assert existing.read_text() == "keep"
 
 

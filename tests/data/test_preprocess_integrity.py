@@ -18,7 +18,7 @@ from mammogmic.cli.main import main
 from mammogmic.data.cache import PreprocessSettings, preprocess_manifest
 from mammogmic.data.manifest import load_manifest
 
-SETTINGS = ["--iterations", "3", "--buffer-size", "5", "--window", "64", "48", "--no-progress"]
+SETTINGS = ["--crop-iterations", "3", "--buffer-size", "5", "--window-size", "64", "48", "--no-progress"]
 FAST = PreprocessSettings(iterations=3, buffer_size=5, window_shape=(64, 48))
 
 
@@ -87,8 +87,9 @@ def test_user_files_are_never_overwritten(
     assert {r.image_id for r in load_manifest(notes / "manifest.csv")} == {"a", "b"}
 
     predicted = tmp_path / "predicted"  # a folder of another command
-    with OutputFolder(predicted, OutputLayout("predict", frozenset({"run.json"}))):
-        pass
+    with OutputFolder(predicted, OutputLayout("predict", frozenset({"run.json"}))) as folder:
+        folder.claim("run.json")
+        (predicted / "run.json").write_text("{}")
     assert main(["preprocess", str(data / "manifest.csv"), "--out", str(predicted), *SETTINGS]) == 2
     assert "holds the outputs of 'mammogmic predict'" in capsys.readouterr().err
 

@@ -52,12 +52,12 @@ def test_predict_exams(
     run = json.loads((out / "run.json").read_text())
     assert (run["model_type"], run["n_exams_predicted_now"], run["tta"]) == ("dmv", 1, 1)
 
-    # a rerun into the same folder keeps exam 0; with --overwrite-predictions it is predicted again
+    # a rerun into the same folder keeps exam 0; with --overwrite it is predicted again
     assert main([*args, *flags, "--tta", "2"]) == 1
     assert json.loads((out / "run.json").read_text())["n_exams_predicted_now"] == 0
     again = pd.read_csv(out / "breast_predictions_metarepository.csv", dtype={"index": str})
     pd.testing.assert_frame_equal(again, table)
-    assert main([*args, *flags, "--tta", "2", "--overwrite-predictions"]) == 1
+    assert main([*args, *flags, "--tta", "2", "--overwrite"]) == 1
     run = json.loads((out / "run.json").read_text())
     assert (run["n_exams_predicted_now"], run["tta"]) == (1, 2)
     assert pd.read_csv(out / "breast_predictions_metarepository.csv")["index"].tolist() == [0]

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import mammogmic
-from mammogmic._outdir import MARKER_NAME, OutputFolder, OutputFolderError, OutputLayout
+from mammogmic._outdir import MARKER_NAME, OutputFolder, OutputFolderError, OutputLayout, removed_if_unused
 from mammogmic.cli.main import main
 from mammogmic.evaluation.inference import ImageItem
 from mammogmic.evaluation.outputs import PredictionWriter, input_provenance
@@ -145,10 +145,10 @@ def test_changed_pixels_recompute_that_image_only(
     assert after.loc["0_R-CC", "input_sha256"] == _sha256(scans / "0_R-CC.png")
     run = json.loads((out / "run.json").read_text())
     assert (run["n_run"], run["n_input_changed"], run["n_already_predicted"]) == (1, 1, 2)
-    # Unchanged inputs, same model: nothing to do, and --overwrite-predictions still redoes everything.
+    # Unchanged inputs, same model: nothing to do, and --overwrite still redoes everything.
     assert _predict([scans], tiny_model, out, size_args) == 0
     assert json.loads((out / "run.json").read_text())["n_run"] == 0
-    assert _predict([scans], tiny_model, out, size_args, "--overwrite-predictions") == 0
+    assert _predict([scans], tiny_model, out, size_args, "--overwrite") == 0
     assert json.loads((out / "run.json").read_text())["n_run"] == 3
     pd.testing.assert_frame_equal(_table(out)[SCORES], after[SCORES])
 
@@ -341,11 +341,12 @@ def test_output_folder_removes_its_temp_files_and_never_follows_a_linked_lock(tm
     out = tmp_path / "out"
     with OutputFolder(out, layout) as folder:
         folder.claim("errors.csv")
+        (out / "errors.csv").write_text("image_id\n")
     (out / ".errors.csv.k3j9x_2a.tmp").write_text("half")  # left by a killed atomic write
     (out / ".run.json.tmp").write_text("half")
     with OutputFolder(out, layout):
         pass
-    assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, ".mammogmic.lock"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, ".mammogmic.lock", "errors.csv"]
 
     target = tmp_path / "precious.txt"
     target.write_text("precious")
@@ -355,3 +356,35 @@ def test_output_folder_removes_its_temp_files_and_never_follows_a_linked_lock(tm
     with pytest.raises(OutputFolderError, match="cannot open the lock file"):
         OutputFolder(linked, layout).__enter__()
     assert target.read_text() == "precious"
+
+
+def test_a_failed_start_leaves_no_folder_but_never_removes_one_that_existed(tmp_path: Path) -> None:
+    layout = OutputLayout("predict", frozenset({"run.json"}), frozenset({"figures"}))
+    new = tmp_path / "made" / "for" / "out"
+    with pytest.raises(RuntimeError), OutputFolder(new, layout) as folder:
+        folder.claim("run.json", "figures")
+        (new / "figures").mkdir()  # an empty output folder holds nothing to lose
+        raise RuntimeError("the model would not load")
+    assert not (tmp_path / "made").exists()  # with the parents created for it
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(RuntimeError), OutputFolder(existing, layout):
+        raise RuntimeError("the model would not load")
+    assert existing.is_dir()  # the user's folder stays, with our marker
+
+    written = tmp_path / "written"
+    with OutputFolder(written, layout) as folder:
+        folder.claim("run.json")
+        (written / "run.json").write_text("{}")
+    assert (written / "run.json").read_text() == "{}"
+
+    for path, existed in ((tmp_path / "a" / "b", False), (tmp_path / "existing", True)):
+        with pytest.raises(KeyError), removed_if_unused(path):
+            path.mkdir(parents=True, exist_ok=True)
+            raise KeyError("config")
+        assert path.exists() == existed and not (tmp_path / "a").exists()
+    with removed_if_unused(tmp_path / "kept"):
+        (tmp_path / "kept").mkdir()
+        (tmp_path / "kept" / "config.yaml").write_text("x")
+    assert (tmp_path / "kept" / "config.yaml").exists()

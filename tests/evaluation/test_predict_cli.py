@@ -155,8 +155,7 @@ def test_predict_manifest_labels_ensemble_tta(
     out_bf16 = tmp_path / "out_bf16"
     common = ["--model", str(tiny_model), "--model", str(tiny_model_b), "--tta", "2", *size_args]
     assert (
-        main(["predict", "--manifest", str(manifest), "--out", str(out_bf16), "--dtype", "bf16", *common])
-        == 0
+        main(["predict", "--manifest", str(manifest), "--out", str(out_bf16), "--amp", "bf16", *common]) == 0
     )
     bf16 = pd.read_csv(out_bf16 / "image_predictions.csv")
     np.testing.assert_allclose(bf16["malignant_pred"], preds["malignant_pred"], atol=0.05)
@@ -305,9 +304,9 @@ def test_predict_from_preprocess_cache_matches_raw(
                 str(manifest),
                 "--out",
                 str(cache),
-                "--iterations",
+                "--crop-iterations",
                 "3",
-                "--window",
+                "--window-size",
                 "256",
                 "192",
                 "--no-progress",

@@ -387,9 +387,7 @@ def test_convert_and_smoke_refuse_in_one_line(tmp_path: Path) -> None:
     _assert_one_clean_line(code, stderr, "evil.p")
     assert "refusing to load" in stderr and not marker.exists()
     wide = _hostile_model(tmp_path, "wide.safetensors", local_width=4096)
-    code, stderr, peak = _run_cli(
-        ["smoke", "--weights", str(wide), "--height", "64", "--width", "64"], tmp_path
-    )
+    code, stderr, peak = _run_cli(["smoke", "--model", str(wide), "--input-size", "64", "64"], tmp_path)
     _assert_one_clean_line(code, stderr, "wide.safetensors")
     assert "local_width" in stderr and peak < 1.5 * GIB
 

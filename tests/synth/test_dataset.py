@@ -167,7 +167,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             str(out),
             "--exams",
             "2",
-            "--size",
+            "--image-size",
             "192",
             "128",
             "--preset",

@@ -185,13 +185,14 @@ def test_trial_stopped_by_ctrl_c_resumes_and_finishes_in_the_next_run(
 
 
 def test_tune_command_exits_130_on_ctrl_c(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    manifest: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tune_module, "tune", interrupted)
-    assert main(["tune", "tiny_cpu", "--out", str(tmp_path), "--no-progress"]) == 130
+    args = ["tune", "tiny_cpu", "--set", f"data.manifest={manifest}", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
 
 

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mammogmic.cli import progress_bar
+from mammogmic.runtime import AMP_MODES
+
 logger = logging.getLogger(__name__)
 
 HEATMAPS_EPILOG = """\
@@ -63,10 +66,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument(
         "--amp",
-        choices=("none", "bf16"),
+        choices=AMP_MODES,
         default="none",
         help="bf16 autocast: faster where the hardware has bf16, maps differ by ~1e-2 (default none: float32, "
-        "the official maps to 1e-6)",
+        "the official maps to 1e-6; auto: bf16 where the device computes it natively)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_heatmaps)
@@ -132,7 +135,6 @@ def run_heatmaps(args: argparse.Namespace) -> int:
 
     import numpy as np
     import pandas as pd
-    from tqdm import tqdm
 
     from mammogmic.cli.eval_cmds import _collect_items, _resolve_device
     from mammogmic.data.cache import sha256_file
@@ -141,6 +143,7 @@ def run_heatmaps(args: argparse.Namespace) -> int:
     from mammogmic.evaluation.heatmaps import PATCH_SIZE, patch_grid, produce_heatmaps
     from mammogmic.evaluation.outputs import atomic_write_text, escape_csv_text, file_stem
     from mammogmic.models.checkpoint import _atomic_write
+    from mammogmic.runtime import resolve_amp
 
     try:
         if args.stride < 1 or args.batch_size < 1:
@@ -151,6 +154,7 @@ def run_heatmaps(args: argparse.Namespace) -> int:
         targets = [args.out / f"{file_stem(item.image_id)}.npz" for item in items]
         _check_outputs(args, items, targets)
         device = _resolve_device(args.device)
+        amp = resolve_amp(args.amp, device)  # stored resolved: a rerun compares what was computed
         model = _load_patch_model(args.model, device)
         digest = sha256_file(args.model)
         contract = OFFICIAL_CONTRACT
@@ -165,14 +169,14 @@ def run_heatmaps(args: argparse.Namespace) -> int:
         "patch_size": str(PATCH_SIZE),
         "stride": str(args.stride),
         "seed": str(args.seed),
-        "amp": args.amp,
+        "amp": amp,
     }
     rng = random.Random(args.seed)
     errors: list[dict[str, str]] = []
     done: dict[str, float] = {}
     skipped = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(items), unit="img", disable=args.no_progress or not items, desc="heatmaps")
+    bar = progress_bar(len(items), no_progress=args.no_progress, unit="img", desc="heatmaps")
 
     def fail(item: Any, stage: str, message: str) -> None:
         errors.append({"image_id": item.image_id, "path": str(item.path), "stage": stage, "error": message})
@@ -205,7 +209,7 @@ def run_heatmaps(args: argparse.Namespace) -> int:
                 horizontal_flip=source.horizontal_flip,
                 stride=args.stride,
                 batch_size=args.batch_size,
-                amp=args.amp,
+                amp=amp,
                 progress=progress,
             )
         except SampleError as exc:
@@ -316,12 +320,12 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
     import dataclasses
 
     import pandas as pd
-    from tqdm import tqdm
 
     from mammogmic.cli.eval_cmds import (
         _check_out_folder,
         _collect_items,
         _resolve_device,
+        _resolve_dtype,
     )
     from mammogmic.data.sample import OFFICIAL_CONTRACT
     from mammogmic.errors import MammogmicError
@@ -349,12 +353,13 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
         if args.heatmaps is not None and not args.heatmaps.is_dir():
             raise MammogmicError(f"--heatmaps {args.heatmaps}: not a folder")
         device = _resolve_device(args.device)
+        dtype = _resolve_dtype(args, device)
         members = [load_dmv_member(path, device) for path in args.models]
         contract = OFFICIAL_CONTRACT
         if args.crop_iterations is not None:
             contract = dataclasses.replace(contract, crop_iterations=args.crop_iterations)
         tta = 1 if args.tta is None else args.tta
-        previous = _previous_breasts(args.out / "breast_predictions.csv", args.overwrite_predictions)
+        previous = _previous_breasts(args.out / "breast_predictions.csv", args.overwrite)
         done = set() if previous is None else set(previous["exam_id"].astype(str))
         todo = [i for i in items if exam_of(i) not in done]
         if len(todo) < len(items):
@@ -363,7 +368,7 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
                 file=sys.stderr,
             )
         errors: list[ExamError] = []
-        bar = tqdm(total=len(todo), unit="img", disable=args.no_progress or not todo, desc="predict")
+        bar = progress_bar(len(todo), no_progress=args.no_progress, unit="img", desc="predict")
 
         def progress(n: int) -> None:
             bar.update(n)
@@ -376,7 +381,7 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
             tta=tta,
             seed=args.seed,
             device=device,
-            dtype=args.dtype,
+            dtype=dtype,
             contract=contract,
             on_error=errors.append,
             progress=progress,
@@ -413,7 +418,7 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
         ],
         "heatmaps": str(args.heatmaps) if args.heatmaps else None,
         "device": device,
-        "dtype": args.dtype,
+        "dtype": dtype,
         "tta": tta,
         "seed": args.seed,
         "n_inputs": len(items),

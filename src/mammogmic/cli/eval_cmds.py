@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mammogmic.cli import deprecated_alias, progress_bar
+from mammogmic.runtime import AMP_MODES
+
 if TYPE_CHECKING:
     from mammogmic._outdir import OutputFolder
     from mammogmic.evaluation.outputs import PredictionWriter
@@ -213,7 +216,7 @@ Examples:
   mammogmic predict scans/ --model gmic.safetensors --out preds/
   mammogmic predict --manifest test.csv --model a.safetensors --model b.safetensors --out preds/ --tta 10
   mammogmic predict scans/ --model sample_model_1.p --percent-t 0.02 \\
-      --model sample_model_4.p --percent-t 0.05 --out preds/ --device cuda --dtype bf16
+      --model sample_model_4.p --percent-t 0.05 --out preds/ --device cuda --amp bf16
 
 Inputs: folders (searched recursively for .png/.dcm/.dicom), single files, and/or --manifest CSV
 (image_id, image_path, and optionally laterality, view, exam_id, labels, masks, and the preprocess
@@ -230,9 +233,9 @@ breast_predictions_metarepository.csv (index, left_malignant, right_malignant, l
 right_benign), exam_summary.csv, errors.csv (one row per image that failed, with the stage and reason),
 run.json, and with --save-saliency saliency/<image_id>.npz, with --save-patches patches.json.
 Each row records input_sha256 (the image file), input_key (with the cache file and manifest fields) and
-run_key (models, t, input contracts, TTA, dtype; in full in run.json). A rerun with the same run_key skips
+run_key (models, t, input contracts, TTA, precision; in full in run.json). A rerun with the same run_key skips
 images whose input_key is unchanged; another run_key predicts everything again and drops the earlier rows.
---overwrite-predictions predicts everything again.
+--overwrite predicts everything again.
 
 --out must be new, empty, or a folder this command wrote (listed in its .mammogmic-out.json); other files
 need --force, and files with an output's name that we did not write are never overwritten. One run at a
@@ -280,11 +283,14 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument(
-        "--dtype", choices=("fp32", "bf16"), default="fp32", help="compute precision (bf16 autocast)"
+        "--amp",
+        choices=AMP_MODES,
+        default="none",
+        help="bf16 autocast: bf16, none (the default: float32) or auto (bf16 where the device computes it natively)",
     )
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (4)")
     p.add_argument(
-        "--workers", type=int, default=None, help="preprocessing processes (default: by CPU count)"
+        "-j", "--workers", type=int, default=None, help="preprocessing processes (default: by CPU count)"
     )
     p.add_argument(
         "--tta",
@@ -336,6 +342,9 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wait", action="store_true", help="wait for another run writing into --out instead of failing"
     )
+    deprecated_alias(
+        p, "--dtype", "--amp", value_map={"fp32": "none", "bf16": "bf16"}, note="fp32 is --amp none"
+    )
 
 
 def add_predict_parsers(subparsers: Any) -> None:
@@ -350,7 +359,12 @@ def add_predict_parsers(subparsers: Any) -> None:
     _add_inference_args(pr)
     pr.add_argument("--save-saliency", action="store_true", help="write saliency/<image_id>.npz")
     pr.add_argument("--save-patches", action="store_true", help="write patches.json (locations, attention)")
-    pr.add_argument("--overwrite-predictions", action="store_true", help="predict every image again")
+    pr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="predict every image again, replacing earlier predictions in --out",
+    )
+    deprecated_alias(pr, "--overwrite-predictions", "--overwrite")
     pr.add_argument(
         "--heatmaps",
         type=Path,
@@ -402,6 +416,9 @@ def _collect_items(args: argparse.Namespace) -> list[Any]:
     )
     from mammogmic.evaluation.inputs import unique_ids
 
+    missing = [str(path) for path in args.inputs if not os.path.lexists(path)]
+    if missing:  # a misspelled argument, not a bad image: refused before anything is written
+        raise MammogmicError(f"no such file or folder: {', '.join(missing)}")
     items: list[ImageItem] = []
     if args.manifest:
         items += items_from_manifest(args.manifest)
@@ -477,6 +494,9 @@ def _check_out_folder(args: argparse.Namespace, command: str, items: list[Any]) 
 
     if args.out.exists() and not args.out.is_dir():
         raise MammogmicError(f"{args.out}: --out must be a folder, and this is an existing file")
+    for model in args.models:
+        if not model.is_file():
+            raise MammogmicError(f"{model}: no such model file")
     _check_inputs_untouched(args, items)
     layout = OutputLayout(command, frozenset(_OUTPUT_FILES), frozenset(_OUTPUT_DIRS))
     return OutputFolder(args.out, layout, force=args.force, wait=args.wait)
@@ -543,6 +563,14 @@ def _apply_contract_overrides(args: argparse.Namespace, members: list[Any]) -> N
         member.contract = dataclasses.replace(stored, **overrides)
 
 
+def _resolve_dtype(args: argparse.Namespace, device: str) -> str:
+    """``--amp`` on ``device`` as the inference dtype: ``bf16`` (autocast) or ``fp32`` (recorded in run.json and
+    the run key, as before ``--amp`` replaced ``--dtype``)."""
+    from mammogmic.runtime import resolve_amp
+
+    return "bf16" if resolve_amp(args.amp, device) == "bf16" else "fp32"
+
+
 def _resolve_device(name: str) -> str:
     """``auto`` → cuda when available; a CUDA device that is not there is a clear error."""
     import torch
@@ -576,8 +604,6 @@ def _run_inference(
     only earlier rows made from the same files, models and settings (returned last)."""
     import time
 
-    from tqdm import tqdm
-
     from mammogmic.evaluation.inference import PrepareSettings, default_workers, predict_items
     from mammogmic.evaluation.outputs import (
         PredictionWriter,
@@ -588,6 +614,7 @@ def _run_inference(
     )
 
     device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args, device)
     members = _load_members(args, device)
     _apply_contract_overrides(args, members)
     tta = args.tta
@@ -599,7 +626,7 @@ def _run_inference(
             )
         tta = defaults[-1]
     settings = PrepareSettings(tta=tta, seed=args.seed, load_masks=keep_images)
-    key_settings = run_settings(members, tta, args.seed, args.dtype)
+    key_settings = run_settings(members, tta, args.seed, dtype)
     writer = PredictionWriter(
         args.out, **writer_options, run_key=run_key(key_settings), settings=key_settings, folder=folder
     )
@@ -635,7 +662,7 @@ def _run_inference(
             for m in members
         ],
         "device": device,
-        "dtype": args.dtype,
+        "dtype": dtype,
         "fused": not args.no_fuse,
         "compiled": args.compile,
         "tta": tta,
@@ -655,7 +682,7 @@ def _run_inference(
         if handle_result is not None:
             handle_result(res)
 
-    bar = tqdm(total=len(todo), unit="img", disable=args.no_progress or not todo, desc="predict")
+    bar = progress_bar(len(todo), no_progress=args.no_progress, unit="img", desc="predict")
 
     def progress(n: int) -> None:
         bar.update(n)
@@ -668,7 +695,7 @@ def _run_inference(
         settings,
         batch_size=args.batch_size,
         device=device,
-        dtype=args.dtype,
+        dtype=dtype,
         workers=default_workers() if args.workers is None else args.workers,
         keep_explanations=keep_explanations,
         keep_images=keep_images,
@@ -692,7 +719,7 @@ def run_predict(args: argparse.Namespace) -> int:
         items = _collect_items(args)
         with _check_out_folder(args, "predict", items) as folder:
             options = {
-                "overwrite": args.overwrite_predictions,
+                "overwrite": args.overwrite,
                 "save_saliency": args.save_saliency,
                 "save_patches": args.save_patches,
             }

@@ -9,6 +9,8 @@ and ``add_parser`` too: torch, numpy, pandas and the rest are imported inside ea
 
 Exit codes: each ``run`` returns its own (0 success, 2 bad input); a missing optional extra
 (:class:`mammogmic.errors.MissingExtraError`) is exit 2 with the ``pip install`` line that fixes it.
+Logging: WARNING by default, ``-v`` INFO, ``-vv`` DEBUG (before or after the command's name). Option names are
+one vocabulary across commands (:mod:`mammogmic.cli`, docs/cli.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Sequence
 from mammogmic import __version__
 from mammogmic.errors import MissingExtraError
 from mammogmic.runtime import ALLOCATOR_PROFILES, tune_allocator
+
+_VERBOSE_HELP = "more log output: -v info, -vv debug (default: warnings and errors only)"
 
 # Order is the order shown by ``mammogmic --help``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="GMIC for screening mammography: data preparation, training, prediction, evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"mammogmic {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE_HELP)
     parser.add_argument(
         "--allocator",
         choices=ALLOCATOR_PROFILES,
@@ -53,14 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
+    for command in sub.choices.values():  # -v also after the command's name: mammogmic predict ... -v
+        command.add_argument(
+            "-v", "--verbose", dest="verbose_after", action="count", default=0, help=_VERBOSE_HELP
+        )
     return parser
+
+
+def log_level(verbosity: int) -> int:
+    """WARNING by default (warnings and errors only: a command's own summary is printed once, on stdout);
+    INFO with ``-v``, DEBUG with ``-vv``."""
+    return logging.WARNING - 10 * min(verbosity, 2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     tune_allocator(args.allocator or getattr(args, "allocator_profile", "lean"))
-    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    level = log_level(args.verbose + getattr(args, "verbose_after", 0))
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

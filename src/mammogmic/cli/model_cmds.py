@@ -8,7 +8,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from mammogmic.cli import deprecated_alias
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,12 +23,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "smoke",
         help="run GMIC once on a synthetic input and print its outputs (no data or weights needed)",
-        description="Build a GMIC model (random weights, or --weights) and run one forward pass on a "
+        description="Build a GMIC model (random weights, or --model) and run one forward pass on a "
         "synthetic image; print predictions, patch locations and timings as JSON.",
     )
-    p.add_argument("--height", type=int, default=2944, help="input height (default 2944)")
-    p.add_argument("--width", type=int, default=1920, help="input width (default 1920)")
-    p.add_argument("--weights", type=Path, help="a mammogmic .safetensors model or an official .p file")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="model input size (default 2944 1920)",
+    )
+    p.add_argument("--model", type=Path, help="a mammogmic .safetensors model or an official .p file")
     p.add_argument(
         "--percent-t",
         type=float,
@@ -34,6 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="t for an official .p file (default: the released t of sample_model_N.p, else required)",
     )
     p.add_argument("--seed", type=int, default=0)
+    deprecated_alias(p, "--weights", "--model")
+    for old in ("--height", "--width"):  # one number each; --input-size takes both
+        one: dict[str, Any] = {"type": int, "nargs": None, "metavar": None, "default": None}
+        deprecated_alias(p, old, "--input-size", note="it takes both: H W", dest=old[2:], **one)
     p.set_defaults(func=run_smoke)
 
     c = sub.add_parser(
@@ -117,8 +129,10 @@ def run_smoke(args: argparse.Namespace) -> int:
     from mammogmic.errors import MammogmicError
 
     torch.manual_seed(args.seed)
+    height, width = args.input_size or (2944, 1920)
+    height, width = args.height or height, args.width or width  # the deprecated --height/--width
     try:
-        model = _load(args.weights, args.percent_t) if args.weights else GMIC().eval()
+        model = _load(args.model, args.percent_t) if args.model else GMIC().eval()
     except MammogmicError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -126,10 +140,8 @@ def run_smoke(args: argparse.Namespace) -> int:
         print("error: smoke needs a GMIC model", file=sys.stderr)
         return 2
     # A smooth synthetic "breast" on a zero background, standardised like a real input.
-    yy, xx = torch.meshgrid(
-        torch.linspace(-1, 1, args.height), torch.linspace(0, 1, args.width), indexing="ij"
-    )
-    img = ((xx**2 + yy**2) < 0.8).float() * (1 + 0.1 * torch.randn(args.height, args.width))
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    img = ((xx**2 + yy**2) < 0.8).float() * (1 + 0.1 * torch.randn(height, width))
     x = ((img - img.mean()) / img.std().clamp_min(1e-5))[None, None]
     start = time.perf_counter()
     with torch.inference_mode():

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mammogmic.cli import deprecated_alias, progress_bar
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,14 +21,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Generate mammogram-like four-view exams (L-CC, R-CC, L-MLO, R-MLO) as 16-bit PNGs with "
         "12-bit values in raw orientation, per-class lesion masks, a manifest CSV (image- and breast-level "
         "labels, exam-level train/val/test split, boxes), findings.csv, synth.json and preview.png. "
-        "Deterministic in --seed/--exams/--size and the generator options, whatever -j is.",
+        "Deterministic in --seed/--exams/--image-size and the generator options, whatever -j is.",
     )
     p.add_argument(
         "--out", type=Path, required=True, help="output folder (must not hold a generated set yet)"
     )
     p.add_argument("--exams", type=int, default=100, help="number of exams, 4 images each (default 100)")
     p.add_argument(
-        "--size",
+        "--image-size",
         type=int,
         nargs=2,
         metavar=("H", "W"),
@@ -64,6 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-preview", action="store_true", help="skip preview.png (contact sheet of the first exams)"
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    deprecated_alias(p, "--size", "--image-size")
     p.set_defaults(func=run)
     return p
 
@@ -87,11 +91,11 @@ def run(args: argparse.Namespace) -> int:
         if args.split is not None:
             overrides["split_fractions"] = tuple(args.split)
         config = SynthConfig.demo(**overrides) if args.preset == "demo" else SynthConfig(**overrides)
-        progress = _progress(args.exams)
+        progress = _progress(args.exams, args.no_progress)
         manifest = generate_dataset(
             args.out,
             args.exams,
-            tuple(args.size),
+            tuple(args.image_size),
             args.seed,
             config,
             args.workers,
@@ -133,10 +137,8 @@ def run(args: argparse.Namespace) -> int:
 class _progress:
     """tqdm progress bar used as a callback (closed by the caller)."""
 
-    def __init__(self, total: int) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, unit="exam", disable=None)
+    def __init__(self, total: int, no_progress: bool) -> None:
+        self.bar = progress_bar(total, no_progress=no_progress, unit="exam")
         self.done = 0
 
     def __call__(self, done: int) -> None:

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mammogmic.cli import non_negative_int, positive_int
+from mammogmic.cli import non_negative_int, positive_int, progress_bar, show_progress
+from mammogmic.runtime import AMP_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +155,15 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("--exams", type=positive_int, default=None, help="synthetic exams (default 600)")
     d.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 12)")
     d.add_argument("--seed", type=non_negative_int, default=None, help="seed (default 0)")
-    d.add_argument("--workers", type=positive_int, default=None, help="data-generation processes (default 2)")
+    d.add_argument(
+        "-j", "--workers", type=positive_int, default=None, help="data-generation processes (default 2)"
+    )
     d.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     d.add_argument(
         "--amp",
-        choices=("auto", "bf16", "none"),
+        choices=AMP_MODES,
         default=None,
         help="auto (default: bf16 autocast where the CPU has native bf16/AMX, else float32), bf16 or none (float32)",
     )
@@ -197,20 +200,18 @@ def add_parser(subparsers: Any) -> None:
 class _Progress:
     """Turns the library's ``callback(event, info)`` into tqdm bars (one per epoch / evaluation pass)."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty() or enabled == "force"
+    def __init__(self, no_progress: bool) -> None:
+        self.enabled = show_progress(no_progress)
         self.bar: Any = None
         self.kind = ""
 
     def _bar(self, kind: str, total: int, desc: str) -> Any:
-        from tqdm import tqdm
-
         if self.bar is not None and (self.kind != kind or self.bar.total != total or self.bar.n >= total):
             self.bar.close()
             self.bar = None
         if self.bar is None:
-            self.bar = tqdm(
-                total=total,
+            self.bar = progress_bar(
+                total,
                 desc=desc,
                 unit="step" if kind == "train" else "img",
                 leave=False,
@@ -260,6 +261,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from mammogmic._extras import require
+    from mammogmic._outdir import removed_if_unused
     from mammogmic.errors import MammogmicError
 
     require("tensorboard", "mammogmic train (its TensorBoard logs)")
@@ -272,12 +274,14 @@ def run_train(args: argparse.Namespace) -> int:
         return _fail(
             ValueError("--resume continues the run in --out, --overwrite replaces it: pass only one")
         )
-    progress = _Progress(not args.no_progress)
+    progress = _Progress(args.no_progress)
     trainer: Trainer | None = None
     try:
         config = load_config(args.config, _train_overrides(args))
-        trainer = Trainer(config, args.out, callback=progress)
-        result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+        _check_manifest(config)
+        with removed_if_unused(args.out):  # a run that fails to start leaves no empty --out
+            trainer = Trainer(config, args.out, callback=progress)
+            result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as exc:
         progress.close()
         if trainer is None or trainer.dist.is_main:
@@ -300,6 +304,20 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_manifest(config: Any) -> None:
+    """No manifest, or one that is not there, is a bad argument (exit 2), found before a run folder or study is
+    made."""
+    from mammogmic.errors import ManifestError
+
+    manifest = config.data.manifest
+    if not manifest:
+        raise ManifestError(
+            "data.manifest: no manifest given (set it in the YAML or with --set data.manifest=...)"
+        )
+    if not Path(manifest).is_file():
+        raise ManifestError(f"data.manifest: {manifest}: manifest not found")
+
+
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     """``--set`` overrides, then the fine-tuning flags (which win over the YAML file and ``--set``).
 
@@ -319,19 +337,24 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 def run_tune(args: argparse.Namespace) -> int:
     from mammogmic._extras import require
     from mammogmic._json import to_json_text
+    from mammogmic._outdir import removed_if_unused
     from mammogmic.errors import MammogmicError
     from mammogmic.training.config import load_config
     from mammogmic.training.tune import TuneSettings, tune  # needs optuna: MissingExtraError without it
 
     require("tensorboard", "mammogmic tune (each trial's TensorBoard logs)")
+    import optuna
+
+    optuna.logging.set_verbosity(logging.getLogger().getEffectiveLevel())  # our -v, not Optuna's INFO
 
     try:
         t_choices = tuple(float(v) for v in args.t_choices.split(",") if v.strip())
     except ValueError:
         return _fail(ValueError(f"--t-choices: expected comma-separated numbers, got {args.t_choices!r}"))
-    progress = _Progress(not args.no_progress)
+    progress = _Progress(args.no_progress)
     try:
         config = load_config(args.config, args.overrides)
+        _check_manifest(config)  # else every trial fails alike
         settings = TuneSettings(
             n_trials=args.trials,
             lr_log10=tuple(args.lr_range),
@@ -340,7 +363,8 @@ def run_tune(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             seed=args.seed,
         )
-        summary = tune(config, args.out, settings, callback=progress)
+        with removed_if_unused(args.out):
+            summary = tune(config, args.out, settings, callback=progress)
     except MammogmicError as exc:
         progress.close()
         return _fail(exc)
@@ -363,6 +387,7 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
     from mammogmic.errors import MammogmicError
 
     require("tensorboard", "mammogmic demo (the training run's TensorBoard logs)")
+    from mammogmic._outdir import removed_if_unused
     from mammogmic.training.demo import DemoSettings, run_demo
 
     defaults = DemoSettings()
@@ -378,7 +403,7 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
         threads=args.threads,
         amp=given(args.amp, defaults.amp),
     )
-    progress = _Progress(not args.no_progress)
+    progress = _Progress(args.no_progress)
     started = time.perf_counter()
     print(
         f"mammogmic demo: {settings.n_exams} synthetic exams at {settings.size[0]}x{settings.size[1]}, "
@@ -393,16 +418,15 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
         if not progress.enabled:
             return
         if synth_bar is None:
-            from tqdm import tqdm
-
-            synth_bar = tqdm(total=settings.n_exams, desc="generating exams", unit="exam", leave=False)
+            synth_bar = progress_bar(settings.n_exams, desc="generating exams", unit="exam", leave=False)
         synth_bar.n = done
         synth_bar.refresh()
         if done >= settings.n_exams:
             synth_bar.close()
 
     try:
-        report = run_demo(args.out, settings, callback=progress, synth_progress=synth_progress)
+        with removed_if_unused(args.out):
+            report = run_demo(args.out, settings, callback=progress, synth_progress=synth_progress)
     except MammogmicError as exc:
         progress.close()
         return _fail(exc)
@@ -425,6 +449,7 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
 
 # -- ablate -----------------------------------------------------------------------------------------------
 def run_ablate(args: argparse.Namespace) -> int:
+    from mammogmic._outdir import removed_if_unused
     from mammogmic.errors import MammogmicError
     from mammogmic.training.ablate import AblationSettings, run_ablations
 
@@ -434,7 +459,7 @@ def run_ablate(args: argparse.Namespace) -> int:
         return _fail(
             ValueError(f"--groups: expected a subset of {','.join(sorted(valid))}, got {args.groups!r}")
         )
-    progress = _Progress(not args.no_progress)
+    progress = _Progress(args.no_progress)
 
     def on_run(name: str, row: dict[str, Any]) -> None:
         progress.close()
@@ -447,7 +472,8 @@ def run_ablate(args: argparse.Namespace) -> int:
 
     try:
         settings = AblationSettings(n_exams=args.exams, epochs=args.epochs, seed=args.seed, groups=groups)
-        run_ablations(args.out, settings, data=args.data, callback=progress, on_run=on_run)
+        with removed_if_unused(args.out):
+            run_ablations(args.out, settings, data=args.data, callback=progress, on_run=on_run)
     except MammogmicError as exc:
         progress.close()
         return _fail(exc)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mammogmic.errors import ManifestError
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.demo import DemoSettings, _best_or_last, demo_synth_config, demo_train_config
 from mammogmic.training.loop import Callback, NonFiniteLossError, Trainer
@@ -85,11 +86,15 @@ def run_ablations(
     from mammogmic.training.demo import evaluate_with_localization
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if data is not None:
         manifest = Path(data)
         manifest = manifest / "manifest.csv" if manifest.is_dir() else manifest
-    else:
+        if not manifest.is_file():
+            raise ManifestError(
+                f"{data}: no synthetic set (expected a manifest CSV or a folder holding manifest.csv)"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
         manifest = out / "data" / "manifest.csv"
         if not manifest.exists():
             generate_dataset(

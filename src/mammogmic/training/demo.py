@@ -43,6 +43,7 @@ import torch
 from mammogmic.data.preprocessing import needs_flip
 from mammogmic.data.sample import scaled_crop_settings
 from mammogmic.errors import MammogmicError
+from mammogmic.runtime import resolve_amp
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.data import split_dataset
 from mammogmic.training.loop import Callback, Trainer, classification_metrics, predict
@@ -101,9 +102,7 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
     comparable to a 16-24 mm mass at this size. The local network is a
     ResNet-18 at width 16 on K=4 patches of 64x64 (the paper's 256x256 crop scaled like the image).
     """
-    amp = settings.amp
-    if amp == "auto":
-        amp = "bf16" if _cpu_bf16_fast() else "none"
+    amp = resolve_amp(settings.amp, "cpu")
     h, w = settings.size
     crop_iterations, crop_buffer = scaled_crop_settings(h)
     return TrainConfig.from_dict(
@@ -144,14 +143,6 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
             "runtime": {"device": "cpu", "amp": amp, "seed": settings.seed, "threads": settings.threads},
         }
     )
-
-
-def _cpu_bf16_fast() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def run_demo(
