@@ -81,8 +81,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "patch-placement",
         "grid-to-pixel mapping floors instead of rounding",
         "models/roi.py",
-        "    return torch.round(prop * size).long()\n",
-        "    return torch.floor(prop * size).long()\n",
+        "    pixels = torch.round(prop * size).long()\n",
+        "    pixels = torch.floor(prop * size).long()\n",
         ("tests/models/test_roi.py", "tests/models/test_conformance.py::test_patch_locations_exact"),
     ),
     Mutation(

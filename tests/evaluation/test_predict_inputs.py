@@ -130,6 +130,10 @@ def _bad_inputs(scans: Path, tmp_path: Path) -> dict[str, str]:
     )
     os.mkfifo(add("pipe_L-CC.png", "is a named pipe (FIFO)"))
     add("zero_R-CC.dcm", "is a character device").symlink_to("/dev/zero")
+    # A symlink loop once crashed the inputs-vs-outputs check (Path.resolve raises on Python 3.11).
+    add("loop_L-MLO.png", "cannot be followed").symlink_to(scans / "loop2_L-MLO.png")
+    (scans / "loop2_L-MLO.png").symlink_to(scans / "loop_L-MLO.png")
+    expected["loop2_L-MLO"] = "cannot be followed"
     add("cut_L-CC.png", "truncated or corrupt PNG").write_bytes(good_png.getvalue()[:3000])
     data = good_dcm.read_bytes()
     add("cut_R-MLO.dcm", "truncated DICOM: the pixel data is").write_bytes(data[: len(data) - 5000])

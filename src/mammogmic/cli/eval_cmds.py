@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -465,14 +466,19 @@ def _check_inputs_untouched(args: argparse.Namespace, items: list[Any]) -> None:
     """Refuse an --out where an output file would land on an input (image, mask, manifest, model)."""
     from mammogmic.errors import MammogmicError
 
-    out = args.out.resolve()
-    protected = {m.resolve() for m in args.models}
+    def real(path: Any) -> Path:
+        # os.path.realpath, unlike Path.resolve on Python 3.11, does not raise on a symlink loop in an input
+        # folder (such a path is then reported as unreadable like any other bad input).
+        return Path(os.path.realpath(path))
+
+    out = real(args.out)
+    protected = {real(m) for m in args.models}
     for item in items:
         for path in (item.path, item.benign_mask_path, item.malignant_mask_path, item.cached_path):
             if path is not None:
-                protected.add(Path(path).resolve())
+                protected.add(real(path))
     if args.manifest:
-        protected.add(args.manifest.resolve())
+        protected.add(real(args.manifest))
     targets = {out / name for name in _OUTPUT_FILES}
     dirs = [out / name for name in _OUTPUT_DIRS]
     clash = sorted(str(p) for p in protected if p in targets or any(p.is_relative_to(d) for d in dirs))
