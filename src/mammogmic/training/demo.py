@@ -97,10 +97,12 @@ def demo_synth_config() -> Any:
 def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSettings()) -> TrainConfig:
     """A reduced GMIC for 512x320 inputs.
 
-    The global network is the ResNet-18 (v1) variant (the official code's ``use_v1_global`` option) at width 8:
-    its stride is 32 instead of ResNet-22's 64, so the saliency grid at 512x320 is 16x10 cells of 32x32 pixels,
-    comparable to a 16-24 mm mass at this size. The local network is a
-    ResNet-18 at width 16 on K=4 patches of 64x64 (the paper's 256x256 crop scaled like the image).
+    The global network is a ResNet-10 (v1 blocks, one per stage) at width 8: stride 32, so the saliency grid at
+    512x320 is 16x10 cells of 32x32 pixels, comparable to a 22-32 mm mass at this size. Its receptive field is
+    195 pixels; the official ``use_v1_global`` ResNet-18's is 435, larger than the image's width, and with it
+    the learned saliency peak sat further inward of the lesion (docs/localization.md, "Why the maps miss"). The
+    local network is a ResNet-18 at width 16 on K=4 patches of 64x64 (the paper's 256x256 crop scaled like the
+    image). Decoded, cropped images stay in memory across epochs (``data.keep_in_memory``).
     """
     amp = resolve_amp(settings.amp, "cpu")
     h, w = settings.size
@@ -108,7 +110,7 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
     return TrainConfig.from_dict(
         {
             "model": {
-                "global_arch": "resnet18",
+                "global_arch": "resnet10",
                 "global_width": 8,
                 "local_arch": "resnet18",
                 "local_width": 16,
@@ -131,6 +133,7 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 "max_crop_noise": [12, 12],
                 "max_crop_size_noise": 12,
                 "tta": 1,
+                "keep_in_memory": True,
                 "test_split": "",
             },
             "schedule": {
