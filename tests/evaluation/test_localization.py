@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mammogmic.evaluation.localization import DiceResult, dice_scores, upsample_aligned, upsample_nearest
+from mammogmic.evaluation.localization import (
+    DiceResult,
+    PeakOffsets,
+    dice_scores,
+    peak_offsets,
+    upsample_aligned,
+    upsample_nearest,
+)
 
 
 def test_upsample_nearest_repeats_blocks() -> None:
@@ -130,3 +137,32 @@ def test_concatenated_results_average_over_all_images() -> None:
     assert summary["benign"]["dice"] is None and summary["upsample"] == "nearest"
     with pytest.raises(ValueError, match="different"):
         DiceResult.concatenate([parts[0], dice_scores(sal[:1], mask[:1], upsample="aligned")])
+
+
+def test_peak_offsets_by_hand() -> None:
+    # Two images of 64x40 pixels, stride 8 (8x5 cells). Image 0: lesion centred on pixel (20, 24), peak cell
+    # (2, 1) -> aligned at pixel (16, 8): offset (-4, -16). Image 1 has no lesion.
+    saliency = np.zeros((2, 2, 8, 5), np.float32)
+    saliency[0, 1, 2, 1] = 0.9
+    saliency[1, 1, 4, 4] = 0.9
+    masks = np.zeros((2, 2, 64, 40), np.uint8)
+    masks[0, 1, 18:23, 22:27] = 1
+    images = np.full((2, 1, 64, 40), -1.0, np.float32)
+    images[:, :, :, :20] = 1.0  # the breast: columns 0-19, centroid (31.5, 9.5)
+    locations = np.array([[[8, 0], [40, 16]], [[0, 0], [0, 0]]])
+    result = peak_offsets(saliency, masks, locations, (16, 16), images=images)
+    np.testing.assert_allclose(result.peak_signed[0], [-4.0, -16.0])
+    assert result.peak_aligned[0] == pytest.approx(np.hypot(4, 16))
+    assert result.peak_nearest[0] == pytest.approx(np.hypot(-4 + 3.5, -16 + 3.5))
+    assert result.patch_nearest[0] == pytest.approx(np.hypot(8 + 7.5 - 20, 0 + 7.5 - 24))
+    to_breast = np.array([31.5 - 20, 9.5 - 24])
+    expected = np.array([-4.0, -16.0]) @ to_breast / (np.hypot(4, 16) * np.hypot(*to_breast))
+    assert result.inward_cosine[0] == pytest.approx(expected)
+    assert np.isnan(result.peak_aligned[1]) and np.isnan(result.inward_cosine[1])
+    summary = PeakOffsets.concatenate([result, result]).summary()
+    assert summary["n_images"] == 2 and summary["stride_px"] == 8.0
+    assert summary["median_peak_offset_rows_px"] == -4.0 and summary["median_peak_offset_cols_px"] == -16.0
+    assert summary["median_peak_aligned_cells"] == pytest.approx(np.hypot(4, 16) / 8)
+    assert summary["fraction_peak_inward"] == 1.0
+    # Without images there is no breast to point into.
+    assert np.isnan(peak_offsets(saliency, masks).inward_cosine).all()

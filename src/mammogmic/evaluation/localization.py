@@ -230,12 +230,17 @@ class PeakOffsets:
         peak_nearest: peak cell placed at its nearest-neighbour block centre ``(s·i + (s-1)/2, …)``.
         patch_nearest: centre of the retrieved patch closest to the lesion centroid (``NaN`` without patches).
         stride: pixels per saliency cell (rows, cols).
+        peak_signed: ``(N, 2)`` signed (rows, cols) offset from the lesion centroid to the aligned peak.
+        inward_cosine: cosine between that offset and the direction from the lesion centroid to the breast's
+            centroid (``NaN`` without images): near 1 when the peak sits on the lesion's chest-wall/interior side.
     """
 
     peak_aligned: NDArray[np.float64]
     peak_nearest: NDArray[np.float64]
     patch_nearest: NDArray[np.float64]
     stride: tuple[float, float]
+    peak_signed: NDArray[np.float64]
+    inward_cosine: NDArray[np.float64]
 
     @classmethod
     def concatenate(cls, parts: Sequence[PeakOffsets]) -> PeakOffsets:
@@ -247,6 +252,8 @@ class PeakOffsets:
             np.concatenate([p.peak_nearest for p in parts]),
             np.concatenate([p.patch_nearest for p in parts]),
             parts[0].stride,
+            np.concatenate([p.peak_signed for p in parts]),
+            np.concatenate([p.inward_cosine for p in parts]),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -258,6 +265,14 @@ class PeakOffsets:
             median = float(np.nanmedian(values)) if np.isfinite(values).any() else None
             out[f"median_{name}_px"] = median
             out[f"median_{name}_cells"] = None if median is None else median / cell
+        found = np.isfinite(self.peak_signed).all(axis=1)
+        for axis, name in enumerate(("rows", "cols")):
+            out[f"median_peak_offset_{name}_px"] = (
+                float(np.median(self.peak_signed[found, axis])) if found.any() else None
+            )
+        inward = self.inward_cosine[np.isfinite(self.inward_cosine)]
+        out["median_inward_cosine"] = float(np.median(inward)) if len(inward) else None
+        out["fraction_peak_inward"] = float(np.mean(inward > 0)) if len(inward) else None
         return out
 
 
@@ -267,6 +282,7 @@ def peak_offsets(
     patch_locations: Any = None,
     crop_size: Sequence[int] | None = None,
     class_index: int = 1,
+    images: Any = None,
 ) -> PeakOffsets:
     """How far the saliency peak (and the nearest retrieved patch) lies from each lesion's centroid.
 
@@ -276,6 +292,8 @@ def peak_offsets(
         patch_locations: optional ``(N, K, 2)`` upper-left (row, col) of the retrieved patches.
         crop_size: ``(height, width)`` of the patches.
         class_index: 1 = malignant, 0 = benign.
+        images: optional ``(N, 1, H, W)`` model inputs; the breast is every pixel above the image's minimum (the
+            background of a standardised, zero-padded window), for :attr:`PeakOffsets.inward_cosine`.
     """
     sal = _to_numpy(saliency)[:, class_index].astype(np.float64)
     mask = _to_numpy(masks)[:, class_index] != 0
@@ -285,6 +303,9 @@ def peak_offsets(
     peak_aligned = np.full(n, np.nan)
     peak_nearest = np.full(n, np.nan)
     patch_nearest = np.full(n, np.nan)
+    signed = np.full((n, 2), np.nan)
+    inward = np.full(n, np.nan)
+    pixels = None if images is None else _to_numpy(images)[:, 0]
     locations = None if patch_locations is None else _to_numpy(patch_locations)
     for i in range(n):
         rows, cols = np.nonzero(mask[i])
@@ -292,9 +313,15 @@ def peak_offsets(
             continue
         centroid = np.array([rows.mean(), cols.mean()])
         pi, pj = divmod(int(np.argmax(sal[i])), w)
-        peak_aligned[i] = np.hypot(*(np.array([sy * pi, sx * pj]) - centroid))
+        signed[i] = np.array([sy * pi, sx * pj]) - centroid
+        peak_aligned[i] = np.hypot(*signed[i])
+        if pixels is not None:
+            rows_b, cols_b = np.nonzero(pixels[i] > pixels[i].min())
+            to_breast = np.array([rows_b.mean(), cols_b.mean()]) - centroid
+            norm = np.hypot(*signed[i]) * np.hypot(*to_breast)
+            inward[i] = float(signed[i] @ to_breast / norm) if norm > 0 else np.nan
         peak_nearest[i] = np.hypot(*(np.array([sy * pi + (sy - 1) / 2, sx * pj + (sx - 1) / 2]) - centroid))
         if locations is not None and crop_size is not None:
             centres = locations[i].astype(np.float64) + (np.asarray(crop_size, np.float64) - 1) / 2
             patch_nearest[i] = float(np.min(np.hypot(*(centres - centroid).T)))
-    return PeakOffsets(peak_aligned, peak_nearest, patch_nearest, (sy, sx))
+    return PeakOffsets(peak_aligned, peak_nearest, patch_nearest, (sy, sx), signed, inward)

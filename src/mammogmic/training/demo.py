@@ -304,7 +304,11 @@ def evaluate_with_localization(
         order.append(idx)
         for mode, parts in dice.items():
             parts.append(dice_scores(o.saliency, batch["masks"], threshold=0.5, upsample=mode))
-        offsets.append(peak_offsets(o.saliency, batch["masks"], o.patch_locations, config.model.crop_size))
+        offsets.append(
+            peak_offsets(
+                o.saliency, batch["masks"], o.patch_locations, config.model.crop_size, images=batch["image"]
+            )
+        )
         head_probs["fusion"][idx] = o.y_fusion.float().numpy()
         head_probs["global"][idx] = o.y_global.float().numpy()
         head_probs["local"][idx] = o.y_local.float().numpy()
