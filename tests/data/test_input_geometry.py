@@ -178,3 +178,25 @@ def test_maps_to_source_matches_upsampling_on_the_input(tmp_path: Path) -> None:
     for k in range(2):
         np.testing.assert_allclose(out[k][seen], upsampled[k][r[seen], c[seen]], atol=1e-5)
         assert (out[k][~seen] == 0).all()
+
+
+def test_preprocess_cache_rows_keep_their_geometry(tmp_path: Path) -> None:
+    """A manifest row with a preprocess cache (cropped .npy + best_center + window_location) places its input
+    exactly where the raw file's does; a window_location that does not match the cache leaves it unknown."""
+    _source_png(tmp_path / "img.png", "R")
+    raw_item = ImageItem("img", tmp_path / "img.png", view="R-MLO")
+    raw = load_source(raw_item, CONTRACT)
+    np.save(tmp_path / "img.npy", raw.cropped)
+    cached_item = ImageItem(
+        "img",
+        tmp_path / "img.png",
+        view="R-MLO",
+        cached_path=tmp_path / "img.npy",
+        best_center=raw.center,
+        window_location=raw.crop_box,
+    )
+    assert input_geometry(load_source(cached_item, CONTRACT), CONTRACT) == input_geometry(raw, CONTRACT)
+    assert raw.crop_box is not None
+    top, bottom, left, right = raw.crop_box
+    cached_item.window_location = (top, bottom + 1, left, right)  # an edited cache: the crop no longer fits
+    assert input_geometry(load_source(cached_item, CONTRACT), CONTRACT) is None
