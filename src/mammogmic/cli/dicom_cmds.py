@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -186,6 +187,7 @@ class DicomRun:
         dest = folder.path / RETRIEVED_DIR
         paths: list[Path] = []
         fetched = []
+        start = time.perf_counter()
         bar = tqdm(unit="img", disable=self.args.no_progress, desc="fetch")
 
         def progress(n: int) -> None:
@@ -213,7 +215,11 @@ class DicomRun:
                 )
         finally:
             bar.close()
-        self.summary["dicomweb"] = {"url": self.server.url, "fetched": fetched}
+        self.summary["dicomweb"] = {
+            "url": self.server.url,
+            "fetched": fetched,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
         self.lines.append(
             f"fetched {sum(f['n_downloaded'] for f in fetched)} instance(s) from {self.server.url} into {dest} "
             f"({sum(f['n_kept'] for f in fetched)} already there)"
@@ -243,11 +249,16 @@ class DicomRun:
             writer.add_output_error(res.item.image_id, str(res.item.path), stage, message)
 
         algorithm = Algorithm.from_run(info, writer.run_key or "")
+        start = time.perf_counter()
         written = write_dicom_results(
             results, self.dicom_folder, algorithm, on_error, n_failed_inputs=failed_per_study
         )
         summary = written.summary()
-        self.summary["dicom_out"] = {"folder": str(self.args.dicom_out), **summary}
+        self.summary["dicom_out"] = {
+            "folder": str(self.args.dicom_out),
+            **summary,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
         self.lines.append(
             f"DICOM: {summary['n_sr']} SR and {summary['n_seg']} SEG in {self.args.dicom_out} "
             f"({summary['n_studies']} study(ies); {summary['n_not_dicom']} input(s) not DICOM, "
@@ -264,6 +275,7 @@ class DicomRun:
         for row in files:
             studies.setdefault(row["study_instance_uid"], []).append(row)
         n_stored = n_failed = 0
+        start = time.perf_counter()
         for study, rows in studies.items():
             try:
                 answer = store_files(self.server, [Path(r["path"]) for r in rows], study)
@@ -284,7 +296,12 @@ class DicomRun:
                         "dicomweb-store",
                         f"{row['kind']} {row['path']} not stored to {self.server.url}: {reason} (the file is kept)",
                     )
-        self.summary["dicomweb_store"] = {"url": self.server.url, "n_stored": n_stored, "n_failed": n_failed}
+        self.summary["dicomweb_store"] = {
+            "url": self.server.url,
+            "n_stored": n_stored,
+            "n_failed": n_failed,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
         self.lines.append(f"stored {n_stored} object(s) to {self.server.url} (STOW-RS), {n_failed} failed")
 
     def report(self) -> None:

@@ -216,7 +216,6 @@ def _probability_group(
         value=float(value),
         unit=UNIT_PROBABILITY,
         derivation=derivation,
-        algorithm_id=algorithm,
         finding_sites=sites,
         referenced_images=list(sources),
     )
