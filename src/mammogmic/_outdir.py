@@ -206,6 +206,7 @@ class OutputFolder:
         force: accept files we did not write beside ours (never overwriting any of them).
         wait: wait for another run holding the folder instead of failing.
         poll_s: seconds between lock attempts while waiting.
+        option: the command-line option that named the folder, for messages (``--out``, ``--dicom-out``).
 
     Raises:
         OutputFolderError: (on enter) the folder is busy, owned by another command, or holds files we did
@@ -220,8 +221,10 @@ class OutputFolder:
         force: bool = False,
         wait: bool = False,
         poll_s: float = 0.2,
+        option: str = "--out",
     ) -> None:
         self.path = Path(path)
+        self.option = option
         self.layout = layout
         self.force = force
         self.wait = wait
@@ -262,7 +265,7 @@ class OutputFolder:
         except OSError as exc:
             self._release()
             raise OutputFolderError(
-                f"{lock}: cannot open the lock file ({exc.strerror or exc}); choose another --out"
+                f"{lock}: cannot open the lock file ({exc.strerror or exc}); choose another {self.option}"
             ) from exc
 
     def _lock_is_current(self) -> bool:
@@ -302,7 +305,7 @@ class OutputFolder:
             if not self.wait:
                 raise OutputFolderError(
                     f"{self.path}: another mammogmic run{holder} is writing into this folder; wait for it to "
-                    "finish (or pass --wait), or choose another --out"
+                    f"finish (or pass --wait), or choose another {self.option}"
                 )
             if not waited:
                 print(f"{self.path}: waiting for another mammogmic run{holder} to finish...", file=sys.stderr)
@@ -335,10 +338,10 @@ class OutputFolder:
             data = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise OutputFolderError(
-                f"{marker}: not a mammogmic output marker ({exc}); choose another --out"
+                f"{marker}: not a mammogmic output marker ({exc}); choose another {self.option}"
             ) from None
         if not (isinstance(data, dict) and isinstance(data.get("files"), list) and "command" in data):
-            raise OutputFolderError(f"{marker}: not a mammogmic output marker; choose another --out")
+            raise OutputFolderError(f"{marker}: not a mammogmic output marker; choose another {self.option}")
         return data
 
     def _check(self) -> None:
@@ -347,7 +350,7 @@ class OutputFolder:
         if marker is not None and marker["command"] != command:
             raise OutputFolderError(
                 f"{self.path} holds the outputs of 'mammogmic {marker['command']}'; 'mammogmic {command}' "
-                "writes into its own folder: choose another --out"
+                f"writes into its own folder: choose another {self.option}"
             )
         self._owned = {str(name) for name in marker["files"]} if marker else set()
         clashes: list[str] = []
@@ -372,12 +375,12 @@ class OutputFolder:
             raise OutputFolderError(
                 f"{self.path}: {_names(clashes)} {'was' if len(clashes) == 1 else 'were'} not written by "
                 f"'mammogmic {command}' here and would be overwritten; files that are not ours are never "
-                "overwritten: choose another --out (or move them away)"
+                f"overwritten: choose another {self.option} (or move them away)"
             )
         if foreign and not self.force:
             raise OutputFolderError(
                 f"{self.path} holds {len(foreign)} file(s) or folder(s) that 'mammogmic {command}' did not "
-                f"write ({_names(foreign)}); choose a new or empty --out, or pass --force to write beside them "
+                f"write ({_names(foreign)}); choose a new or empty {self.option}, or pass --force to write beside them "
                 "(they are never overwritten)"
             )
         if foreign:

@@ -350,11 +350,13 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
 
 def add_predict_parsers(subparsers: Any) -> None:
     """Register ``predict`` and ``visualize``."""
+    from mammogmic.cli import dicom_cmds
+
     pr = subparsers.add_parser(
         "predict",
         help="predict benign/malignant probabilities for images (CSV at image, breast and exam level)",
         description="Run one or more GMIC models on mammograms and write prediction tables.",
-        epilog=PREDICT_EPILOG,
+        epilog=PREDICT_EPILOG + "\n" + dicom_cmds.DICOM_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_inference_args(pr)
@@ -371,6 +373,7 @@ def add_predict_parsers(subparsers: Any) -> None:
         type=Path,
         help="DMV-CNN image + heat-map models: folder of `mammogmic heatmaps` outputs (<image_id>.npz)",
     )
+    dicom_cmds.add_arguments(pr)
     pr.set_defaults(func=run_predict)
 
     vi = subparsers.add_parser(
@@ -428,7 +431,10 @@ def _collect_items(args: argparse.Namespace) -> list[Any]:
     for path in args.inputs:
         if path.is_dir():
             # Our own figures must not be read back as inputs when --out lies inside an input folder.
-            found += items_from_folder(path, exclude=[args.out / d for d in _OUTPUT_DIRS])
+            exclude = [args.out / d for d in _OUTPUT_DIRS]
+            if getattr(args, "dicom_out", None) is not None:
+                exclude.append(args.dicom_out)  # our SR/SEG are not inputs
+            found += items_from_folder(path, exclude=exclude)
         else:
             files.append(path)  # missing files are reported in errors.csv like any unreadable image
     found += items_from_paths(files)
@@ -459,7 +465,7 @@ _OUTPUT_FILES = (
     "localization.json",
     "report.html",
 )
-_OUTPUT_DIRS = ("saliency", "figures")
+_OUTPUT_DIRS = ("saliency", "figures", "retrieved", "dicom")  # retrieved, dicom: predict's DICOM options
 
 
 def _check_inputs_untouched(args: argparse.Namespace, items: list[Any]) -> None:
@@ -716,22 +722,36 @@ def _run_inference(
 
 def run_predict(args: argparse.Namespace) -> int:
     """Entry point of ``mammogmic predict``."""
+    from mammogmic.cli import dicom_cmds
     from mammogmic.cli.dmv_cmds import dmv_models_given, run_dmv_predict
     from mammogmic.errors import MammogmicError
 
     try:
         if dmv_models_given(args):  # DMV-CNN files: exam-level prediction (cli/dmv_cmds.py)
+            if dicom_cmds.used(args):
+                raise MammogmicError("the DICOM options (--dicom-out, --dicomweb) work with GMIC models only")
             return run_dmv_predict(args)
-        items = _collect_items(args)
-        with _check_out_folder(args, "predict", items) as folder:
+        dicom = dicom_cmds.DicomRun(args) if dicom_cmds.used(args) else None
+        if dicom is not None:
+            dicom.preflight()  # options, extras, server and studies: before any folder is made
+        items = [] if args.dicomweb else _collect_items(args)
+        with contextlib.ExitStack() as stack:
+            if dicom is not None:
+                dicom.claim_outside(stack)
+            folder = stack.enter_context(_check_out_folder(args, "predict", items))
+            if dicom is not None:
+                items = dicom.start(stack, folder) or items
             options = {
-                "overwrite": args.overwrite,
+                # SR/SEG need every image's explanations, which earlier runs do not keep.
+                "overwrite": args.overwrite or (dicom is not None and dicom.writes),
                 "save_saliency": args.save_saliency,
                 "save_patches": args.save_patches,
             }
-            _, errors, info, writer = _run_inference(
-                args, items, folder, options, args.save_saliency or args.save_patches, False
-            )
+            explain = args.save_saliency or args.save_patches or (dicom is not None and dicom.writes)
+            results, errors, info, writer = _run_inference(args, items, folder, options, explain, False)
+            if dicom is not None:
+                dicom.finish(results, errors, writer, info)
+                info.update(dicom.summary)
             written = writer.finish(info)
     except (MammogmicError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -739,7 +759,9 @@ def run_predict(args: argparse.Namespace) -> int:
     print(f"{info['n_run'] - len(errors)} image(s) predicted, {len(errors)} failed; outputs in {args.out}")
     for path in written.values():
         print(f"  {path}")
-    return 1 if errors else 0
+    if dicom is not None:
+        dicom.report()
+    return 1 if errors or writer.output_errors else 0
 
 
 def run_visualize(args: argparse.Namespace) -> int:

@@ -647,6 +647,7 @@ def model_input(
     auxiliary: Sequence[np.ndarray] | None = None,
     standardize_image: bool = True,
     exact: bool = True,
+    window: Window | None = None,
 ) -> Any:
     """Build the standardised model input from a raw-orientation cropped image (official loader).
 
@@ -671,6 +672,8 @@ def model_input(
         standardize_image: Set ``False`` to get the un-standardised float32 window.
         exact: Standardise with the official float32 maths (default) or the faster float64 statistics
             (see :func:`standardize`; used for training samples).
+        window: A window already placed by :func:`sample_window` for this image (``rng`` and ``noise`` are
+            then unused), so that a caller can keep the geometry of the input it gets.
 
     Returns:
         ``float32`` array of ``out_shape`` (with ``auxiliary``: ``(1 + A, *out_shape)``, the image first); with
@@ -678,15 +681,16 @@ def model_input(
     """
     image = _check_image(cropped, "cropped image")
     oriented = orient(image, view, horizontal_flip)
-    win_shape = tuple(window_shape) if window_shape is not None else tuple(out_shape)
-    window = sample_window(
-        oriented.shape,
-        view,
-        best_center,
-        rng=rng,
-        noise=noise,
-        window_shape=(int(win_shape[0]), int(win_shape[1])),
-    )
+    if window is None:
+        win_shape = tuple(window_shape) if window_shape is not None else tuple(out_shape)
+        window = sample_window(
+            oriented.shape,
+            view,
+            best_center,
+            rng=rng,
+            noise=noise,
+            window_shape=(int(win_shape[0]), int(win_shape[1])),
+        )
     out = apply_window(oriented, window, out_shape)
     if standardize_image:
         standardize(out, exact=exact)

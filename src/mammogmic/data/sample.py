@@ -13,6 +13,10 @@ DMV-CNN (the GMIC paper's comparison model) takes the same path with its own win
 (:data:`DMV_CONTRACTS`), optional heat-map channels that follow the image's geometry unstandardised
 (:func:`dmv_window_sample`), and the four views of an exam drawn together (:func:`dmv_exam_passes`).
 
+Where a model input lies in its source image (crop offset, mirroring, window, resize) is an
+:class:`InputGeometry` (:func:`input_geometry`): the one map from model-input coordinates back to source pixels
+(``mammogmic predict --dicom-out`` places patches and saliency maps on the source DICOM with it).
+
 What a trained model depends on in that path is its :class:`InputContract` (input size, window size, crop
 morphology, VOI handling, augmentation noise, TTA default, class order). The trainer stores it in the model
 file; ``predict`` reads it back from there (:func:`mammogmic.models.read_model_metadata`).
@@ -37,10 +41,13 @@ from mammogmic.data.preprocessing import (
     MODEL_INPUT_SHAPE,
     VIEWS,
     CropNoise,
+    Window,
     best_center,
     crop_breast,
     model_input,
+    needs_flip,
     parse_view,
+    sample_window,
     scaled_train_noise,
 )
 from mammogmic.errors import ImageReadError, MammogmicError, PreprocessingError
@@ -51,6 +58,7 @@ __all__ = [
     "OFFICIAL_CONTRACT",
     "ImageItem",
     "InputContract",
+    "InputGeometry",
     "SampleError",
     "Source",
     "demo_contract",
@@ -58,6 +66,7 @@ __all__ = [
     "dmv_exam_passes",
     "dmv_exam_windows",
     "dmv_window_sample",
+    "input_geometry",
     "items_from_manifest",
     "load_dmv_source",
     "load_source",
@@ -312,6 +321,8 @@ class Source:
         masks: raw-orientation cropped ``(benign, malignant)`` masks, when asked and the item has any.
         heatmaps: raw-orientation ``(benign, malignant)`` heat maps of the cropped image (DMV-CNN's extra
             input channels; :func:`read_heatmaps`).
+        crop_box: ``(top, bottom, left, right)`` of ``cropped`` in the source image, ends exclusive (``None``:
+            a preprocess cache whose manifest row has no ``window_location``).
     """
 
     cropped: np.ndarray
@@ -320,6 +331,7 @@ class Source:
     center: tuple[int, int]
     masks: list[np.ndarray] | None = None
     heatmaps: np.ndarray | None = None
+    crop_box: tuple[int, int, int, int] | None = None
 
 
 def _read_cached(path: Path) -> np.ndarray:
@@ -390,7 +402,13 @@ def load_source(item: ImageItem, contract: InputContract, *, masks: bool = False
             stage = "center"
             center = best_center(crop, horizontal_flip=item.horizontal_flip, window_shape=contract.window)
             crop_box = crop.window_location
-        source = Source(cropped, view, item.horizontal_flip, (int(center[0]), int(center[1])))
+        source = Source(
+            cropped,
+            view,
+            item.horizontal_flip,
+            (int(center[0]), int(center[1])),
+            crop_box=_crop_box(crop_box, cropped.shape),
+        )
         if masks and item.has_masks:
             stage = "masks"
             source.masks = _load_masks(item, cropped.shape, crop_box)
@@ -400,6 +418,15 @@ def load_source(item: ImageItem, contract: InputContract, *, masks: bool = False
         if str(item.path) not in message and not (item.cached_path and str(item.cached_path) in message):
             message = f"{item.path}: {message}"  # every error names the file it is about
         raise SampleError(message, stage) from exc
+
+
+def _crop_box(box: Sequence[int] | None, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """``box`` as ints when it describes a crop of ``shape`` (a manifest's window_location may not match an
+    edited cache: then where the crop lies is unknown)."""
+    if box is None:
+        return None
+    top, bottom, left, right = (int(v) for v in box)
+    return (top, bottom, left, right) if (bottom - top, right - left) == tuple(shape[:2]) else None
 
 
 def _load_masks(
@@ -431,20 +458,39 @@ def _load_masks(
     return out
 
 
-def window_sample(
+def place_window(
     source: Source, contract: InputContract, *, rng: np.random.Generator | None = None
+) -> Window:
+    """Where the model-input window of ``source`` lies (:func:`~mammogmic.data.preprocessing.sample_window`):
+    the deterministic official window, or with ``rng`` one carrying the contract's augmentation noise."""
+    return sample_window(
+        source.cropped.shape,
+        source.view,
+        source.center,
+        rng=rng,
+        noise=contract.noise if rng is not None else None,
+        window_shape=contract.window,
+    )
+
+
+def window_sample(
+    source: Source,
+    contract: InputContract,
+    *,
+    rng: np.random.Generator | None = None,
+    window: Window | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One standardised model input ``(H, W)`` float32 and its masks ``(2, H, W)`` uint8 (or ``None``).
 
     With ``rng`` the window carries the contract's augmentation noise (training, TTA); without, it is the
-    deterministic official window.
+    deterministic official window. ``window`` (from :func:`place_window`) gives the window instead.
     """
+    if window is None:
+        window = place_window(source, contract, rng=rng)
     kwargs: dict[str, Any] = {
-        "rng": rng,
-        "noise": contract.noise if rng is not None else None,
         "out_shape": contract.input_shape,
         "horizontal_flip": source.horizontal_flip,
-        "window_shape": contract.window,
+        "window": window,
     }
     if source.masks is None:
         return model_input(source.cropped, source.view, source.center, **kwargs), None
@@ -457,21 +503,152 @@ def tta_rng(seed: int, image_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(image_id.encode("utf-8"))])
 
 
+def _windows(source: Source, contract: InputContract, tta: int, seed: int, image_id: str) -> Iterator[Window]:
+    """The windows of :func:`window_samples`, in order: the deterministic one, or ``tta`` noisy ones."""
+    if tta <= 1:
+        yield place_window(source, contract)
+        return
+    rng = tta_rng(seed, image_id)
+    for _ in range(tta):
+        yield place_window(source, contract, rng=rng)
+
+
 def window_samples(
     source: Source, contract: InputContract, tta: int, seed: int, image_id: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(T, H, W)`` inputs: the deterministic window (``tta <= 1``) or ``tta`` noisy windows; masks of the first."""
-    if tta <= 1:
-        image, masks = window_sample(source, contract)
-        return image[None], masks
-    rng = tta_rng(seed, image_id)
     windows, first_masks = [], None
-    for t in range(tta):
-        image, masks = window_sample(source, contract, rng=rng)
+    for t, window in enumerate(_windows(source, contract, tta, seed, image_id)):
+        image, masks = window_sample(source, contract, window=window)
         windows.append(image)
         if t == 0:
             first_masks = masks
     return np.stack(windows), first_masks
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """Where a model input lies in its source image: the one map between model-input and source pixels.
+
+    The data path takes the source image through: crop (``crop_box``) -> mirror left-right (``mirrored``: the
+    breast must face right) -> zero rows added on top (``pad_top``) -> window (``window``, in the padded image)
+    -> resize to ``input_shape``. :meth:`to_source` undoes it, :meth:`to_input` does it.
+
+    Coordinates are continuous ``(row, col)`` with pixel edges at integers: pixel ``(0, 0)`` covers
+    ``[0, 1) x [0, 1)`` and its centre is ``(0.5, 0.5)`` (DICOM SCOORD's convention, which lists
+    ``(col, row)``). Resizing maps edges to edges (OpenCV's pixel-centre alignment).
+
+    Attributes:
+        crop_box: ``(top, bottom, left, right)`` of the cropped image in the source image, ends exclusive.
+        mirrored: whether the cropped image was mirrored left-right before windowing.
+        pad_top: zero rows added above the (oriented) cropped image.
+        window: ``(top, bottom, left, right)`` of the window in the padded image, ends exclusive.
+        input_shape: the model input ``(height, width)``.
+    """
+
+    crop_box: tuple[int, int, int, int]
+    mirrored: bool
+    pad_top: int
+    window: tuple[int, int, int, int]
+    input_shape: tuple[int, int]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Source pixels per input pixel ``(rows, cols)`` (window size / input size)."""
+        top, bottom, left, right = self.window
+        return (bottom - top) / self.input_shape[0], (right - left) / self.input_shape[1]
+
+    def to_source(self, points: Any) -> np.ndarray:
+        """Model-input ``(..., 2)`` ``(row, col)`` positions -> source-image positions (float64)."""
+        p = np.asarray(points, dtype=np.float64)
+        scale_r, scale_c = self.scale
+        row = p[..., 0] * scale_r + (self.window[0] - self.pad_top)  # oriented cropped image
+        col = p[..., 1] * scale_c + self.window[2]
+        if self.mirrored:
+            col = (self.crop_box[3] - self.crop_box[2]) - col
+        return np.stack([row + self.crop_box[0], col + self.crop_box[2]], axis=-1)
+
+    def to_input(self, points: Any) -> np.ndarray:
+        """Source-image ``(..., 2)`` ``(row, col)`` positions -> model-input positions (the inverse of
+        :meth:`to_source`)."""
+        p = np.asarray(points, dtype=np.float64)
+        scale_r, scale_c = self.scale
+        row = p[..., 0] - self.crop_box[0]
+        col = p[..., 1] - self.crop_box[2]
+        if self.mirrored:
+            col = (self.crop_box[3] - self.crop_box[2]) - col
+        row = (row - (self.window[0] - self.pad_top)) / scale_r
+        col = (col - self.window[2]) / scale_c
+        return np.stack([row, col], axis=-1)
+
+    def box_to_source(
+        self, top_left: Sequence[float], size: Sequence[float]
+    ) -> tuple[float, float, float, float]:
+        """A model-input box (upper-left ``(row, col)`` and ``(height, width)``) as ``(top, bottom, left,
+        right)`` in the source image (mirroring swaps its left and right edges back)."""
+        r0, c0 = float(top_left[0]), float(top_left[1])
+        corners = self.to_source([[r0, c0], [r0 + float(size[0]), c0 + float(size[1])]])
+        rows, cols = sorted(corners[:, 0]), sorted(corners[:, 1])
+        return rows[0], rows[1], cols[0], cols[1]
+
+    def maps_to_source(self, maps: np.ndarray, source_shape: Sequence[int]) -> np.ndarray:
+        """Maps over the model input (``(C, h, w)``, any resolution: GMIC's saliency is ``h x w`` cells over
+        the ``H x W`` input) resampled onto the source pixel grid: ``(C, rows, cols)`` float32.
+
+        Bilinear between cell centres (as ``cv2.resize`` upsamples), nearest value past the outer cell
+        centres; zero wherever the model saw no source pixel (outside the window or outside the crop).
+        """
+        maps = np.asarray(maps, dtype=np.float32)
+        if maps.ndim != 3:
+            raise ValueError(f"maps must be (C, h, w), got shape {maps.shape}")
+        n_rows, n_cols = int(source_shape[0]), int(source_shape[1])
+        top, bottom, left, right = self.crop_box
+        if not (0 <= top < bottom <= n_rows and 0 <= left < right <= n_cols):
+            raise ValueError(f"the crop box {self.crop_box} does not fit in a {n_rows}x{n_cols} source image")
+        centres_r = np.arange(n_rows, dtype=np.float64) + 0.5
+        centres_c = np.arange(n_cols, dtype=np.float64) + 0.5
+        # The map is axis-aligned: input rows depend on source rows only, input columns on source columns.
+        in_r = self.to_input(np.stack([centres_r, np.zeros(n_rows)], axis=-1))[:, 0]
+        in_c = self.to_input(np.stack([np.zeros(n_cols), centres_c], axis=-1))[:, 1]
+        h, w = maps.shape[1:]
+        weights_r = _linear_weights(in_r * (h / self.input_shape[0]) - 0.5, h)
+        weights_c = _linear_weights(in_c * (w / self.input_shape[1]) - 0.5, w)
+        seen_r = (in_r >= 0) & (in_r < self.input_shape[0]) & (centres_r >= top) & (centres_r < bottom)
+        seen_c = (in_c >= 0) & (in_c < self.input_shape[1]) & (centres_c >= left) & (centres_c < right)
+        weights_r[~seen_r] = 0
+        weights_c[~seen_c] = 0
+        out = np.einsum("rh,chw,qw->crq", weights_r, maps, weights_c, optimize=True)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _linear_weights(positions: np.ndarray, size: int) -> np.ndarray:
+    """``(len(positions), size)`` linear-interpolation weights of cell-centre ``positions`` (clamped)."""
+    pos = np.clip(positions, 0.0, size - 1.0)
+    low = np.floor(pos).astype(np.int64)
+    high = np.minimum(low + 1, size - 1)
+    frac = (pos - low).astype(np.float32)
+    weights = np.zeros((len(pos), size), dtype=np.float32)
+    rows = np.arange(len(pos))
+    np.add.at(weights, (rows, low), 1.0 - frac)
+    np.add.at(weights, (rows, high), frac)
+    return weights
+
+
+def input_geometry(
+    source: Source, contract: InputContract, tta: int = 1, seed: int = 0, image_id: str = ""
+) -> InputGeometry | None:
+    """The :class:`InputGeometry` of the first input :func:`window_samples` builds with the same arguments
+    (the one predict's explanations come from); ``None`` when the source's crop box is unknown."""
+    if source.crop_box is None:
+        return None
+    window = next(_windows(source, contract, tta, seed, image_id))
+    return InputGeometry(
+        crop_box=source.crop_box,
+        mirrored=needs_flip(source.view, source.horizontal_flip),
+        pad_top=window.pad_top,
+        window=window.borders,
+        input_shape=contract.input_shape,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ from mammogmic.data.sample import (
     OFFICIAL_CONTRACT,
     ImageItem,
     InputContract,
+    InputGeometry,
     SampleError,
+    input_geometry,
     items_from_manifest,
     load_source,
     window_samples,
@@ -89,6 +91,7 @@ class Prepared:
     view: str | None = None
     error: str | None = None
     stage: str | None = None
+    geometry: InputGeometry | None = None  # first window of the first contract in the source image
 
 
 def _with_dicom_identity(item: ImageItem) -> ImageItem:
@@ -145,6 +148,7 @@ def prepare_item(item: ImageItem, contracts: Sequence[InputContract], settings: 
     inputs = []
     masks = None
     view = None
+    geometry = None
     for index, contract in enumerate(contracts):
         try:
             source = load_source(item, contract, masks=settings.load_masks and index == 0)
@@ -159,7 +163,8 @@ def prepare_item(item: ImageItem, contracts: Sequence[InputContract], settings: 
         inputs.append(windows)
         if index == 0:
             masks, view = window_masks, source.view
-    return Prepared(item, inputs, masks, view)
+            geometry = input_geometry(source, contract, settings.tta, settings.seed, item.image_id)
+    return Prepared(item, inputs, masks, view, geometry=geometry)
 
 
 @dataclass
@@ -279,6 +284,7 @@ class ImageResult:
     crop_size: tuple[int, int] | None = None
     image: np.ndarray | None = None  # (H, W) first window, when asked
     masks: np.ndarray | None = None
+    geometry: InputGeometry | None = None  # where the first window lies in the source image
 
 
 class _PrepareDataset:
@@ -388,6 +394,7 @@ def predict_items(
                     malignant=probs[i][1],
                     member_probs=member_probs[i] if len(members) > 1 else {},
                     masks=p.masks,
+                    geometry=p.geometry,
                 )
                 if first_out is not None:
                     j = int(offsets[i])

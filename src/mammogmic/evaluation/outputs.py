@@ -9,7 +9,8 @@ Layout of the output folder::
     breast_predictions.csv    one row per breast: mean over its views (see aggregation)
     breast_predictions_metarepository.csv   index, left_malignant, right_malignant, left_benign, right_benign
     exam_summary.csv          one row per exam: maximum over its breasts
-    errors.csv                image_id, path, stage, error (header only when every image worked)
+    errors.csv                image_id, path, stage, error (header only when every image worked); also
+                              outputs of predicted images that failed (stage dicom-sr, dicom-seg, ...)
     saliency/<image_id>.npz   saliency (2, h, w) float16, patch_locations, patch_attention, crop_size
     patches.json              {image_id: {"view", "crop_size", "locations", "attention"}}
     run.json                  models, run_key + settings, complete, counts
@@ -292,6 +293,7 @@ class PredictionWriter:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         self.errors: list[dict[str, str]] = []
+        self.output_errors: list[dict[str, str]] = []  # predicted images whose extra outputs failed (DICOM)
         self.n_new = 0  # predictions added by this run
         self.n_kept = 0  # rows of inputs given now, kept from an earlier run (same run and input keys)
         self.n_input_changed = 0  # rows recomputed because their image or manifest fields changed
@@ -429,6 +431,12 @@ class PredictionWriter:
         )
         logger.warning("skipped image %s: %s", prepared.item.image_id, prepared.error)
 
+    def add_output_error(self, image_id: str, path: str, stage: str, error: str) -> None:
+        """Record an output of a predicted image that could not be written or sent (``stage`` says which:
+        ``dicom-sr``, ``dicom-seg``, ``dicomweb-store``...); it goes into errors.csv beside the failed images."""
+        self.output_errors.append({"image_id": image_id, "path": path, "stage": stage, "error": error})
+        logger.warning("%s (%s): %s", image_id, stage, error)
+
     def add_result(self, res: ImageResult) -> None:
         """Record one prediction (and write its saliency file when asked)."""
         item = res.item
@@ -482,7 +490,9 @@ class PredictionWriter:
         """Write every output file; returns name → path of what was written."""
         self.flush()
         written = {"image": self.out_dir / IMAGE_CSV}
-        errors = pd.DataFrame(self.errors, columns=["image_id", "path", "stage", "error"])
+        errors = pd.DataFrame(
+            self.errors + self.output_errors, columns=["image_id", "path", "stage", "error"]
+        )
         written["errors"] = self._write(ERRORS_CSV, _csv(errors))
         images = self.image_table()
         with_side = (
@@ -521,6 +531,7 @@ class PredictionWriter:
         counts: dict[str, Any] = {
             "n_predicted_now": self.n_new,
             "n_errors": len(self.errors),
+            "n_output_errors": len(self.output_errors),
             "n_input_changed": self.n_input_changed,
             "n_dropped_other_settings": self.n_stale,
         }
