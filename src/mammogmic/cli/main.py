@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = ["mammogmic", *(sys.argv[1:] if argv is None else argv)]  # provenance (run.json)
     tune_allocator(args.allocator or getattr(args, "allocator_profile", "lean"))
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
