@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,16 @@ def official_dmv_fixtures() -> Path:
 @pytest.fixture(scope="session")
 def dmv_fixtures_dir() -> Path:
     return official_dmv_fixtures()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of Debian's ``chromium`` (the report's browser tests). Missing: fail when ``CI`` (or
+    ``MAMMOGMIC_REQUIRE_CHROMIUM=1``, which ``.ci/run`` sets) is set, skip otherwise."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "chromium not installed (Debian: apt-get install -y chromium)"
+        if os.environ.get("MAMMOGMIC_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(message + " (MAMMOGMIC_REQUIRE_CHROMIUM=1: it must run here)")
+        require_or_skip(message)
+    return path

@@ -370,3 +370,80 @@ def test_report_options_are_checked_before_anything_is_written(
     with pytest.raises(SystemExit):
         main([*base, "--report", "--operating-point", "ppv=0.9"])
     assert "expected sensitivity=S or specificity=P" in capsys.readouterr().err
+
+
+# Measures the first exam as a reader sees it after clicking it in the exam list (the section scrolled to the
+# top, under the sticky tool bar), then switches the overlay to benign with the tool bar's radio button.
+_PROBE = """<script>
+window.addEventListener('load', () => {
+  const sec = document.querySelector('section.exam');
+  sec.scrollIntoView();
+  const out = {vh: innerHeight, vw: innerWidth, bar: document.querySelector('nav.toolbar').getBoundingClientRect().bottom,
+               views: {}};
+  for (const f of sec.querySelectorAll('.hanging figure.view')) {
+    const r = f.querySelector('.frame').getBoundingClientRect();
+    const img = f.querySelector('img.base');
+    out.views[f.dataset.view] = {left: r.left, top: r.top, right: r.right, bottom: r.bottom,
+      loaded: img.complete && img.naturalWidth > 0,
+      shown: [...f.querySelectorAll('.ov')].filter(e => getComputedStyle(e).display !== 'none').map(e => e.className)};
+  }
+  document.getElementById('ov-benign').checked = true;
+  out.benign = [...sec.querySelectorAll('.ov')].filter(e => getComputedStyle(e).display !== 'none').length;
+  document.body.setAttribute('data-layout', JSON.stringify(out));
+});
+</script>"""
+
+
+@pytest.mark.parametrize("window", [(1280, 900), (1366, 768)])
+def test_report_layout_in_headless_chromium(
+    tmp_path: Path, chromium: str, tiny_model: Path, size_args: list[str], window: tuple[int, int]
+) -> None:
+    import html as html_lib
+    import subprocess
+
+    from mammogmic.data.synth import SynthConfig, generate_dataset
+
+    manifest = generate_dataset(tmp_path / "synth", 1, (256, 160), 7, SynthConfig.demo(), 1)
+    out = tmp_path / "out"
+    args = ["visualize", "--manifest", str(manifest), "--model", str(tiny_model), "--out", str(out)]
+    assert main([*args, "--report", "--threshold", "0.5", "--dpi", "30", *size_args]) == 0
+    text = (out / "report.html").read_text(encoding="utf-8")
+    assert all(
+        len(f.encode()) <= MAX_IMAGE_BYTES for f in re.findall(r"<figure .*?</figure>", text, flags=re.S)
+    )
+    probe = out / "probe.html"
+    probe.write_text(text.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--window-size={window[0]},{window[1]}",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    found = re.search(r'data-layout="([^"]*)"', dom)
+    assert found, dom[-2000:]
+    layout = json.loads(html_lib.unescape(found.group(1)))
+    views = layout["views"]
+    assert list(views) == ["R-CC", "L-CC", "R-MLO", "L-MLO"]
+    for name, v in views.items():
+        assert v["loaded"], name
+        # All four at once: below the tool bar, above the window's bottom edge, inside its width.
+        assert v["top"] >= layout["bar"] - 1 and v["bottom"] <= layout["vh"] + 1, (name, v, layout["vh"])
+        assert v["left"] >= 0 and v["right"] <= layout["vw"], (name, v)
+        assert v["bottom"] - v["top"] > 150, (name, v)  # large enough to read
+        assert v["shown"] == ["layer ov ov-malignant"], (name, v["shown"])  # the default overlay only
+    for top, bottom in (("R-CC", "R-MLO"), ("L-CC", "L-MLO")):
+        assert views[bottom]["top"] >= views[top]["bottom"] - 1  # CC above MLO
+    for right, left in (("R-CC", "L-CC"), ("R-MLO", "L-MLO")):
+        assert abs(views[right]["top"] - views[left]["top"]) < 2  # one row
+        assert 0 <= views[left]["left"] - views[right]["right"] < 12  # right breast on the left, back to back
+    assert layout["benign"] == 4  # the tool bar switched every view to the benign map
