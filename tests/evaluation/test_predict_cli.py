@@ -270,7 +270,8 @@ def test_visualize_report(tmp_path: Path, tiny_model: Path, breast_png, size_arg
     shown = re.findall(r'<section class="exam" id="[^"]+" data-exam="([^"]+)"', html)
     assert shown == exams["exam_id"].tolist()[:1]  # --max-exams 1: the highest exam score
     top, other = exams["exam_id"].tolist()
-    assert f'<tr><td><a href="#exam-{top}">{top}</a></td>' in html  # every exam is listed; the drawn one links
+    # Every exam is listed; the drawn one links to its section.
+    assert f'<tr><td><a href="#exam-{top}">{top}</a></td>' in html
     assert f"<tr><td>{other}</td>" in html
     loc = json.loads((out / "localization.json").read_text())
     assert loc["malignant"]["n_images"] == 4 and 0 <= loc["malignant"]["soft_dice"] <= 1

@@ -447,3 +447,25 @@ def test_report_layout_in_headless_chromium(
         assert abs(views[right]["top"] - views[left]["top"]) < 2  # one row
         assert 0 <= views[left]["left"] - views[right]["right"] < 12  # right breast on the left, back to back
     assert layout["benign"] == 4  # the tool bar switched every view to the benign map
+
+
+def test_exam_report_when_every_image_failed(tmp_path: Path) -> None:
+    images = pd.DataFrame(columns=["image_index", "benign_pred", "malignant_pred"])  # what predict leaves
+    errors = pd.DataFrame(
+        [
+            {
+                "image_id": "a",
+                "path": "a.png",
+                "stage": "read",
+                "error": "a.png: <empty>",
+                "exam_id": None,
+                "view": None,
+            }
+        ]
+    )
+    result = write_exam_report(
+        tmp_path / "report.html", images, tmp_path / "figures", errors=errors, n_bootstrap=0
+    )
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert result["n_exams"] == 0 and "0 exam(s), 0 image(s) predicted" in text
+    assert "Failed images: 1" in text and "a.png: &lt;empty&gt;" in text  # reasons are escaped

@@ -47,6 +47,7 @@ from numpy.typing import NDArray
 from mammogmic._outdir import atomic_write_bytes, atomic_write_text
 from mammogmic.evaluation.aggregation import breast_level, exam_level
 from mammogmic.evaluation.localization import upsample_aligned
+from mammogmic.evaluation.outputs import file_stem
 from mammogmic.evaluation.table import (
     OperatingPoint,
     evaluate_table,
@@ -565,8 +566,6 @@ def _exam_section(
     sizes: dict[str, int],
 ) -> str:
     """One exam: the hanging grid and the breast scores."""
-    from mammogmic.evaluation.outputs import file_stem
-
     esc = html.escape
     slots: dict[str, list[Mapping[str, Any]]] = {}
     for _, r in images.iterrows():
@@ -661,7 +660,8 @@ def _exam_section(
 
 
 def _anchor(exam_id: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in exam_id)
+    """A safe, unique fragment for an exam id (the id itself when plain, else cleaned + a short hash)."""
+    return file_stem(exam_id)
 
 
 def _figure_png(fig: Any, dpi: int = 100) -> bytes:
@@ -928,8 +928,11 @@ def write_exam_report(
     """
     esc = html.escape
     errors = errors if errors is not None else pd.DataFrame(columns=["image_id", "path", "stage", "error"])
-    table = images.dropna(subset=["laterality"]) if "laterality" in images.columns else images.iloc[0:0]
-    table = table.copy()
+    needed = ["image_index", "benign_pred", "malignant_pred", "exam_id", "laterality", "view"]
+    if all(c in images.columns for c in needed):
+        table = images.dropna(subset=["laterality", "view"]).copy()
+    else:  # nothing predicted (every image failed), or not an image table we can hang
+        table = pd.DataFrame(columns=needed)
     table["exam_id"] = table["exam_id"].astype(str)
     labels = [
         c for c in ("benign_label", "malignant_label") if c in table.columns or f"breast_{c}" in table.columns
@@ -938,10 +941,13 @@ def write_exam_report(
         if label not in table.columns:
             table[label] = np.nan
     keep = sorted(set(subgroup_columns(table).values()))
-    breasts = breast_level(
-        table, score_columns=["benign_pred", "malignant_pred"], label_columns=labels, keep_columns=keep
-    )
-    exams = exam_level(breasts, score_columns=["benign_pred", "malignant_pred"], label_columns=labels)
+    scores = ["benign_pred", "malignant_pred"]
+    if len(table):
+        breasts = breast_level(table, score_columns=scores, label_columns=labels, keep_columns=keep)
+        exams = exam_level(breasts, score_columns=scores, label_columns=labels)
+    else:
+        breasts = pd.DataFrame(columns=["breast_id", "exam_id", "laterality", "n_images", "n_views", *scores])
+        exams = pd.DataFrame(columns=["exam_id", "n_breasts", *scores])
     if len(exams):
         exams = exams.sort_values(["malignant_pred", "exam_id"], ascending=[False, True], kind="mergesort")
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
