@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from mammogmic import __version__
 from mammogmic.cli.main import main
 from mammogmic.evaluation.table import OperatingPoint
 from mammogmic.visualization.report import HANGING, MAX_IMAGE_BYTES, NOTICE, ViewData, write_exam_report
@@ -332,7 +333,12 @@ def test_predict_report_with_a_fitted_operating_point(
     assert re.search(r'data-view="R-MLO"><div class="placeholder"><b>R-MLO</b><br>failed \(read\)', t0)
     assert 'data-subgroup="density"' in text and 'data-subgroup="age band"' in text
     run = json.loads((out / "run.json").read_text())
-    assert run["command"].startswith("mammogmic predict --manifest") and run["mammogmic_version"]
+    assert run["command"].startswith("mammogmic predict --manifest")
+    # The package version, with the commit when the tests run from a git checkout (as they do here).
+    assert re.fullmatch(
+        re.escape(__version__) + r"(\+git\.[0-9a-f]{4,}(\.dirty)?)?", run["mammogmic_version"]
+    )
+    assert run["mammogmic_version"] in text
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(
         f"t0_{view}.{ext}" for view in ("L-CC", "R-CC", "L-MLO") for ext in ("npz", "png")
     )
@@ -469,3 +475,17 @@ def test_exam_report_when_every_image_failed(tmp_path: Path) -> None:
     text = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert result["n_exams"] == 0 and "0 exam(s), 0 image(s) predicted" in text
     assert "Failed images: 1" in text and "a.png: &lt;empty&gt;" in text  # reasons are escaped
+
+
+def test_max_figures_is_a_deprecated_spelling_of_max_exams(caplog: pytest.LogCaptureFixture) -> None:
+    import argparse
+
+    from mammogmic.cli.eval_cmds import _report_settings
+
+    args = argparse.Namespace(
+        max_figures=10, max_exams=100, report=True, threshold=None, operating_point=None, operating_table=None
+    )
+    with caplog.at_level("WARNING"):
+        assert _report_settings(args) is None
+    assert args.max_exams == 3  # 10 figures: the exams of 4 views that hold them
+    assert "--max-figures is deprecated" in caplog.text

@@ -760,7 +760,7 @@ def _run_inference(
 
     from tqdm import tqdm
 
-    from mammogmic import __version__
+    from mammogmic._provenance import code_version
     from mammogmic.evaluation.inference import PrepareSettings, default_workers, predict_items
     from mammogmic.evaluation.outputs import (
         PredictionWriter,
@@ -825,7 +825,7 @@ def _run_inference(
         "seed": args.seed,
         "n_inputs": len(items),
         "n_run": len(todo),
-        "mammogmic_version": __version__,
+        "mammogmic_version": code_version(),
         "command": shlex.join(getattr(args, "command_line", None) or ["mammogmic", args.func.__name__]),
     }
     writer.begin(info)
