@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,16 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
         )
     with OrthancServer(binary, plugin, tmp_path_factory.mktemp("orthanc")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of Debian's ``chromium`` (the report's browser tests). Missing: fail when ``CI`` (or
+    ``MAMMOGMIC_REQUIRE_CHROMIUM=1``, which ``.ci/run`` sets) is set, skip otherwise."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "chromium not installed (Debian: apt-get install -y chromium)"
+        if os.environ.get("MAMMOGMIC_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(message + " (MAMMOGMIC_REQUIRE_CHROMIUM=1: it must run here)")
+        require_or_skip(message)
+    return path

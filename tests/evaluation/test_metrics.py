@@ -209,3 +209,65 @@ def test_column_metrics_dict_keys() -> None:
     assert {"auroc", "auroc_ci", "auprc", "average_precision", "n", "n_positive"} <= set(d)
     assert d["n"] == 50 and d["n_positive"] == int(y.sum())
     assert len(d["auroc_ci"]) == 2 and len(d["operating_points"]) == 1
+
+
+def test_threshold_at_by_hand() -> None:
+    # Cancers 0.9, 0.7, 0.4; negatives 0.7, 0.4, 0.3, 0.2, 0.1 (thresholds are the distinct scores).
+    y = [1, 1, 1, 0, 0, 0, 0, 0]
+    s = [0.9, 0.7, 0.4, 0.7, 0.4, 0.3, 0.2, 0.1]
+    # Sensitivity >= 0.6 first reached at 0.7 (2 of 3 cancers, 1 false positive): the highest such threshold.
+    point = m.threshold_at(y, s, sensitivity=0.6)
+    assert (point["threshold"], point["tp"], point["fp"]) == (0.7, 2, 1)
+    assert point["sensitivity"] == pytest.approx(2 / 3) and point["specificity"] == pytest.approx(4 / 5)
+    point = m.threshold_at(y, s, sensitivity=1.0)
+    assert (point["threshold"], point["tp"], point["fp"]) == (0.4, 3, 2)
+    # Specificity >= 0.8 allows one false positive: the lowest threshold that keeps it is 0.7.
+    point = m.threshold_at(y, s, specificity=0.8)
+    assert (point["threshold"], point["tp"], point["fp"]) == (0.7, 2, 1)
+    point = m.threshold_at(y, s, specificity=1.0)
+    assert (point["threshold"], point["tp"], point["fp"]) == (0.9, 1, 0)
+    # Only calling nothing keeps every negative negative: the threshold lies just above the highest score.
+    point = m.threshold_at([1, 0], [0.1, 0.9], specificity=1.0)
+    assert point["threshold"] > 0.9 and (point["tp"], point["fp"]) == (0, 0)
+    with pytest.raises(ValueError, match="exactly one"):
+        m.threshold_at(y, s, sensitivity=0.9, specificity=0.9)
+    with pytest.raises(ValueError, match="exactly one"):
+        m.threshold_at(y, s)
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        m.threshold_at(y, s, sensitivity=1.5)
+    with pytest.raises(ValueError, match="one class"):
+        m.threshold_at([1, 1], [0.2, 0.3], sensitivity=0.9)
+
+
+@pytest.mark.parametrize("kind", ["roc", "pr"])
+def test_curve_bands_equal_an_independent_bootstrap(kind: str, sk_metrics) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(5)
+    y, s = _random_case(rng, 40, ties=True)
+    n_resamples, seed = 300, 3
+    band = (m.roc_band if kind == "roc" else m.pr_band)(y, s, n_resamples=n_resamples, seed=seed, points=51)
+    # The same draws as the metric CIs (one (B, n) draw for this size), each curve from scikit-learn.
+    idx = np.random.default_rng(seed).integers(0, y.size, size=(n_resamples, y.size))
+    grid = np.linspace(0, 1, 51)
+    curves = []
+    for i in idx:
+        if not 0 < y[i].sum() < y.size:
+            continue
+        if kind == "roc":
+            fpr, tpr, _ = sk_metrics.roc_curve(y[i], s[i], drop_intermediate=False)
+            curves.append(np.interp(grid, fpr, tpr))
+        else:
+            precision, recall, _ = sk_metrics.precision_recall_curve(y[i], s[i])
+            curves.append(np.interp(grid, recall[::-1], precision[::-1]))
+    values = np.sort(np.stack(curves), axis=0)
+    k = values.shape[0]
+    assert band.n_valid == k
+    np.testing.assert_allclose(band.low, values[int(0.025 * k)])
+    np.testing.assert_allclose(band.high, values[int(0.975 * k)])
+    assert (band.low <= band.high).all()
+
+
+def test_curve_band_needs_rows_of_both_classes() -> None:
+    band = m.roc_band([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.3])  # below min_n = 8
+    assert band.n_valid == 0 and np.isnan(band.low).all()
+    band = m.pr_band([1] * 10, np.linspace(0, 1, 10))
+    assert band.n_valid == 0 and np.isnan(band.high).all()

@@ -249,8 +249,8 @@ def test_visualize_report(tmp_path: Path, tiny_model: Path, breast_png, size_arg
             "--out",
             str(out),
             "--report",
-            "--max-figures",
-            "3",
+            "--max-exams",
+            "1",
             "--dpi",
             "50",
             *size_args,
@@ -259,14 +259,19 @@ def test_visualize_report(tmp_path: Path, tiny_model: Path, breast_png, size_arg
     assert rc == 0
     figures = sorted((out / "figures").glob("*.png"))
     assert [f.stem for f in figures] == ["s0", "s1", "s2", "s3"]
+    assert sorted(f.stem for f in (out / "figures").glob("*.npz")) == ["s0", "s1", "s2", "s3"]
     width, height = Image.open(figures[0]).size
     assert width == 4 * 2.6 * 50  # four panels of 2.6 inches at 50 dpi
     assert height > width / 2
     html = (out / "report.html").read_text()
     assert "AUROC" in html
-    preds = pd.read_csv(out / "image_predictions.csv").sort_values("malignant_pred", ascending=False)
-    shown = re.findall(r'<figure data-image="([^"]+)"', html)
-    assert shown == preds["image_index"].tolist()[:3]  # top 3 of 4, highest first
+    exams = pd.read_csv(out / "exam_summary.csv").sort_values("malignant_pred", ascending=False)
+    shown = re.findall(r'<section class="exam" id="[^"]+" data-exam="([^"]+)"', html)
+    assert shown == exams["exam_id"].tolist()[:1]  # --max-exams 1: the highest exam score
+    top, other = exams["exam_id"].tolist()
+    # Every exam is listed; the drawn one links to its section.
+    assert f'<tr><td><a href="#exam-{top}">{top}</a></td>' in html
+    assert f"<tr><td>{other}</td>" in html
     loc = json.loads((out / "localization.json").read_text())
     assert loc["malignant"]["n_images"] == 4 and 0 <= loc["malignant"]["soft_dice"] <= 1
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -241,6 +242,8 @@ images whose input_key is unchanged; another run_key predicts everything again a
 --out must be new, empty, or a folder this command wrote (listed in its .mammogmic-out.json); other files
 need --force, and files with an output's name that we did not write are never overwritten. One run at a
 time per folder: a second one exits with status 2, or waits with --wait.
+--report also writes report.html, the exam report (see `mammogmic visualize --help`), and figures/:
+the full-size explanation figure and the report's picture data of each image predicted in this run.
 DMV-CNN models (official .p or ours; docs/dmv.md) predict whole exams (one image per view) into
 breast_predictions.csv and breast_predictions_metarepository.csv; image + heat-map models need --heatmaps DIR.
 Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments or an
@@ -250,13 +253,24 @@ unusable --out.
 VISUALIZE_EPILOG = """\
 Examples:
   mammogmic visualize --manifest test.csv --model gmic.safetensors --out figures/ --report
+  mammogmic visualize --manifest test.csv --model gmic.safetensors --out rep/ --report \
+      --operating-point sensitivity=0.9 --operating-table val_preds/image_predictions.csv
   mammogmic visualize scan.dcm --model sample_model_1.p --out fig/
 
 Writes figures/<image_id>.png (input with lesion outlines when the manifest has masks, patch map,
 benign and malignant saliency, the K patches with attention), image_predictions.csv, errors.csv, and
-with masks localization.json (Dice of the upsampled saliency maps vs the masks). --report adds
-report.html: one self-contained page (metrics when labels are known, ROC/PR curves, the figures sorted
-by malignant score) that opens from disk. Explanations come from the first model on the first window.
+with masks localization.json (Dice of the upsampled saliency maps vs the masks). Explanations come from
+the first model on the first window.
+
+--report adds report.html, the exam report: one self-contained page (no scripts, nothing fetched) with
+one section per exam, its four views hung R-CC L-CC / R-MLO L-MLO back to back, each with its saliency
+overlay (malignant/benign/none, switchable), the K patches numbered with their attention, breast and exam
+scores and, with an operating point, the call per breast; a cohort section when labels are known (metrics
+with bootstrap CIs, ROC/PR curves with 95% bands and the operating point, subgroups by density, vendor,
+site, dataset and age band where the manifest has them); provenance (run.json) and the failed images.
+Operating point: --threshold T (malignant breast score >= T is positive), or --operating-point
+sensitivity=S|specificity=P fitted at breast level on --operating-table, the image_predictions.csv of a
+labelled validation run. Each image takes at most 200 KB of the page; a click opens its full figure.
 Every run predicts every image and replaces the earlier run's outputs in --out (same --out rules as
 predict: new, empty or ours; --force, --wait).
 """
@@ -374,6 +388,7 @@ def add_predict_parsers(subparsers: Any) -> None:
         help="DMV-CNN image + heat-map models: folder of `mammogmic heatmaps` outputs (<image_id>.npz)",
     )
     dicom_cmds.add_arguments(pr)
+    _add_report_args(pr)
     pr.set_defaults(func=run_predict)
 
     vi = subparsers.add_parser(
@@ -384,13 +399,9 @@ def add_predict_parsers(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_inference_args(vi)
-    vi.add_argument("--report", action="store_true", help="also write report.html")
-    vi.add_argument("--dpi", type=int, default=150, help="figure resolution (150)")
-    vi.add_argument(
-        "--max-figures",
-        type=int,
-        default=200,
-        help="the report gallery shows the N highest malignant scores (200); every figure is written",
+    _add_report_args(vi)
+    vi.add_argument(  # deprecated: the report shows exams now (--max-exams)
+        "--max-figures", type=int, default=None, metavar="N", help=argparse.SUPPRESS
     )
     vi.add_argument("--dice-threshold", type=float, default=0.5, help="saliency threshold of the hard Dice")
     vi.add_argument(
@@ -401,6 +412,176 @@ def add_predict_parsers(subparsers: Any) -> None:
         "receptive-field centres (docs/localization.md)",
     )
     vi.set_defaults(func=run_visualize)
+
+
+def _operating_target(text: str) -> tuple[str, float]:
+    """``sensitivity=0.9`` / ``specificity=0.95`` → ``("sensitivity", 0.9)``."""
+    name, sep, value = text.partition("=")
+    name = name.strip().lower()
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or name not in ("sensitivity", "specificity") or not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected sensitivity=S or specificity=P with a value in (0, 1], e.g. sensitivity=0.9; got {text!r}"
+        )
+    return name, number
+
+
+def _add_report_args(p: argparse.ArgumentParser) -> None:
+    """The exam report's options (predict and visualize)."""
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write report.html: the exam report (four views per exam, saliency, patches, scores, "
+        "cohort metrics, provenance); predict then also writes figures/",
+    )
+    point = p.add_mutually_exclusive_group()
+    point.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="report: call a breast positive when its malignant score is >= T",
+    )
+    point.add_argument(
+        "--operating-point",
+        type=_operating_target,
+        metavar="TARGET=V",
+        help="report: the threshold reaching sensitivity=V or specificity=V at breast level on --operating-table",
+    )
+    p.add_argument(
+        "--operating-table",
+        type=Path,
+        metavar="CSV",
+        help="labelled validation predictions (a run's image_predictions.csv) to fit --operating-point on",
+    )
+    p.add_argument(
+        "--max-exams",
+        type=int,
+        default=100,
+        metavar="N",
+        help="report: draw the N exams with the highest malignant scores (100); every exam is listed",
+    )
+    p.add_argument("--dpi", type=int, default=150, help="resolution of the full-size figures (150)")
+
+
+def _report_settings(args: argparse.Namespace) -> Any:
+    """The operating point of the report (``None`` without one); bad report options are errors here, before
+    any output folder is made."""
+    from mammogmic.errors import MammogmicError
+    from mammogmic.evaluation.table import OperatingPoint, fit_operating_point
+
+    if getattr(args, "max_figures", None) is not None:
+        logger.warning("--max-figures is deprecated: the report draws exams; use --max-exams")
+        args.max_exams = max(1, math.ceil(args.max_figures / 4))
+    used = [
+        flag
+        for flag, value in (
+            ("--threshold", args.threshold),
+            ("--operating-point", args.operating_point),
+            ("--operating-table", args.operating_table),
+        )
+        if value is not None
+    ]
+    if used and not args.report:
+        raise MammogmicError(f"{', '.join(used)} only apply to the report: add --report")
+    if args.max_exams < 0:
+        raise MammogmicError(f"--max-exams must be >= 0, got {args.max_exams}")
+    if args.operating_table is not None and args.operating_point is None:
+        raise MammogmicError(
+            "--operating-table is what --operating-point is fitted on: give --operating-point too"
+        )
+    if args.threshold is not None:
+        try:
+            return OperatingPoint.given(args.threshold)
+        except ValueError as exc:
+            raise MammogmicError(f"--threshold: {exc}") from None
+    if args.operating_point is None:
+        return None
+    if args.operating_table is None:
+        raise MammogmicError(
+            "--operating-point is fitted on labelled validation predictions: give --operating-table "
+            "VAL/image_predictions.csv (fitting it on the predictions being reported would flatter it)"
+        )
+    target, value = args.operating_point
+    table = _read_csv(args.operating_table)
+    try:
+        return fit_operating_point(table, target, value, source=str(args.operating_table))
+    except ValueError as exc:
+        raise MammogmicError(f"--operating-table {args.operating_table}: {exc}") from None
+
+
+def _failed_views(errors: list[dict[str, str]], items: list[Any]) -> Any:
+    """``errors.csv`` rows with the exam and view of each failed image (when known), for the report."""
+    import pandas as pd
+
+    from mammogmic.evaluation.aggregation import IMAGE_NAME
+
+    by_id = {item.image_id: item for item in items}
+    rows = []
+    for e in errors:
+        item = by_id.get(e["image_id"])
+        exam = item.exam_id if item is not None else None
+        view = item.view if item is not None else None
+        match = IMAGE_NAME.match(e["image_id"])
+        if match:
+            exam = exam or match.group("exam")
+            view = view or f"{match.group('laterality').upper()}-{match.group('view').upper()}"
+        rows.append({**e, "exam_id": exam, "view": view})
+    return pd.DataFrame(rows, columns=["image_id", "path", "stage", "error", "exam_id", "view"])
+
+
+def _subgroup_values(args: argparse.Namespace) -> Any:
+    """The manifest's subgroup columns (density, vendor, site, dataset, age), by image id; ``None`` without."""
+    import pandas as pd
+
+    from mammogmic.evaluation.table import SUBGROUPS
+
+    if not args.manifest:
+        return None
+    wanted = {c for names in SUBGROUPS.values() for c in names}
+    table = pd.read_csv(args.manifest, dtype=str, keep_default_na=False)
+    columns = [c for c in table.columns if c in wanted]
+    if not columns or "image_id" not in table.columns:
+        return None
+    values = (
+        table[["image_id", *columns]].drop_duplicates("image_id").rename(columns={"image_id": "image_index"})
+    )
+    return values.replace("", None)
+
+
+def _write_report(
+    args: argparse.Namespace,
+    folder: OutputFolder,
+    writer: PredictionWriter,
+    items: list[Any],
+    point: Any,
+) -> Path:
+    """report.html of what the folder holds now (every row of the image table, this run's or kept)."""
+    from mammogmic.evaluation.outputs import RUN_JSON
+    from mammogmic.visualization.report import write_exam_report
+
+    table = writer.image_table()
+    extra = _subgroup_values(args)
+    if extra is not None and len(table):
+        own = [c for c in extra.columns if c != "image_index" and c in table.columns]
+        table = table.merge(extra.drop(columns=own), on="image_index", how="left")
+    run_path = args.out / RUN_JSON
+    run = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else None
+    folder.claim("report.html")
+    result = write_exam_report(
+        args.out / "report.html",
+        table,
+        args.out / "figures",
+        run=run,
+        errors=_failed_views(writer.errors, items),
+        operating_point=point,
+        max_exams=args.max_exams,
+        title=f"GMIC exam report: {args.out.resolve().name}",
+    )
+    path: Path = result["path"]
+    return path
 
 
 def _collect_items(args: argparse.Namespace) -> list[Any]:
@@ -614,8 +795,10 @@ def _run_inference(
 ) -> tuple[list[Any], list[Any], dict[str, Any], PredictionWriter]:
     """Shared body of predict and visualize: items → predictions, fed to a ``PredictionWriter`` that keeps
     only earlier rows made from the same files, models and settings (returned last)."""
+    import shlex
     import time
 
+    from mammogmic._provenance import code_version
     from mammogmic.evaluation.inference import PrepareSettings, default_workers, predict_items
     from mammogmic.evaluation.outputs import (
         PredictionWriter,
@@ -681,6 +864,8 @@ def _run_inference(
         "seed": args.seed,
         "n_inputs": len(items),
         "n_run": len(todo),
+        "mammogmic_version": code_version(),
+        "command": shlex.join(getattr(args, "command_line", None) or ["mammogmic", args.func.__name__]),
     }
     writer.begin(info)
     errors: list[Any] = []
@@ -692,7 +877,7 @@ def _run_inference(
     def on_result(res: Any) -> None:
         writer.add_result(res)
         if handle_result is not None:
-            handle_result(res)
+            handle_result(res, writer.keys_of(res.item.image_id))
 
     bar = progress_bar(len(todo), no_progress=args.no_progress, unit="img", desc="predict")
 
@@ -730,7 +915,12 @@ def run_predict(args: argparse.Namespace) -> int:
         if dmv_models_given(args):  # DMV-CNN files: exam-level prediction (cli/dmv_cmds.py)
             if dicom_cmds.used(args):
                 raise MammogmicError("the DICOM options (--dicom-out, --dicomweb) work with GMIC models only")
+            if args.report:
+                raise MammogmicError(
+                    "--report draws GMIC saliency maps and patches: DMV-CNN models have none"
+                )
             return run_dmv_predict(args)
+        point = _report_settings(args)
         dicom = dicom_cmds.DicomRun(args) if dicom_cmds.used(args) else None
         if dicom is not None:
             dicom.preflight()  # options, extras, server and studies: before any folder is made
@@ -739,6 +929,7 @@ def run_predict(args: argparse.Namespace) -> int:
             if dicom is not None:
                 dicom.claim_outside(stack)
             folder = stack.enter_context(_check_out_folder(args, "predict", items))
+            folder.remove("report.html")  # it showed the folder as it was; written again below with --report
             if dicom is not None:
                 items = dicom.start(stack, folder) or items
             options = {
@@ -747,12 +938,31 @@ def run_predict(args: argparse.Namespace) -> int:
                 "save_saliency": args.save_saliency,
                 "save_patches": args.save_patches,
             }
-            explain = args.save_saliency or args.save_patches or (dicom is not None and dicom.writes)
-            results, errors, info, writer = _run_inference(args, items, folder, options, explain, False)
+            pictures = None
+            if args.report:
+                from mammogmic.visualization.pictures import ResultPictures
+
+                folder.claim("figures")
+                pictures = ResultPictures(args.out / "figures", dpi=args.dpi, report=True)
+
+            def draw(res: Any, keys: tuple[str | None, str | None]) -> None:
+                if pictures is not None:
+                    pictures(res, *keys)
+                res.image = None  # release the full-size arrays at once (SR/SEG need only the maps)
+                res.masks = None
+
+            explain = (
+                args.save_saliency or args.save_patches or args.report or (dicom is not None and dicom.writes)
+            )
+            results, errors, info, writer = _run_inference(
+                args, items, folder, options, explain, args.report, handle_result=draw
+            )
             if dicom is not None:
                 dicom.finish(results, errors, writer, info)
                 info.update(dicom.summary)
             written = writer.finish(info)
+            if args.report:
+                written["report"] = _write_report(args, folder, writer, items, point)
     except (MammogmicError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -766,74 +976,31 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_visualize(args: argparse.Namespace) -> int:
     """Entry point of ``mammogmic visualize``."""
-    import heapq
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
-    import numpy as np
-    import pandas as pd
 
-    from mammogmic._outdir import atomic_write_bytes, atomic_write_text
-    from mammogmic.data.preprocessing import needs_flip
+    from mammogmic._outdir import atomic_write_text
     from mammogmic.errors import MammogmicError
     from mammogmic.evaluation.localization import DiceResult, dice_scores
-    from mammogmic.evaluation.outputs import file_stem
-    from mammogmic.evaluation.table import evaluate_table
-    from mammogmic.visualization.figure import gmic_figure
-    from mammogmic.visualization.report import GalleryItem, write_html_report
+    from mammogmic.visualization.pictures import ResultPictures
 
     fig_dir = args.out / "figures"
-    gallery: list[tuple[float, int, GalleryItem]] = []  # min-heap: the report keeps the top --max-figures
+    pictures = ResultPictures(fig_dir, dpi=args.dpi, report=args.report)
     dice: dict[str, Any] = {}
-    counter = [0]
 
-    def draw(res: Any) -> None:
-        """Figure and Dice as soon as an image is done; then drop its full-size arrays."""
-        if res.saliency is not None and res.image is not None:
-            masks = res.masks
-            fig = gmic_figure(
-                image=res.image,
-                saliency=res.saliency,
-                patch_locations=res.patch_locations,
-                crop_size=res.crop_size,
-                patch_attention=res.patch_attention,
-                benign_mask=masks[0] if masks is not None else None,
-                malignant_mask=masks[1] if masks is not None else None,
-                scores={"benign": res.benign, "malignant": res.malignant},
-                title=f"{res.item.image_id} ({res.view})",
-                mirrored=bool(res.view) and needs_flip(res.view, res.item.horizontal_flip),
+    def draw(res: Any, keys: tuple[str | None, str | None]) -> None:
+        """Figure, report data and Dice as soon as an image is done; then drop its full-size arrays."""
+        if pictures(res, *keys) and res.masks is not None:
+            dice[res.item.image_id] = dice_scores(
+                res.saliency, res.masks, threshold=args.dice_threshold, upsample=args.dice_upsample
             )
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=args.dpi)
-            png = buf.getvalue()
-            atomic_write_bytes(fig_dir / f"{file_stem(res.item.image_id)}.png", png)
-            if args.report and args.max_figures > 0:
-                labels = None
-                if not np.isnan(res.item.malignant_label):
-                    labels = f"malignant {res.item.malignant_label:g}"
-                    if not np.isnan(res.item.benign_label):
-                        labels = f"benign {res.item.benign_label:g}, " + labels
-                entry = (
-                    res.malignant,
-                    counter[0],
-                    GalleryItem(res.item.image_id, png, res.malignant, res.benign, labels),
-                )
-                counter[0] += 1
-                if len(gallery) < args.max_figures:
-                    heapq.heappush(gallery, entry)
-                else:
-                    heapq.heappushpop(gallery, entry)
-            if masks is not None:
-                dice[res.item.image_id] = dice_scores(
-                    res.saliency, masks, threshold=args.dice_threshold, upsample=args.dice_upsample
-                )
         res.image = None
         res.masks = None
 
     with contextlib.ExitStack() as stack:  # the folder stays locked until the report is written
         try:
+            point = _report_settings(args)
             items = _collect_items(args)
             folder = stack.enter_context(_check_out_folder(args, "visualize", items))
             # Every run redoes every image: figures and files of an earlier run must not outlive it.
@@ -846,7 +1013,6 @@ def run_visualize(args: argparse.Namespace) -> int:
         except (MammogmicError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        n_figures = len(list(fig_dir.glob("*.png"))) if fig_dir.is_dir() else 0
         if dice:
             summary: dict[str, Any] = {
                 **DiceResult.concatenate(list(dice.values())).summary(),
@@ -854,51 +1020,7 @@ def run_visualize(args: argparse.Namespace) -> int:
             }
             folder.claim("localization.json")
             atomic_write_text(args.out / "localization.json", json.dumps(summary, indent=1) + "\n")
-        print(f"{n_figures} figure(s) in {fig_dir}; {len(errors)} image(s) failed (see errors.csv)")
+        print(f"{pictures.n_written} figure(s) in {fig_dir}; {len(errors)} image(s) failed (see errors.csv)")
         if args.report:
-            table = writer.image_table()
-            metrics = []
-            curves: list[tuple[str, bytes]] = []
-            for level in ("image", "breast"):
-                if (
-                    "malignant_label" not in table.columns
-                    or table["malignant_label"].nunique(dropna=True) < 2
-                ):
-                    break
-                try:
-                    result, grouped = evaluate_table(
-                        table,
-                        label="malignant_label",
-                        scores=["malignant_pred"],
-                        group=level,
-                        source="predictions",
-                    )
-                except ValueError as exc:
-                    logger.warning("no %s-level metrics in the report: %s", level, exc)
-                    continue
-                metrics.append((f"{level.capitalize()} level (malignant)", result))
-                if level == "image":
-                    curves = _curve_pngs(result, grouped, "image level")
-            if (
-                "benign_label" in table.columns
-                and pd.to_numeric(table["benign_label"]).nunique(dropna=True) == 2
-            ):
-                result, _ = evaluate_table(
-                    table, label="benign_label", scores=["benign_pred"], source="predictions"
-                )
-                metrics.append(("Image level (benign)", result))
-            notes = [
-                f"Models: {', '.join(m['name'] for m in info['models'])}; device {info['device']}, {info['dtype']}, "
-                f"TTA {info['tta']}; {len(results)} image(s) predicted, {len(errors)} failed."
-            ]
-            if len(results) > len(gallery):
-                notes.append(
-                    f"The gallery shows the {len(gallery)} images with the highest malignant scores."
-                )
-            shown = [g[2] for g in gallery]
-            folder.claim("report.html")
-            path = write_html_report(
-                args.out / "report.html", "GMIC predictions", metrics, curves, shown, notes
-            )
-            print(f"report: {path}")
+            print(f"report: {_write_report(args, folder, writer, items, point)}")
     return 1 if errors else 0

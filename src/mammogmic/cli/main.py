@@ -73,6 +73,7 @@ def log_level(verbosity: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = ["mammogmic", *(sys.argv[1:] if argv is None else argv)]  # provenance (run.json)
     tune_allocator(args.allocator or getattr(args, "allocator_profile", "lean"))
     level = log_level(args.verbose + getattr(args, "verbose_after", 0))
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -97,6 +97,7 @@ def breast_level(
     score_columns: Sequence[str] = SCORE_COLUMNS,
     label_columns: Sequence[str] = LABEL_COLUMNS,
     name_column: str = "image_index",
+    keep_columns: Sequence[str] = (),
 ) -> pd.DataFrame:
     """One row per breast: mean-over-views scores and breast labels.
 
@@ -106,10 +107,12 @@ def breast_level(
         score_columns: columns averaged over views (missing ones are ignored).
         label_columns: image-level label columns; ``breast_<label>`` columns win when present.
         name_column: column with image names used by :func:`infer_image_fields`.
+        keep_columns: per-breast attributes (density, site, age...) carried over: the first known value of
+            the breast's images (missing ones are ignored).
 
     Returns:
         Columns ``breast_id, exam_id`` (then ``patient_id`` when the table has one),
-        ``laterality, n_images, n_views``, the scores and the labels.
+        ``laterality, n_images, n_views``, the scores, the labels, then ``keep_columns``.
     """
     table = df.copy()
     if "exam_id" not in table.columns or "laterality" not in table.columns:
@@ -144,6 +147,9 @@ def breast_level(
             if np.isnan(value) and col in part.columns:
                 value = _max_known(part[col])
             row[col] = value
+        for col in keep_columns:
+            if col in part.columns:
+                row[col] = _first_known(part[col])
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -8,7 +8,10 @@ published GMIC results:
   which is what the meta-repository reports; average precision (the step-wise sum
   ``Σ (R_k − R_{k−1}) P_k``) is reported next to it because it is the more common definition elsewhere.
 * Bootstrap confidence intervals draw ``n`` rows with replacement 2,000 times, skip resamples that
-  contain a single class, and read the 2.5% / 97.5% order statistics of the remaining values.
+  contain a single class, and read the 2.5% / 97.5% order statistics of the remaining values. Curve bands
+  (:func:`roc_band`, :func:`pr_band`) read the same order statistics at each point of a fixed grid.
+* An operating point calls ``score >= threshold`` positive; :func:`threshold_at` picks the threshold that
+  reaches a target sensitivity or specificity on a (validation) table.
 
 Every area is computed from *weighted* counts over the distinct score values. A bootstrap resample is
 just another weight vector (how many times each row was drawn), so all resamples of a column are scored
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BootstrapResult",
     "ColumnMetrics",
+    "CurveBand",
     "EnsembleResult",
     "PairedDifference",
     "auprc",
@@ -42,9 +46,12 @@ __all__ = [
     "fit_ensemble_weights",
     "hybrid_auroc",
     "paired_auroc_difference",
+    "pr_band",
     "pr_curve",
+    "roc_band",
     "roc_curve",
     "sensitivity_specificity",
+    "threshold_at",
 ]
 
 METRICS = ("auroc", "auprc", "average_precision")
@@ -200,16 +207,20 @@ class BootstrapResult:
     n_valid: int
 
 
+def _percentile_positions(n: int, level: float) -> tuple[int, int]:
+    """Positions ``int(α/2·n)`` and ``int((1−α/2)·n)`` in ``n`` sorted resample values (the meta-repository's)."""
+    alpha = 1.0 - level
+    return min(int(alpha / 2 * n), n - 1), min(int((1 - alpha / 2) * n), n - 1)
+
+
 def _percentile_ci(values: NDArray[np.float64], level: float) -> tuple[float, float]:
-    """CI from sorted resample values at ``int(α/2·n)`` and ``int((1−α/2)·n)``, like the meta-repository."""
+    """CI from sorted resample values at :func:`_percentile_positions`, like the meta-repository."""
     values = np.sort(values[np.isfinite(values)])
     n = values.size
     if n < 2:
         return float("nan"), float("nan")
-    alpha = 1.0 - level
-    lo = values[min(int(alpha / 2 * n), n - 1)]
-    hi = values[min(int((1 - alpha / 2) * n), n - 1)]
-    return float(lo), float(hi)
+    lo, hi = _percentile_positions(n, level)
+    return float(values[lo]), float(values[hi])
 
 
 def _resample_weights(rng: np.random.Generator, n: int, count: int) -> NDArray[np.float64]:
@@ -353,6 +364,148 @@ def sensitivity_specificity(
             }
         )
     return rows
+
+
+def threshold_at(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    sensitivity: float | None = None,
+    specificity: float | None = None,
+) -> dict[str, float]:
+    """The operating point (``score >= threshold`` called positive) that reaches a target on these rows.
+
+    Give exactly one target:
+
+    * ``sensitivity=s``: the *highest* threshold whose sensitivity is at least ``s`` (the fewest false
+      positives that still find that share of the cancers);
+    * ``specificity=p``: the *lowest* threshold whose specificity is at least ``p`` (the most cancers found
+      within that false-positive budget). When only calling nothing reaches ``p``, the threshold lies just
+      above the highest score.
+
+    Thresholds are the distinct scores themselves, so applying the result to the same rows reproduces its
+    counts exactly.
+
+    Returns:
+        The :func:`sensitivity_specificity` row at the chosen threshold.
+
+    Raises:
+        ValueError: not exactly one target, a target outside (0, 1], or rows of a single class.
+    """
+    if sensitivity is not None and specificity is None:
+        name, target = "sensitivity", float(sensitivity)
+    elif specificity is not None and sensitivity is None:
+        name, target = "specificity", float(specificity)
+    else:
+        raise ValueError("give exactly one of sensitivity= or specificity=")
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target {name} must be in (0, 1], got {target}")
+    y, s = _as_binary(labels, scores)
+    if y.all() or not y.any():
+        raise ValueError(f"cannot fit a threshold for a {name} on rows of one class ({y.size} rows)")
+    fpr, tpr, thresholds = roc_curve(y, s)
+    if name == "sensitivity":
+        # tpr rises as the threshold falls: the first (highest) threshold that reaches the target.
+        chosen = float(thresholds[int(np.argmax(tpr >= target - 1e-12))])
+    else:
+        ok = np.flatnonzero(1.0 - fpr >= target - 1e-12)  # specificity falls as the threshold falls
+        chosen = float(thresholds[ok[-1]])
+        if not np.isfinite(chosen):
+            chosen = float(np.nextafter(s.max(), np.inf))
+    return sensitivity_specificity(y, s, [chosen])[0]
+
+
+@dataclass(frozen=True)
+class CurveBand:
+    """Pointwise bootstrap band of a ROC or precision-recall curve.
+
+    Attributes:
+        grid: the x values (false positive rate for ROC, recall for PR), from 0 to 1.
+        low: lower bound of the curve's y value (sensitivity, precision) at each grid point.
+        high: upper bound.
+        level: confidence level.
+        n_valid: resamples with both classes (single-class draws are skipped, as for the CIs).
+    """
+
+    grid: NDArray[np.float64]
+    low: NDArray[np.float64]
+    high: NDArray[np.float64]
+    level: float
+    n_valid: int
+
+
+def _curve_band(
+    kind: str,
+    labels: ArrayLike,
+    scores: ArrayLike,
+    n_resamples: int,
+    seed: int | None,
+    level: float,
+    points: int,
+    min_n: int,
+) -> CurveBand:
+    y, s = _as_binary(labels, scores)
+    grid = np.linspace(0.0, 1.0, points)
+    empty = CurveBand(grid, np.full(points, np.nan), np.full(points, np.nan), level, 0)
+    if y.size < min_n or n_resamples < 1 or y.all() or not y.any():
+        return empty
+    n = y.size
+    ranked = _Ranked.build(y, s)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_resamples, _MAX_CHUNK_ELEMENTS // max(n, 1)))
+    curves: list[NDArray[np.float64]] = []
+    done = 0
+    while done < n_resamples:  # the resamples bootstrap_metric draws for the same seed
+        count = min(chunk, n_resamples - done)
+        tp, fp = _group_counts(ranked, _resample_weights(rng, n, count))
+        done += count
+        n_pos, n_neg = tp[:, -1], fp[:, -1]
+        for i in np.flatnonzero((n_pos > 0) & (n_neg > 0)):
+            recall = np.concatenate([[0.0], tp[i] / n_pos[i]])
+            if kind == "roc":
+                x, value = np.concatenate([[0.0], fp[i] / n_neg[i]]), recall
+            else:
+                predicted = tp[i] + fp[i]
+                precision = np.where(predicted > 0, tp[i] / np.where(predicted > 0, predicted, 1.0), 1.0)
+                x, value = recall, np.concatenate([[1.0], precision])
+            curves.append(np.interp(grid, x, value))
+    if len(curves) < 2:
+        return empty
+    stacked = np.sort(np.stack(curves), axis=0)  # (valid resamples, points), each column sorted
+    lo, hi = _percentile_positions(stacked.shape[0], level)
+    return CurveBand(grid, stacked[lo], stacked[hi], level, stacked.shape[0])
+
+
+def roc_band(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    n_resamples: int = 2000,
+    seed: int | None = 0,
+    level: float = 0.95,
+    points: int = 101,
+    min_n: int = 8,
+) -> CurveBand:
+    """Bootstrap band of the ROC curve: sensitivity at each false positive rate of a ``points`` grid.
+
+    Each resample's ROC curve (the points of :func:`roc_curve`, joined by straight lines as the AUROC's
+    trapezoids are) is read at the grid; the band is the percentile interval of those values per grid point,
+    with the rows, the seed and the order statistics of :func:`bootstrap_metric`. NaN below ``min_n`` rows
+    or with one class.
+    """
+    return _curve_band("roc", labels, scores, n_resamples, seed, level, points, min_n)
+
+
+def pr_band(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    n_resamples: int = 2000,
+    seed: int | None = 0,
+    level: float = 0.95,
+    points: int = 101,
+    min_n: int = 8,
+) -> CurveBand:
+    """Bootstrap band of the precision-recall curve: precision at each recall of a ``points`` grid
+    (the points of :func:`pr_curve` joined by straight lines, as the trapezoidal AUPRC); see :func:`roc_band`."""
+    return _curve_band("pr", labels, scores, n_resamples, seed, level, points, min_n)
 
 
 @dataclass(frozen=True)

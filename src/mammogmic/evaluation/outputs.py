@@ -370,6 +370,11 @@ class PredictionWriter:
         elif (self.out_dir / name).is_file():
             (self.out_dir / name).unlink()
 
+    def keys_of(self, image_id: str) -> tuple[str | None, str | None]:
+        """``(input_key, run_key)`` that the row of ``image_id`` records (``None`` when not known)."""
+        prov = self._provenance.get(image_id)
+        return (prov.key if prov is not None else None), self.run_key
+
     @property
     def done_ids(self) -> set[str]:
         """Image ids that already have a prediction."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,18 +23,25 @@ from mammogmic.evaluation.metrics import (
     fit_ensemble_weights,
     hybrid_auroc,
     paired_auroc_difference,
+    threshold_at,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "GROUPS",
+    "SUBGROUPS",
+    "OperatingPoint",
+    "age_band",
     "auroc_summary",
     "evaluate_table",
+    "fit_operating_point",
     "group_table",
     "lambda_key",
     "markdown_summary",
     "select_columns",
+    "subgroup_columns",
+    "subgroup_metrics",
 ]
 
 GROUPS = ("image", "breast", "exam")
@@ -373,3 +382,172 @@ def markdown_summary(result: dict[str, Any], title: str = "Evaluation") -> str:
             f"{weights}; validation AUROC {_fmt(e['val_auroc'])}, test AUROC {_fmt(e['test_auroc'])}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A decision threshold: ``score >= threshold`` is called positive at ``level``.
+
+    Attributes:
+        threshold: the cut-off on the malignant score.
+        description: how it was chosen, in words (for reports).
+        level: the unit it is applied to (``breast``: the call per breast).
+        target: ``sensitivity`` or ``specificity`` when fitted, else ``None``.
+        target_value: the target's value.
+        fitted_on: the :func:`~mammogmic.evaluation.metrics.sensitivity_specificity` row on the table it was
+            fitted on, with ``n`` and ``source``; ``None`` for a threshold that was given.
+    """
+
+    threshold: float
+    description: str
+    level: str = "breast"
+    target: str | None = None
+    target_value: float | None = None
+    fitted_on: Mapping[str, Any] | None = None
+
+    @classmethod
+    def given(cls, threshold: float, level: str = "breast") -> OperatingPoint:
+        """A threshold given by the user."""
+        if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
+            raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+        return cls(float(threshold), f"malignant score >= {threshold:g} (given)", level)
+
+
+def fit_operating_point(
+    df: pd.DataFrame,
+    target: str,
+    value: float,
+    label: str = "malignant_label",
+    score: str = "malignant_pred",
+    level: str = "breast",
+    source: str = "validation table",
+) -> OperatingPoint:
+    """The threshold that reaches ``target`` (``sensitivity`` or ``specificity``) = ``value`` on a table.
+
+    ``df`` is an image-level table (a validation run's ``image_predictions.csv``); it is grouped to ``level``
+    by the same aggregation as :func:`evaluate_table`, unlabelled rows are left out, and
+    :func:`~mammogmic.evaluation.metrics.threshold_at` picks the threshold.
+
+    Raises:
+        ValueError: a missing column, labels that are not 0/1, an unknown target, or one class only.
+    """
+    if target not in ("sensitivity", "specificity"):
+        raise ValueError(f"operating point target must be sensitivity or specificity, got {target!r}")
+    _labels(df, label, source)
+    if score not in df.columns:
+        raise ValueError(f"{source}: no score column {score!r}; columns are {list(df.columns)}")
+    _numeric(df, [score], source)
+    table = group_table(df, label, [score], level)
+    y = _labels(table, label, source)
+    s = pd.to_numeric(table[score], errors="coerce")
+    keep = (y.notna() & s.notna()).to_numpy()
+    if not keep.any():
+        raise ValueError(f"{source}: no {level} with both a {label!r} label and a score")
+    row = threshold_at(y[keep].astype(int).to_numpy(), s[keep].to_numpy(dtype=float), **{target: value})
+    fitted = {**row, "n": int(keep.sum()), "n_positive": int(y[keep].sum()), "source": source}
+    description = (
+        f"malignant score >= {row['threshold']:.4g}: {target} {value:g} fitted on {source} "
+        f"({fitted['n']} {level}s, {fitted['n_positive']} positive; there sensitivity "
+        f"{row['sensitivity']:.3f}, specificity {row['specificity']:.3f})"
+    )
+    return OperatingPoint(float(row["threshold"]), description, level, target, float(value), fitted)
+
+
+#: Subgroups reported when a table has one of the columns (first match wins), in this order.
+SUBGROUPS: dict[str, tuple[str, ...]] = {
+    "density": ("density", "breast_density", "birads_density"),
+    "vendor": ("vendor", "manufacturer"),
+    "site": ("site", "institution"),
+    "dataset": ("dataset",),
+    "age band": ("age", "patient_age"),
+}
+
+
+def age_band(value: Any) -> str | None:
+    """Screening age band of an age (``57``, ``"57"``, DICOM ``"057Y"``): ``<50``, ``50-59``, ``60-69``, ``70+``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip().upper().removesuffix("Y")
+    try:
+        age = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(age) or age < 0:
+        return None
+    if age < 50:
+        return "<50"
+    if age >= 70:
+        return "70+"
+    low = int(age // 10) * 10
+    return f"{low}-{low + 9}"
+
+
+def subgroup_columns(df: pd.DataFrame) -> dict[str, str]:
+    """``{subgroup name: column}`` for the :data:`SUBGROUPS` whose column ``df`` has with a known value."""
+    found = {}
+    for name, candidates in SUBGROUPS.items():
+        for col in candidates:
+            if col in df.columns and df[col].replace("", np.nan).notna().any():
+                found[name] = col
+                break
+    return found
+
+
+def subgroup_metrics(
+    table: pd.DataFrame,
+    column: str,
+    label: str,
+    score: str,
+    threshold: float | None = None,
+    n_bootstrap: int = 2000,
+    seed: int | None = 0,
+    bands: bool = False,
+) -> list[dict[str, Any]]:
+    """Metrics of ``score`` per value of ``column`` on an already grouped (e.g. breast) table.
+
+    Args:
+        table: one row per unit, with ``column``, ``label`` and ``score``.
+        column: the subgroup column; with ``bands`` its values are ages turned into :func:`age_band`.
+        label: 0/1 label column (unlabelled rows are left out).
+        score: score column.
+        threshold: also report sensitivity/specificity of ``score >= threshold``.
+        n_bootstrap: resamples of the AUROC CI.
+        seed: bootstrap seed.
+        bands: group ages into bands.
+
+    Returns:
+        One dict per value (sorted; unknown values last as ``"unknown"``): ``value``, ``n``, ``n_positive``,
+        ``auroc``, ``auroc_ci`` (``None`` where undefined: one class, or too few rows for a CI) and, with a
+        threshold, ``operating_point`` (the sensitivity/specificity row).
+    """
+    y = _labels(table, label, "subgroup table")
+    values = table[column].map(age_band) if bands else table[column].replace("", np.nan)
+    values = values.map(
+        lambda v: "unknown" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+    )
+    s = pd.to_numeric(table[score], errors="coerce")
+    keep = y.notna() & s.notna()
+    rows = []
+    known = sorted(v for v in values[keep].unique() if v != "unknown")
+    order = known + (["unknown"] if (values[keep] == "unknown").any() else [])
+    for value in order:
+        mask = (keep & (values == value)).to_numpy()
+        yy = y[mask].astype(int).to_numpy()
+        metrics = column_metrics(
+            yy,
+            s[mask].to_numpy(dtype=float),
+            n_resamples=n_bootstrap,
+            seed=seed,
+            thresholds=[threshold] if threshold is not None else (),
+        ).to_dict()
+        row: dict[str, Any] = {
+            "value": value,
+            "n": metrics["n"],
+            "n_positive": metrics["n_positive"],
+            "auroc": metrics["auroc"],
+            "auroc_ci": metrics["auroc_ci"],
+        }
+        if threshold is not None:
+            row["operating_point"] = metrics["operating_points"][0]
+        rows.append(row)
+    return rows

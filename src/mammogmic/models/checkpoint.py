@@ -537,7 +537,7 @@ def official_state_dict(model: GMIC) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: the architecture has no official equivalent (``global_arch: resnet10``).
     """
-    if model.config.global_arch.startswith("resnet10"):
+    if model.config.global_arch == "resnet10":
         raise CheckpointError(
             f"global_arch {model.config.global_arch} has no official equivalent (the official code builds ResNet-22 or ResNet-18 "
             "global networks); keep this model as .safetensors"

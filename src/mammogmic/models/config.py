@@ -8,7 +8,7 @@ from typing import Any
 
 from mammogmic.errors import ConfigError
 
-GLOBAL_ARCHS = ("resnet22", "resnet18", "resnet10", "resnet10_s16")
+GLOBAL_ARCHS = ("resnet22", "resnet18", "resnet10")
 LOCAL_ARCHS = ("resnet18", "resnet34", "resnet50")
 AGGREGATIONS = ("top_t", "gap", "gmp")
 PATCH_SELECTIONS = ("saliency", "random")
@@ -165,7 +165,7 @@ class GMICConfig:
     @property
     def global_dim(self) -> int:
         """Channels of ``h_g``."""
-        return self.global_width * {"resnet22": 16, "resnet10_s16": 4}.get(self.global_arch, 8)
+        return self.global_width * (16 if self.global_arch == "resnet22" else 8)
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,6 @@ class Bottleneck(nn.Module):
 
 _V1_LAYOUTS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, ...]]] = {
     "resnet10": (BasicBlock, (1, 1, 1, 1)),
-    "resnet10_s16": (BasicBlock, (1, 1, 1)),
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
@@ -181,8 +180,7 @@ class ResNetV1(nn.Module):
 
     Args:
         arch: ``"resnet10"`` (one block per stage: a receptive field of 195 pixels instead of ResNet-18's
-            435), ``"resnet10_s16"`` (its first three stages: stride 16, receptive field 99 pixels),
-            ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+            435), ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         in_channels: input channels of ``conv1``.
         width: channels of ``layer1`` (64 in the standard nets); doubles per layer.
     """
@@ -209,10 +207,9 @@ class ResNetV1(nn.Module):
             in_ch = planes * block.expansion
             blocks += [block(in_ch, planes) for _ in range(n_blocks - 1)]
             stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages[:3]
-        self.layer4 = stages[3] if len(stages) > 3 else nn.Identity()
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_channels = in_ch
-        self.stride = 4 * 2 ** (len(stages) - 1)
+        self.stride = 32
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -17,14 +17,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from mammogmic.visualization.overlay import (
+    BENIGN_COLOR,
+    MALIGNANT_COLOR,
+    PATCH_COLORS,
+    display_scale,
+    saliency_alpha,
+    saliency_colormap,
+)
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["gmic_figure", "save_gmic_figure"]
 
-BENIGN_COLOR = "#2ca02c"
-MALIGNANT_COLOR = "#d62728"
-_PATCH_COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#17becf", "#e377c2", "#bcbd22", "#8c564b", "#7f7f7f")
 _MAX_DISPLAY_ROWS = 1200  # images are subsampled for drawing; coordinates stay in input pixels
 
 
@@ -37,10 +43,7 @@ def _array(x: Any) -> NDArray[Any]:
 def _display(image: NDArray[Any]) -> tuple[NDArray[np.float32], int]:
     """Subsample a large image for drawing and scale it to [0, 1] by its 0.5/99.5 percentiles."""
     step = max(1, int(np.ceil(image.shape[0] / _MAX_DISPLAY_ROWS)))
-    small = image[::step, ::step].astype(np.float32)
-    lo, hi = np.percentile(small, [0.5, 99.5]) if small.size else (0.0, 1.0)
-    scaled = np.clip((small - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0).astype(np.float32)
-    return scaled, step
+    return display_scale(image[::step, ::step]), step
 
 
 def gmic_figure(
@@ -153,7 +156,7 @@ def gmic_figure(
 
     base(top[1], f"patch map (K={k})")
     for i, (row, col) in enumerate(locations):
-        color = _PATCH_COLORS[i % len(_PATCH_COLORS)]
+        color = PATCH_COLORS[i % len(PATCH_COLORS)]
         top[1].add_patch(Rectangle((col, row), crop_w, crop_h, fill=False, edgecolor=color, linewidth=1.2))
         top[1].text(
             col + 4, row + 4, str(i + 1), color=color, fontsize=6, va="top", ha="left", fontweight="bold"
@@ -165,12 +168,17 @@ def gmic_figure(
     # Cell (i, j) centred on pixel (s_y·i, s_x·j): the map's extent is shifted by half a cell.
     sy, sx = height / sal.shape[1], width / sal.shape[2]
     cell_extent = (-sx / 2, width - sx / 2, height - sy / 2, -sy / 2)
-    for ax, cls, name, cmap in ((top[2], 0, "benign", "Greens"), (top[3], 1, "malignant", "Reds")):
+    for ax, cls, name in ((top[2], 0, "benign"), (top[3], 1, "malignant")):
         base(ax, f"saliency: {name}  (max {sal[cls].max():.2f})")
-        # Transparent below 0.2 and more opaque with the value, so the breast stays visible where the map is low.
-        alpha = np.clip((sal[cls] - 0.2) / 0.8, 0.0, 1.0) * 0.85
+        # Transparent where the map is low (mammogmic.visualization.overlay), so the breast stays visible.
         layer = ax.imshow(
-            sal[cls], cmap=cmap, vmin=0, vmax=1, alpha=alpha, extent=cell_extent, interpolation="nearest"
+            sal[cls],
+            cmap=saliency_colormap(name),
+            vmin=0,
+            vmax=1,
+            alpha=saliency_alpha(sal[cls]),
+            extent=cell_extent,
+            interpolation="nearest",
         )
         outline(ax, legend=False)
         ax.set_xlim(0, width)
@@ -184,7 +192,7 @@ def gmic_figure(
         ax = fig.add_subplot(bottom_grid[0, j])
         if crops is not None:
             ax.imshow(crops[i], cmap="gray", interpolation="nearest")
-        color = _PATCH_COLORS[i % len(_PATCH_COLORS)]
+        color = PATCH_COLORS[i % len(PATCH_COLORS)]
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
             spine.set_linewidth(2)
