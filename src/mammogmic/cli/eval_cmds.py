@@ -646,7 +646,8 @@ _OUTPUT_FILES = (
     "localization.json",
     "report.html",
 )
-_OUTPUT_DIRS = ("saliency", "figures", "retrieved", "dicom")  # retrieved, dicom: predict's DICOM options
+# retrieved, dicom: predict's DICOM options; parts: the ranks' own outputs under torchrun (cli/predict_ranks.py)
+_OUTPUT_DIRS = ("saliency", "figures", "retrieved", "dicom", "parts")
 
 
 def _check_inputs_untouched(args: argparse.Namespace, items: list[Any]) -> None:
@@ -787,7 +788,7 @@ def _resolve_device(name: str) -> str:
 def _run_inference(
     args: argparse.Namespace,
     items: list[Any],
-    folder: OutputFolder,
+    folder: OutputFolder | None,
     writer_options: dict[str, Any],
     keep_explanations: bool,
     keep_images: bool,
@@ -909,8 +910,11 @@ def run_predict(args: argparse.Namespace) -> int:
     """Entry point of ``mammogmic predict``."""
     from mammogmic.cli import dicom_cmds
     from mammogmic.cli.dmv_cmds import dmv_models_given, run_dmv_predict
+    from mammogmic.cli.predict_ranks import run_predict_ranks, world_size
     from mammogmic.errors import MammogmicError
 
+    if world_size() > 1:  # under torchrun: a shard per rank, merged by rank 0 (cli/predict_ranks.py)
+        return run_predict_ranks(args)
     try:
         if dmv_models_given(args):  # DMV-CNN files: exam-level prediction (cli/dmv_cmds.py)
             if dicom_cmds.used(args):

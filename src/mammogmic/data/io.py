@@ -4,7 +4,8 @@
 file's own (raw) orientation; it is never silently reduced to 8 bits. For DICOM the display pipeline of
 the standard is applied in order:
 
-1. decode (uncompressed, RLE, JPEG, JPEG-LS, JPEG 2000 through the pylibjpeg plugins),
+1. decode (uncompressed, RLE, JPEG, JPEG-LS through the pylibjpeg plugins; JPEG 2000 through Pillow's OpenJPEG,
+   or pylibjpeg-openjpeg when the ``htj2k`` extra is installed, which High-Throughput JPEG 2000 needs),
 2. pixel padding (``PixelPaddingValue``/``PixelPaddingRangeLimit``) is remembered on the stored values,
 3. modality LUT or rescale slope/intercept,
 4. VOI LUT sequence or window centre/width (optional, on by default),
@@ -52,6 +53,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from mammogmic._extras import has_module, missing_extra
 from mammogmic.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -788,6 +790,11 @@ def _read_dicom(path: Path, data: bytes, *, apply_voi: bool) -> tuple[np.ndarray
     try:
         stored = ds.pixel_array
     except Exception as exc:
+        if str(ds.file_meta.TransferSyntaxUID) in _HTJ2K and not has_module("openjpeg"):
+            # Pillow decodes JPEG 2000 but not its High-Throughput variant: pylibjpeg-openjpeg does.
+            raise ImageReadError(
+                f"{path}: {missing_extra('openjpeg', 'High-Throughput JPEG 2000 DICOM', exc)}"
+            ) from exc
         raise ImageReadError(
             f"{path}: cannot decode the DICOM pixel data ({type(exc).__name__}: {exc}); the file may be "
             "truncated, or the transfer syntax needs a decoder plugin (pylibjpeg-openjpeg/-libjpeg/-rle)"
@@ -862,6 +869,10 @@ def _check_uncompressed_length(path: Path, ds: Any, frames: int, bits_allocated:
             f"{path}: truncated DICOM: the pixel data is {found:,} bytes, the header ({rows}x{cols}, "
             f"{bits_allocated}-bit) needs {expected:,}; the file was cut short (copy or download again)"
         )
+
+
+# High-Throughput JPEG 2000 (Lossless, Lossless RPCL, lossy): pydicom decodes it with pylibjpeg-openjpeg only.
+_HTJ2K = frozenset({"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"})
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:
