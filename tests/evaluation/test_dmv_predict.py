@@ -91,7 +91,7 @@ def test_predict_exams(
         str(maps),
     ]
     assert main(gmic) == 2
-    assert "--heatmaps is for DMV-CNN models" in capsys.readouterr().err
+    assert "none of the models takes heat maps" in capsys.readouterr().err
     assert main([*args, "--input-size", "256", "192"]) == 2
     assert "--input-size: GMIC options" in capsys.readouterr().err
 

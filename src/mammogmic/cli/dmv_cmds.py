@@ -19,10 +19,11 @@ Examples:
 
 Inputs as for predict: folders (searched recursively for .png/.dcm/.dicom), files, and/or --manifest CSV
 (rows with the preprocess cache columns cached_path + best_center skip the crop). Each image is cropped as
-for GMIC, turned to face right, standardised, and cut into 256x256 patches at stride 70 (the last patch flush
-with the border; which steps shrink by one pixel is drawn from one random.Random(--seed) for the run, image
-after image in input order, rows then columns: give the images exam by exam, L-CC, R-CC, L-MLO, R-MLO to
-replay the official run). A pixel's probability is the mean over the patches covering it.
+for GMIC, turned to face right, standardised, and cut into 256x256 patches at stride 70 (a classifier trained
+by mammogmic train: the patch size, stride and crop it was trained with, stored in its file), the last patch
+flush with the border; which steps shrink by one pixel is drawn from one random.Random(--seed) for the run,
+image after image in input order, rows then columns: give the images exam by exam, L-CC, R-CC, L-MLO, R-MLO
+to replay the official run. A pixel's probability is the mean over the patches covering it.
 
 Outputs (in --out): <image_id>.npz with float32 arrays benign and malignant at the cropped image's size, in
 the orientation of the cropped image as stored (what predict --heatmaps reads), plus the grid and the
@@ -51,14 +52,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the patch classifier: an official .p file (sample_patch_model.p) or our .safetensors",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--stride", type=int, default=70, help="patch stride before the flush adjustment (70)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="patch stride before the flush adjustment (default: the model's; official files 70)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stride draws (official: 0)")
     p.add_argument(
         "--crop-iterations",
         type=int,
         default=None,
-        help="breast-crop morphology iterations (default: the official 100; smaller for small images)",
+        help="breast-crop morphology iterations (default: the model's; official files 100)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument(
@@ -87,6 +93,25 @@ def _load_patch_model(path: Path, device: str) -> Any:
         model = loaded
     # channels-last: about 1.3x faster on CPU (oneDNN), same maps to float32 rounding.
     return model.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+
+
+def patch_model_grid(path: Path) -> tuple[int, int, Any]:
+    """``(patch size, stride, input contract)`` a patch classifier's heat maps are made with: the official
+    256, 70 and pipeline for ``.p`` files; for ours what training stored (``heatmap_grid``, ``input_contract``),
+    else the official values."""
+    from mammogmic.data.sample import OFFICIAL_CONTRACT
+    from mammogmic.errors import CheckpointError
+    from mammogmic.evaluation.heatmaps import PATCH_SIZE, PATCH_STRIDE
+    from mammogmic.evaluation.inference import model_contract
+    from mammogmic.models import read_model_metadata
+
+    if path.suffix == ".p":
+        return PATCH_SIZE, PATCH_STRIDE, OFFICIAL_CONTRACT
+    grid = (read_model_metadata(path).get("extra") or {}).get("heatmap_grid") or {}
+    size, stride = grid.get("patch_size", PATCH_SIZE), grid.get("stride", PATCH_STRIDE)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (size, stride)):
+        raise CheckpointError(f"{path}: bad heatmap_grid in the model metadata: {grid!r}")
+    return size, stride, model_contract(path)
 
 
 def _previous_settings(path: Path) -> tuple[dict[str, str], tuple[int, int]] | None:
@@ -136,24 +161,27 @@ def run_heatmaps(args: argparse.Namespace) -> int:
 
     from mammogmic.cli.eval_cmds import _collect_items, _resolve_device
     from mammogmic.data.cache import sha256_file
-    from mammogmic.data.sample import OFFICIAL_CONTRACT, SampleError, load_source
+    from mammogmic.data.sample import SampleError, heatmap_file, load_source
     from mammogmic.errors import MammogmicError
-    from mammogmic.evaluation.heatmaps import PATCH_SIZE, patch_grid, produce_heatmaps
-    from mammogmic.evaluation.outputs import atomic_write_text, escape_csv_text, file_stem
+    from mammogmic.evaluation.heatmaps import patch_grid, produce_heatmaps
+    from mammogmic.evaluation.outputs import atomic_write_text, escape_csv_text
     from mammogmic.models.checkpoint import _atomic_write
 
     try:
-        if args.stride < 1 or args.batch_size < 1:
+        if (args.stride is not None and args.stride < 1) or args.batch_size < 1:
             raise MammogmicError(
                 f"--stride and --batch-size must be positive, got {args.stride}, {args.batch_size}"
             )
         items = _collect_items(args)
-        targets = [args.out / f"{file_stem(item.image_id)}.npz" for item in items]
+        targets = [heatmap_file(args.out, item.image_id) for item in items]
         _check_outputs(args, items, targets)
         device = _resolve_device(args.device)
         model = _load_patch_model(args.model, device)
         digest = sha256_file(args.model)
-        contract = OFFICIAL_CONTRACT
+        patch_size, stride, contract = patch_model_grid(args.model)
+        stride = stride if args.stride is None else args.stride
+        # the heat maps lie on the cropped image: its crop is the model's (crop settings only, no heat maps)
+        contract = dataclasses.replace(contract, heatmaps=False)
         if args.crop_iterations is not None:
             contract = dataclasses.replace(contract, crop_iterations=args.crop_iterations)
     except (MammogmicError, ValueError) as exc:
@@ -162,8 +190,8 @@ def run_heatmaps(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {
         "model_sha256": digest,
-        "patch_size": str(PATCH_SIZE),
-        "stride": str(args.stride),
+        "patch_size": str(patch_size),
+        "stride": str(stride),
         "seed": str(args.seed),
         "amp": args.amp,
     }
@@ -183,13 +211,13 @@ def run_heatmaps(args: argparse.Namespace) -> int:
         previous = _previous_settings(target) if target.exists() else None
         if previous is not None and previous[0] == settings:
             # Done already: replay the draws its grid took, so that the next images get theirs.
-            patch_grid(previous[1], rng, PATCH_SIZE, args.stride)
+            patch_grid(previous[1], rng, patch_size, stride)
             skipped += 1
             bar.update(1)
             continue
         t0 = time.perf_counter()
         try:
-            source = load_source(item, contract)
+            source = load_source(item, contract, heatmaps=False)
             patches = [0]
 
             def progress(n: int, name: str = item.image_id[-30:], patches: list[int] = patches) -> None:
@@ -203,7 +231,8 @@ def run_heatmaps(args: argparse.Namespace) -> int:
                 source.view,
                 rng,
                 horizontal_flip=source.horizontal_flip,
-                stride=args.stride,
+                patch=patch_size,
+                stride=stride,
                 batch_size=args.batch_size,
                 amp=args.amp,
                 progress=progress,
@@ -269,6 +298,34 @@ _GMIC_ONLY = {
 _DMV_OUTPUTS = ("breast_predictions.csv", "breast_predictions_metarepository.csv", "errors.csv", "run.json")
 
 
+def attach_heatmap_folder(args: argparse.Namespace, items: list[Any], needs: list[str]) -> None:
+    """``--heatmaps DIR``: each image's heat-map file is ``DIR/<image_id>.npz`` (a manifest's ``heatmap_path``
+    column wins). ``needs`` names the models that take heat-map channels: they are refused without maps, and
+    ``--heatmaps`` without such a model is refused too.
+
+    Raises:
+        MammogmicError: naming the models or the folder.
+    """
+    from mammogmic.data.sample import attach_heatmaps
+    from mammogmic.errors import MammogmicError
+
+    folder = getattr(args, "heatmaps", None)
+    if folder is not None and not needs:
+        raise MammogmicError(
+            f"--heatmaps {folder}: none of the models takes heat maps (GMIC with in_channels 3 and DMV-CNN's "
+            "image + heat-maps models do)"
+        )
+    if folder is not None and not folder.is_dir():
+        raise MammogmicError(f"--heatmaps {folder}: not a folder")
+    if needs and folder is None and any(item.heatmap_path is None for item in items):
+        raise MammogmicError(
+            f"model(s) {', '.join(needs)} take the image and its benign and malignant heat maps as input "
+            "channels: pass --heatmaps DIR (made by mammogmic heatmaps) or give the manifest a heatmap_path "
+            "column"
+        )
+    attach_heatmaps(items, folder)
+
+
 def dmv_models_given(args: argparse.Namespace) -> bool:
     """Whether ``predict``'s models are DMV-CNN files (all of them; a mix is refused)."""
     from mammogmic.errors import MammogmicError
@@ -280,8 +337,6 @@ def dmv_models_given(args: argparse.Namespace) -> bool:
         raise MammogmicError(
             f"DMV-CNN model(s) {', '.join(dmv)} cannot be mixed with GMIC models in one run: predict them separately"
         )
-    if not any(kinds) and getattr(args, "heatmaps", None) is not None:
-        raise MammogmicError("--heatmaps is for DMV-CNN models (the image + heat maps models)")
     return all(kinds)
 
 
@@ -323,7 +378,6 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
         _collect_items,
         _resolve_device,
     )
-    from mammogmic.data.sample import OFFICIAL_CONTRACT
     from mammogmic.errors import MammogmicError
     from mammogmic.evaluation.aggregation import metarepository_breast_table
     from mammogmic.evaluation.dmv import (
@@ -346,13 +400,12 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
             raise MammogmicError(
                 f"{args.out}: holds GMIC predictions (image_predictions.csv); choose another --out"
             )
-        if args.heatmaps is not None and not args.heatmaps.is_dir():
-            raise MammogmicError(f"--heatmaps {args.heatmaps}: not a folder")
         device = _resolve_device(args.device)
         members = [load_dmv_member(path, device) for path in args.models]
-        contract = OFFICIAL_CONTRACT
         if args.crop_iterations is not None:
-            contract = dataclasses.replace(contract, crop_iterations=args.crop_iterations)
+            for member in members:
+                member.contract = dataclasses.replace(member.contract, crop_iterations=args.crop_iterations)
+        attach_heatmap_folder(args, items, [m.source for m in members if m.contract.heatmaps])
         tta = 1 if args.tta is None else args.tta
         previous = _previous_breasts(args.out / "breast_predictions.csv", args.overwrite_predictions)
         done = set() if previous is None else set(previous["exam_id"].astype(str))
@@ -372,12 +425,10 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
         results: list[ExamResult] = predict_exams(
             todo,
             members,
-            heatmaps=args.heatmaps,
             tta=tta,
             seed=args.seed,
             device=device,
             dtype=args.dtype,
-            contract=contract,
             on_error=errors.append,
             progress=progress,
         )

@@ -354,7 +354,8 @@ def add_predict_parsers(subparsers: Any) -> None:
     pr.add_argument(
         "--heatmaps",
         type=Path,
-        help="DMV-CNN image + heat-map models: folder of `mammogmic heatmaps` outputs (<image_id>.npz)",
+        help="models with heat-map channels (GMIC in_channels 3, DMV-CNN image + heat maps): folder of "
+        "`mammogmic heatmaps` outputs (<image_id>.npz); a manifest's heatmap_path column wins",
     )
     pr.set_defaults(func=run_predict)
 
@@ -578,6 +579,7 @@ def _run_inference(
 
     from tqdm import tqdm
 
+    from mammogmic.cli.dmv_cmds import attach_heatmap_folder
     from mammogmic.evaluation.inference import PrepareSettings, default_workers, predict_items
     from mammogmic.evaluation.outputs import (
         PredictionWriter,
@@ -590,6 +592,7 @@ def _run_inference(
     device = _resolve_device(args.device)
     members = _load_members(args, device)
     _apply_contract_overrides(args, members)
+    attach_heatmap_folder(args, items, [m.source for m in members if m.contract.heatmaps])
     tta = args.tta
     if tta is None:
         defaults = sorted({m.contract.tta for m in members})
