@@ -327,17 +327,11 @@ def attach_heatmap_folder(args: argparse.Namespace, items: list[Any], needs: lis
 
 
 def dmv_models_given(args: argparse.Namespace) -> bool:
-    """Whether ``predict``'s models are DMV-CNN files (all of them; a mix is refused)."""
-    from mammogmic.errors import MammogmicError
+    """Whether any of ``predict``'s models is a DMV-CNN file (then predict works per exam; GMIC models given
+    with it join a mixed ensemble, averaged per breast)."""
     from mammogmic.evaluation.dmv import is_dmv_file
 
-    kinds = [is_dmv_file(path) for path in args.models]
-    if any(kinds) and not all(kinds):
-        dmv = [str(p) for p, k in zip(args.models, kinds, strict=True) if k]
-        raise MammogmicError(
-            f"DMV-CNN model(s) {', '.join(dmv)} cannot be mixed with GMIC models in one run: predict them separately"
-        )
-    return all(kinds)
+    return any(is_dmv_file(path) for path in args.models)
 
 
 def _previous_breasts(path: Path, overwrite: bool) -> Any:
@@ -357,7 +351,8 @@ def _previous_breasts(path: Path, overwrite: bool) -> Any:
 
 
 def run_dmv_predict(args: argparse.Namespace) -> int:
-    """``mammogmic predict`` with DMV-CNN models: one row per exam in breast_predictions_metarepository.csv.
+    """``mammogmic predict`` with DMV-CNN models (and GMIC models with them: a mixed ensemble): one row per exam
+    in breast_predictions_metarepository.csv.
 
     The output folder follows predict's rules (one writer at a time, our folder or a new one; ``_outdir``).
     """
@@ -367,6 +362,33 @@ def run_dmv_predict(args: argparse.Namespace) -> int:
         return _run_dmv_predict(args, stack)
 
 
+def gmic_tta(args: argparse.Namespace, members: list[Any]) -> int:
+    """GMIC members' TTA windows: ``--tta``, else the largest of their stored defaults."""
+    return int(args.tta if args.tta is not None else max(m.contract.tta for m in members))
+
+
+def _gmic_images(
+    args: argparse.Namespace, items: list[Any], members: list[Any], device: str
+) -> tuple[Any, Any]:
+    """The GMIC members' image predictions of a mixed ensemble (``predict_items``: GMIC predict's engine) and
+    their errors."""
+    from mammogmic.evaluation.inference import PrepareSettings, default_workers, predict_items
+
+    tta = gmic_tta(args, members)
+    failed: list[Any] = []
+    results = predict_items(
+        items,
+        members,
+        PrepareSettings(tta=tta, seed=args.seed),
+        batch_size=args.batch_size,
+        device=device,
+        dtype=args.dtype,
+        workers=default_workers() if args.workers is None else args.workers,
+        on_error=failed.append,
+    )
+    return results, failed
+
+
 def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
     import dataclasses
 
@@ -374,8 +396,10 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
     from tqdm import tqdm
 
     from mammogmic.cli.eval_cmds import (
+        _apply_contract_overrides,
         _check_out_folder,
         _collect_items,
+        _load_members,
         _resolve_device,
     )
     from mammogmic.errors import MammogmicError
@@ -385,15 +409,27 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
         ExamResult,
         breast_table,
         exam_of,
+        is_dmv_file,
         load_dmv_member,
         predict_exams,
+        with_gmic_members,
     )
     from mammogmic.evaluation.outputs import atomic_write_text, escape_csv_text
 
     try:
-        given = [flag for name, flag in _GMIC_ONLY.items() if getattr(args, name, None)]
+        dmv_paths = [path for path in args.models if is_dmv_file(path)]
+        gmic_paths = [path for path in args.models if path not in dmv_paths]
+        refused = (
+            _GMIC_ONLY if not gmic_paths else {k: _GMIC_ONLY[k] for k in ("save_saliency", "save_patches")}
+        )
+        given = [flag for name, flag in refused.items() if getattr(args, name, None)]
         if given:
-            raise MammogmicError(f"{', '.join(given)}: GMIC options; DMV-CNN models do not take them")
+            what = (
+                "GMIC options; DMV-CNN models do not take them"
+                if not gmic_paths
+                else "not for DMV-CNN ensembles"
+            )
+            raise MammogmicError(f"{', '.join(given)}: {what}")
         items = _collect_items(args)
         folder = stack.enter_context(_check_out_folder(args, "predict-dmv", items))
         if (args.out / "image_predictions.csv").exists():
@@ -401,11 +437,23 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
                 f"{args.out}: holds GMIC predictions (image_predictions.csv); choose another --out"
             )
         device = _resolve_device(args.device)
-        members = [load_dmv_member(path, device) for path in args.models]
+        members = [load_dmv_member(path, device) for path in dmv_paths]
         if args.crop_iterations is not None:
             for member in members:
                 member.contract = dataclasses.replace(member.contract, crop_iterations=args.crop_iterations)
-        attach_heatmap_folder(args, items, [m.source for m in members if m.contract.heatmaps])
+        gmic = (
+            _load_members(argparse.Namespace(**{**vars(args), "models": gmic_paths}), device)
+            if gmic_paths
+            else []
+        )
+        _apply_contract_overrides(args, gmic)
+        taken = {m.name for m in members}
+        for i, member in enumerate(gmic):  # names label each model's columns: one per model
+            if member.name in taken:
+                member.name = f"{member.name}_{len(members) + i + 1}"
+            taken.add(member.name)
+        needs = [m.source for m in [*members, *gmic] if m.contract.heatmaps]
+        attach_heatmap_folder(args, items, needs)
         tta = 1 if args.tta is None else args.tta
         previous = _previous_breasts(args.out / "breast_predictions.csv", args.overwrite_predictions)
         done = set() if previous is None else set(previous["exam_id"].astype(str))
@@ -433,6 +481,12 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
             progress=progress,
         )
         bar.close()
+        if gmic:  # GMIC on the images of the exams DMV-CNN predicted, then one mean per breast
+            exam_items = [item for result in results for item in result.items.values()]
+            images, failed = _gmic_images(args, exam_items, gmic, device)
+            errors += [ExamError(p.item, p.stage or "gmic", p.error or "") for p in failed]
+            results, dropped = with_gmic_members(results, images, [m.name for m in gmic])
+            errors += dropped
     except (MammogmicError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -457,15 +511,37 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
         atomic_write_text(args.out / name, text)
         written.append(args.out / name)
     info = {
-        "model_type": "dmv",
+        "model_type": "dmv+gmic" if gmic else "dmv",
         "models": [
-            {"name": m.name, "path": m.source, "sha256": m.sha256, "config": m.model.config.to_dict()}
+            {
+                "name": m.name,
+                "kind": "dmv",
+                "path": m.source,
+                "sha256": m.sha256,
+                "config": m.model.config.to_dict(),
+                "input_contract": m.contract.to_dict(),
+            }
             for m in members
+        ]
+        + [
+            {
+                "name": m.name,
+                "kind": "gmic",
+                "path": m.source,
+                "sha256": m.sha256,
+                "percent_t": m.percent_t,
+                "input_contract": m.contract.to_dict(),
+            }
+            for m in gmic
         ],
+        "ensemble": "mean of every model's breast probabilities (GMIC: mean over the breast's views)"
+        if gmic
+        else None,
         "heatmaps": str(args.heatmaps) if args.heatmaps else None,
         "device": device,
         "dtype": args.dtype,
         "tta": tta,
+        "tta_gmic": gmic_tta(args, gmic) if gmic else None,
         "seed": args.seed,
         "n_inputs": len(items),
         "n_run": len(todo),

@@ -239,6 +239,8 @@ need --force, and files with an output's name that we did not write are never ov
 time per folder: a second one exits with status 2, or waits with --wait.
 DMV-CNN models (official .p or ours; docs/dmv.md) predict whole exams (one image per view) into
 breast_predictions.csv and breast_predictions_metarepository.csv; image + heat-map models need --heatmaps DIR.
+GMIC models given with DMV-CNN models join a mixed ensemble: every model's breast probabilities averaged
+(GMIC: mean over the breast's views), each model's in <benign|malignant>_pred__<model> columns.
 Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments or an
 unusable --out.
 """

@@ -55,6 +55,7 @@ __all__ = [
     "load_dmv_member",
     "metarepository_table",
     "predict_exams",
+    "with_gmic_members",
 ]
 
 
@@ -166,7 +167,8 @@ def group_exams(items: Sequence[ImageItem]) -> list[tuple[str, list[ImageItem]]]
 
 @dataclass
 class ExamResult:
-    """Probabilities of one exam, in :data:`~mammogmic.models.DMV_LABELS` order, averaged over models and passes."""
+    """Probabilities of one exam, in :data:`~mammogmic.models.DMV_LABELS` order, averaged over models and passes
+    (``member_predictions``: each model's own, by name)."""
 
     exam_id: str
     items: dict[str, ImageItem]
@@ -288,7 +290,7 @@ def predict_exams(
             continue
         per_member = sums
         mean = np.mean(np.stack(list(per_member.values())), axis=0)
-        result = ExamResult(exam_id, by_view, mean, per_member if len(members) > 1 else {})
+        result = ExamResult(exam_id, by_view, mean, per_member)
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -300,10 +302,12 @@ def predict_exams(
 def breast_table(results: Sequence[ExamResult]) -> pd.DataFrame:
     """One row per breast (``breast_id, exam_id, patient_id, laterality, benign_pred, malignant_pred``, and the
     breast labels when the manifest has them), the input of
-    :func:`~mammogmic.evaluation.aggregation.metarepository_breast_table`."""
+    :func:`~mammogmic.evaluation.aggregation.metarepository_breast_table`. Ensembles add each model's scores
+    as ``benign_pred__<model>`` and ``malignant_pred__<model>`` (the columns of GMIC's ensemble tables)."""
     rows = []
     for result in results:
         p = dict(zip(DMV_LABELS, result.predictions.tolist(), strict=True))
+        members = result.member_predictions if len(result.member_predictions) > 1 else {}
         for side, name in (("L", "left"), ("R", "right")):
             views = [result.items[f"{side}-{a}"] for a in ("CC", "MLO")]
             row: dict[str, Any] = {
@@ -315,9 +319,16 @@ def breast_table(results: Sequence[ExamResult]) -> pd.DataFrame:
                 "malignant_pred": p[f"{name}_malignant"],
             }
             row["benign_label"], row["malignant_label"] = breast_labels(views)
+            for member, values in members.items():
+                q = dict(zip(DMV_LABELS, np.asarray(values).tolist(), strict=True))
+                row[f"benign_pred__{member}"] = q[f"{name}_benign"]
+                row[f"malignant_pred__{member}"] = q[f"{name}_malignant"]
             rows.append(row)
     columns = ["breast_id", "exam_id", "patient_id", "laterality", "benign_pred", "malignant_pred"]
-    table = pd.DataFrame(rows, columns=[*columns, "benign_label", "malignant_label"])
+    extra = list(
+        dict.fromkeys(k for row in rows for k in row if k.startswith(("benign_pred__", "malignant_pred__")))
+    )
+    table = pd.DataFrame(rows, columns=[*columns, "benign_label", "malignant_label", *extra])
     for col in ("benign_label", "malignant_label"):
         if col in table.columns and table[col].isna().all():
             table = table.drop(columns=col)
@@ -332,3 +343,61 @@ def metarepository_table(results: Sequence[ExamResult]) -> pd.DataFrame:
             columns=["index", "left_malignant", "right_malignant", "left_benign", "right_benign"]
         )
     return metarepository_breast_table(breast_table(results))
+
+
+def with_gmic_members(
+    results: Sequence[ExamResult], images: Sequence[Any], gmic_names: Sequence[str]
+) -> tuple[list[ExamResult], list[ExamError]]:
+    """Mixed ensembles: add GMIC models' breast scores to DMV-CNN's exam results and average all models.
+
+    A GMIC model scores a breast by the mean over its views (:func:`~mammogmic.evaluation.aggregation.breast_level`,
+    the rule of GMIC's own breast tables) of its image probabilities (``images``:
+    :class:`~mammogmic.evaluation.inference.ImageResult` of ``predict_items`` with the GMIC ``gmic_names`` models).
+    Every model, GMIC or DMV-CNN, counts once in the mean. An exam with an image GMIC could not predict is left
+    out, its other images reported.
+
+    Returns:
+        The combined results (``member_predictions``: every model's own) and the errors of exams left out.
+    """
+    from mammogmic.evaluation.aggregation import breast_level
+    from mammogmic.evaluation.outputs import image_row, image_table
+
+    by_id = {res.item.image_id: res for res in images}
+    rows, complete, errors = [], [], []
+    for result in results:
+        lacking = [item for item in result.items.values() if item.image_id not in by_id]
+        if lacking:
+            reason = (
+                f"exam {result.exam_id!r}: GMIC could not predict {', '.join(i.image_id for i in lacking)}"
+            )
+            errors += [
+                ExamError(item, "exam", f"{item.path}: {reason}")
+                for item in result.items.values()
+                if item not in lacking
+            ]
+            continue
+        complete.append(result)
+        for item in result.items.values():
+            res = by_id[item.image_id]
+            row = image_row(item, res.view or str(item.view), res.benign, res.malignant)
+            own = res.member_probs or {gmic_names[0]: (res.benign, res.malignant)}
+            for name in gmic_names:
+                row[f"benign_pred__{name}"], row[f"malignant_pred__{name}"] = own[name]
+            rows.append(row)
+    if not complete:
+        return [], errors
+    scores = [f"{kind}_pred__{name}" for name in gmic_names for kind in ("benign", "malignant")]
+    breasts = breast_level(image_table(rows), score_columns=scores, label_columns=()).set_index("breast_id")
+    combined = []
+    for result in complete:
+        members = dict(result.member_predictions)
+        for name in gmic_names:
+            values = {}
+            for side, label in (("L", "left"), ("R", "right")):
+                breast = result.items[f"{side}-CC"].breast_id or f"{result.exam_id}_{side}"
+                for kind in ("benign", "malignant"):
+                    values[f"{label}_{kind}"] = float(breasts.loc[breast, f"{kind}_pred__{name}"])
+            members[name] = np.array([values[label] for label in DMV_LABELS])
+        mean = np.mean(np.stack(list(members.values())), axis=0)
+        combined.append(ExamResult(result.exam_id, result.items, mean, members))
+    return combined, errors
