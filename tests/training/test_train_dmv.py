@@ -231,6 +231,9 @@ def test_patch_classifier_trains_and_heatmaps_use_its_grid(synth: Path, tmp_path
         np.testing.assert_allclose(saved["malignant"], expected.malignant, atol=1e-5)
         assert saved["benign"].shape == source.cropped.shape
     assert items  # the test split is not empty
+    # predict takes image models only, and says where a patch classifier goes
+    pred = ["predict", "--manifest", str(synth), "--model", str(model_file), "--out", str(tmp_path / "p")]
+    assert main([*pred, "--no-progress"]) == 2
 
 
 def test_other_models_refuse_gmic_only_settings() -> None:

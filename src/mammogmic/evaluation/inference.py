@@ -226,6 +226,7 @@ def load_member(
         MammogmicError: ``compile`` without a C++ compiler.
     """
     from mammogmic.models import (
+        PatchClassifier,
         compile_for_inference,
         fuse_for_inference,
         load_model,
@@ -243,6 +244,10 @@ def load_member(
                 f"{path}: --percent-t applies to official .p files; this model's t is in its config"
             )
         model = load_model(path, device=device)
+        if isinstance(model, PatchClassifier):
+            raise CheckpointError(
+                f"{path}: DMV-CNN's patch classifier, not an image model: make heat maps with mammogmic heatmaps"
+            )
         percent_t = getattr(model.config, "percent_t", None)
     contract = model_contract(path)
     model.eval()
