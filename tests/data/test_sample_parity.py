@@ -148,6 +148,11 @@ def test_contract_round_trip_and_refusals() -> None:
         InputContract(input_shape=(8, 8))
     with pytest.raises(ValueError, match="class_order"):
         InputContract(class_order=("malignant", "benign"))
+    # heat maps: written only when true, so image-only files keep the contract dict they always had
+    assert "heatmaps" not in contract.to_dict() and contract.channels == 1
+    heat = InputContract(heatmaps=True)
+    assert heat.channels == 3 and InputContract.from_dict(json.loads(json.dumps(heat.to_dict()))) == heat
+    assert heat.differences(OFFICIAL_CONTRACT) == [("heatmaps", True, False)]
 
 
 def test_small_image_with_official_crop_says_which_flag(tmp_path: Path) -> None:
