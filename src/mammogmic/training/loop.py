@@ -1,5 +1,8 @@
 """End-to-end GMIC training: Adam on the Eq. 13 loss, validation by AUC, early stopping, exact resume.
 
+The same loop trains DMV-CNN (``model.type: dmv``: four-view exams, :class:`~mammogmic.training.loss.DMVLoss`)
+and its patch classifier (``model.type: patch``); only the model, the loss, the samples and the scores differ.
+
 Run folder layout (written by rank 0 only)::
 
     RUN_DIR/config.yaml        resolved TrainConfig
@@ -567,7 +570,8 @@ class _Run:
 
 
 class Trainer:
-    """Trains one GMIC according to a :class:`TrainConfig`.
+    """Trains one model according to a :class:`TrainConfig`: GMIC, or (``model.type``) DMV-CNN or its patch
+    classifier.
 
     :meth:`fit` = :meth:`_setup` (data, model, optimizer, resume), then per epoch :meth:`train_one_epoch`,
     :meth:`validate` and :meth:`_end_epoch` (early stopping, checkpoints, logs), then :meth:`test`.
@@ -1159,16 +1163,7 @@ class Trainer:
 
         meta = {
             "input_contract": input_contract(self.config).to_dict(),
-            **(
-                {
-                    "heatmap_grid": {
-                        "patch_size": self.config.patches.size,
-                        "stride": self.config.patches.stride,
-                    }
-                }
-                if self.config.model_type == "patch"
-                else {}
-            ),
+            **_heatmap_grid(self.config),
             "training_config": self.config.to_dict(),
             "training_manifest_sha256": self._manifest_sha256(),
             **({"init": self.init_report.provenance()} if self.init_report is not None else {}),
@@ -1238,6 +1233,13 @@ def _agree(problem: str | None, info: DistInfo, device: torch.device) -> None:
     """Raise ``MammogmicError(problem)`` on every rank when rank 0 found one (the others would wait forever)."""
     if broadcast_flag(problem is not None, info, device):
         raise MammogmicError(problem or "rank 0 refused to start (see its message)")
+
+
+def _heatmap_grid(config: TrainConfig) -> dict[str, Any]:
+    """A patch classifier's heat-map grid for its model file (``mammogmic heatmaps`` reads it); else nothing."""
+    if config.model_type != "patch":
+        return {}
+    return {"heatmap_grid": {"patch_size": config.patches.size, "stride": config.patches.stride}}
 
 
 def _select_rows(out: Any, keep: torch.Tensor) -> Any:
