@@ -141,7 +141,7 @@ def test_tta_geometry_is_that_of_the_first_window(tmp_path: Path) -> None:
         max_crop_size_noise=5,
     )
     source = load_source(item, contract)
-    first = window_samples(source, contract, 3, 7, "img")[0][0]
+    first = window_samples(source, contract, 3, 7, "img")[0][0, 0]  # first window, image channel
     geometry = input_geometry(source, contract, 3, 7, "img")
     deterministic = input_geometry(source, contract)
     assert geometry is not None and deterministic is not None and geometry != deterministic

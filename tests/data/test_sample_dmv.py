@@ -14,8 +14,8 @@ from mammogmic.data.sample import (
     Source,
     dmv_contract,
     dmv_exam_windows,
-    dmv_window_sample,
     read_heatmaps,
+    window_sample,
 )
 
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
@@ -43,9 +43,10 @@ def test_heatmap_channels_follow_the_image_unstandardised(noisy: bool) -> None:
     source = _source("R-CC", 0, heat=True)
     contract = dmv_contract("R-CC")
     rng = (lambda: np.random.RandomState(3)) if noisy else (lambda: None)
-    x = dmv_window_sample(source, contract, rng=rng())
+    x, _ = window_sample(source, contract, rng=rng())
     assert x.shape == (3, 2677, 1942) and x.dtype == np.float32
-    image_only = dmv_window_sample(Source(source.cropped, "R-CC", "NO", source.center), contract, rng=rng())
+    image_only, _ = window_sample(Source(source.cropped, "R-CC", "NO", source.center), contract, rng=rng())
+    assert image_only.shape == (1, 2677, 1942)
     np.testing.assert_array_equal(x[0], image_only[0])  # the image channel is the same with or without maps
     assert abs(float(x[0].mean())) < 1e-4 and abs(float(x[0].std()) - 1) < 1e-4
     raw = model_input(
@@ -68,7 +69,7 @@ def test_exam_windows_draw_pass_by_pass() -> None:
     rng = np.random.RandomState(7)
     for t in range(2):
         for view in VIEWS:  # the official order: pass, then L-CC, R-CC, L-MLO, R-MLO
-            expected = dmv_window_sample(sources[view], dmv_contract(view), rng=rng)
+            expected, _ = window_sample(sources[view], dmv_contract(view), rng=rng)
             np.testing.assert_array_equal(windows[view][t], expected)
     single = dmv_exam_windows(sources)
     assert single["L-MLO"].shape == (1, 1, 2974, 1748)

@@ -51,8 +51,8 @@ def _three_paths(manifest: Path, contract: InputContract, config_overrides: dict
 
 
 def _assert_same(trainer: dict[str, Any], dataset: dict[str, Any], prepared: Any) -> None:
-    np.testing.assert_array_equal(trainer["image"][0].numpy(), prepared.inputs[0][0])
-    np.testing.assert_array_equal(dataset["image"][0].numpy(), prepared.inputs[0][0])
+    np.testing.assert_array_equal(trainer["image"].numpy(), prepared.inputs[0][0])  # (C, H, W)
+    np.testing.assert_array_equal(dataset["image"].numpy(), prepared.inputs[0][0])
     assert trainer["image"].dtype == dataset["image"].dtype
     if prepared.masks is not None:
         np.testing.assert_array_equal(trainer["masks"].numpy(), prepared.masks)
@@ -93,7 +93,7 @@ def test_official_images_same_input_on_every_path(
         _assert_same(trainer, dataset, prepared)
         # ... and that input is the official pipeline's, recorded by the official code.
         expected = np.load(fixtures_dir / "expected" / f"{name}.npz")
-        x = prepared.inputs[0][0]
+        x = prepared.inputs[0][0, 0]
         assert x.shape == (2944, 1920)
         np.testing.assert_array_equal(x[::16, ::16], expected["input_sub16"])
         rows_, cols_ = expected["input_probe_positions"].T
@@ -148,6 +148,11 @@ def test_contract_round_trip_and_refusals() -> None:
         InputContract(input_shape=(8, 8))
     with pytest.raises(ValueError, match="class_order"):
         InputContract(class_order=("malignant", "benign"))
+    # heat maps: written only when true, so image-only files keep the contract dict they always had
+    assert "heatmaps" not in contract.to_dict() and contract.channels == 1
+    heat = InputContract(heatmaps=True)
+    assert heat.channels == 3 and InputContract.from_dict(json.loads(json.dumps(heat.to_dict()))) == heat
+    assert heat.differences(OFFICIAL_CONTRACT) == [("heatmaps", True, False)]
 
 
 def test_small_image_with_official_crop_says_which_flag(tmp_path: Path) -> None:
@@ -164,3 +169,57 @@ def test_small_image_with_official_crop_says_which_flag(tmp_path: Path) -> None:
     assert err.value.stage == "crop" and str(path) in str(err.value)
     assert "--crop-iterations 17" in str(err.value) and "data.crop_iterations=17" in str(err.value)
     assert load_source(ImageItem("x", path, view=view), demo_contract((512, 320))).cropped.size > 0
+
+
+def test_heatmap_channels_same_input_in_training_and_predict(tmp_path: Path) -> None:
+    """GMIC with ``in_channels: 3``: the training sample (augmentation off) is predict's model input bit for bit,
+    with the model file's contract (which records the heat maps); the maps follow the image's window, unscaled."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
+    from training_helpers import write_blob_manifest, write_heatmaps
+
+    from mammogmic.data.preprocessing import model_input
+    from mammogmic.data.sample import attach_heatmaps, items_from_manifest, load_source
+    from mammogmic.evaluation.inference import model_contract
+    from mammogmic.models import GMIC, save_model
+
+    manifest = write_blob_manifest(tmp_path / "data", n_exams=4)
+    config = load_config(
+        "tiny_cpu",
+        {"data.manifest": str(manifest), "model.in_channels": 3, "data.heatmaps_dir": str(tmp_path / "maps")},
+    )
+    contract = input_contract(config)
+    assert contract.heatmaps and contract.to_dict()["heatmaps"] is True
+    maps = write_heatmaps(manifest, Path(config.data.heatmaps_dir), contract)
+    model_file = save_model(
+        GMIC(config.model), tmp_path / "m.safetensors", metadata={"input_contract": contract.to_dict()}
+    )
+    stored = model_contract(model_file)
+    assert stored == contract
+    trainer = SeededSamples(split_dataset(config, "test"), augment=False, seed=7)
+    items = items_from_manifest(manifest, split="test")
+    attach_heatmaps(items, maps)
+    assert len(items) == len(trainer) == 4
+    for index, item in enumerate(items):
+        prepared = prepare_item(item, [stored], PrepareSettings())
+        assert prepared.error is None, prepared.error
+        x = trainer[(index, 3)]["image"].numpy()
+        assert x.shape == (3, 128, 96) and prepared.inputs[0].shape == (1, 3, 128, 96)
+        np.testing.assert_array_equal(x, prepared.inputs[0][0])
+        # channels 1-2: the maps through the image's window, not standardised
+        source = load_source(item, contract)
+        raw = model_input(
+            source.cropped,
+            source.view,
+            source.center,
+            out_shape=contract.input_shape,
+            auxiliary=list(source.heatmaps),
+            horizontal_flip=source.horizontal_flip,
+        )
+        np.testing.assert_array_equal(x, raw)
+        assert 0.0 <= x[1:].min() and x[1:].max() <= 1.0 and x[2].std() > 0.05
+    # without its maps the image is refused at the heat-map stage, naming the file
+    bare = items_from_manifest(manifest, split="test")[0]
+    failed = prepare_item(bare, [stored], PrepareSettings())
+    assert failed.stage == "heatmaps" and str(bare.path) in str(failed.error)

@@ -77,9 +77,6 @@ def test_predict_exams(
     )
     assert not (tmp_path / "o2" / "breast_predictions_metarepository.csv").exists()
 
-    mixed = ["predict", str(scans), "--model", str(dmv_files["image"]), "--model", str(gmic_model)]
-    assert main([*mixed, "--out", str(tmp_path / "o3")]) == 2
-    assert "cannot be mixed with GMIC models" in capsys.readouterr().err
     gmic = [
         "predict",
         str(scans),
@@ -91,7 +88,7 @@ def test_predict_exams(
         str(maps),
     ]
     assert main(gmic) == 2
-    assert "--heatmaps is for DMV-CNN models" in capsys.readouterr().err
+    assert "none of the models takes heat maps" in capsys.readouterr().err
     assert main([*args, "--input-size", "256", "192"]) == 2
     assert "--input-size: GMIC options" in capsys.readouterr().err
 
@@ -104,3 +101,48 @@ def gmic_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("gmic") / "gmic.safetensors"
     save_model(GMIC(GMICConfig(global_width=4, local_width=8, crop_size=(32, 32), num_patches=2)), path)
     return path
+
+
+def test_mixed_ensemble_averages_gmic_and_dmv_per_breast(
+    tmp_path: Path, breast_png, dmv_files: dict[str, Path], gmic_model: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """``predict --model DMV --model GMIC``: each breast's score is the mean of DMV-CNN's breast output and GMIC's
+    breast score (mean over the breast's views), each the number the model gives alone."""
+    scans = _exams(tmp_path, breast_png)
+    flags = ["--crop-iterations", "3", "--input-size", "256", "192", "--no-progress", "--workers", "0"]
+    dmv, gmic = ["--model", str(dmv_files["image"])], ["--model", str(gmic_model)]
+    out = {}
+    for name, models, extra, status in (
+        ("dmv", dmv, flags[:2] + flags[5:], 1),  # exam 3 has one view: an error for DMV-CNN
+        ("gmic", gmic, flags, 0),
+        ("mixed", dmv + gmic, flags, 1),
+    ):
+        out[name] = tmp_path / name
+        assert main(["predict", str(scans), *models, "--out", str(out[name]), *extra]) == status
+    tables = {
+        name: pd.read_csv(folder / "breast_predictions.csv", dtype={"breast_id": str, "exam_id": str})
+        .set_index("breast_id")
+        .loc[["0_L", "0_R"]]
+        for name, folder in out.items()
+    }
+    mixed = tables["mixed"]
+    for kind in ("benign", "malignant"):
+        alone = {name: tables[name][f"{kind}_pred"] for name in ("dmv", "gmic")}
+        np.testing.assert_allclose(mixed[f"{kind}_pred__image"], alone["dmv"], atol=1e-6)
+        np.testing.assert_allclose(mixed[f"{kind}_pred__gmic"], alone["gmic"], atol=1e-6)
+        np.testing.assert_allclose(mixed[f"{kind}_pred"], (alone["dmv"] + alone["gmic"]) / 2, atol=2e-6)
+        assert (alone["dmv"] - alone["gmic"]).abs().max() > 1e-3  # the two models do differ
+    meta = pd.read_csv(out["mixed"] / "breast_predictions_metarepository.csv", dtype={"index": str})
+    assert meta["index"].tolist() == ["0"]
+    assert meta["left_malignant"][0] == pytest.approx(mixed.loc["0_L", "malignant_pred"], abs=1e-6)
+    errors = pd.read_csv(out["mixed"] / "errors.csv")
+    assert errors["image_id"].tolist() == ["3_L-CC"] and errors["stage"].tolist() == ["exam"]
+    run = json.loads((out["mixed"] / "run.json").read_text())
+    assert run["model_type"] == "dmv+gmic"
+    assert [(m["name"], m["kind"]) for m in run["models"]] == [("image", "dmv"), ("gmic", "gmic")]
+    assert run["models"][1]["input_contract"]["input_shape"] == [256, 192]
+
+    capsys.readouterr()
+    refused = ["predict", str(scans), *dmv, *gmic, "--out", str(tmp_path / "x"), "--save-saliency", *flags]
+    assert main(refused) == 2
+    assert "--save-saliency: not for DMV-CNN ensembles" in capsys.readouterr().err

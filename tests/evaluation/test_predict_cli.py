@@ -180,7 +180,7 @@ def _by_hand(model_path: Path, manifest: Path, contract_dict: dict, tta: int, se
         windows, _ = window_samples(load_source(item, contract), contract, tta, seed, item.image_id)
         assert windows.shape[0] == max(tta, 1)
         with torch.no_grad():
-            per_window = model(torch.from_numpy(windows)[:, None]).prediction.double().numpy()  # (T, 2)
+            per_window = model(torch.from_numpy(windows)).prediction.double().numpy()  # (T, 2)
         probs.append(per_window.mean(axis=0))
     return np.array(probs)
 

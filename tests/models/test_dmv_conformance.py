@@ -1,7 +1,7 @@
 """DMV-CNN and its patch classifier against the official release's recorded outputs
 (``shared/fixtures/official_dmv``; the images and the crop/centre results are ``shared/fixtures/official_gmic``'s).
 
-Inputs are built by our own path (``load_dmv_source`` -> ``dmv_exam_windows`` / ``dmv_window_sample``), so these
+Inputs are built by our own path (``load_source`` -> ``dmv_exam_windows`` / ``window_sample``), so these
 tests cover the DMV-CNN windows, the heat-map channels and the seeded official TTA draws as well as the models.
 Heat maps: the full maps take ~2,400 DenseNet-121 passes, too slow for CI on 2 cores; here every patch grid
 is checked against the official map's edges (all the random stride draws), and the patches of the top-left and
@@ -23,12 +23,13 @@ import torch
 
 from mammogmic.data.io import read_image
 from mammogmic.data.sample import (
+    OFFICIAL_CONTRACT,
     ImageItem,
     dmv_contract,
     dmv_exam_passes,
     dmv_exam_windows,
-    dmv_window_sample,
-    load_dmv_source,
+    load_source,
+    window_sample,
 )
 from mammogmic.evaluation.heatmaps import accumulate, heatmap_input, patch_grid, patch_probabilities
 from mammogmic.models import DMV_LABELS, load_official_dmv_checkpoint, load_official_patch_classifier
@@ -64,11 +65,12 @@ def reference_maps(dirs: tuple[Path, Path]) -> dict[str, np.ndarray]:
     return dict(np.load(dirs[1] / "heatmaps_seed0.npz"))
 
 
-def _item(gmic: Path, meta: dict[str, Any], name: str) -> ImageItem:
+def _item(gmic: Path, meta: dict[str, Any], name: str, heatmaps: Path | None = None) -> ImageItem:
     """The cropped PNG with the official crop/centre results, as a preprocess-cache row would give it."""
     info = meta[name]
     png = gmic / info["cropped_png"]
-    return ImageItem(name, png, view=info["view"], cached_path=png, best_center=tuple(info["best_center"]))
+    center = tuple(info["best_center"])
+    return ImageItem(name, png, view=info["view"], cached_path=png, best_center=center, heatmap_path=heatmaps)
 
 
 def _heatmap_file(tmp: Path, maps: dict[str, np.ndarray], name: str) -> Path:
@@ -81,9 +83,13 @@ def _heatmap_file(tmp: Path, maps: dict[str, np.ndarray], name: str) -> Path:
 def exam_sources(dirs, meta, reference_maps, tmp_path_factory):  # type: ignore[no-untyped-def]
     """Exam 0's four views, without and with the official heat maps (read from .npz files like predict)."""
     tmp = tmp_path_factory.mktemp("heatmaps")
-    plain = {view: load_dmv_source(_item(dirs[0], meta, name)) for view, name in EXAM.items()}
+    plain = {view: load_source(_item(dirs[0], meta, name), OFFICIAL_CONTRACT) for view, name in EXAM.items()}
     heat = {
-        view: load_dmv_source(_item(dirs[0], meta, name), _heatmap_file(tmp, reference_maps, name))
+        view: load_source(
+            _item(dirs[0], meta, name, _heatmap_file(tmp, reference_maps, name)),
+            OFFICIAL_CONTRACT,
+            heatmaps=True,
+        )
         for view, name in EXAM.items()
     }
     return {"viewwise_image": plain, "viewwise_imageheatmaps": heat}
@@ -152,8 +158,8 @@ def test_imagewise_single_images(dirs, meta, expected) -> None:  # type: ignore[
     cases = expected["single_image_imagewise"]
     assert sorted(cases) == sorted(ORDER)
     for name, ref in cases.items():
-        source = load_dmv_source(_item(dirs[0], meta, name))
-        x = dmv_window_sample(source, dmv_contract(ref["view"]))
+        source = load_source(_item(dirs[0], meta, name), OFFICIAL_CONTRACT)
+        x, _ = window_sample(source, dmv_contract(ref["view"]))
         with torch.inference_mode():
             log_probs = model.forward_single(torch.from_numpy(x)[None], ref["view"])  # (1, 2, 2)
         np.testing.assert_allclose(log_probs.numpy(), ref["raw_output"], atol=1e-4, rtol=0, err_msg=name)

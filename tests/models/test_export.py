@@ -35,7 +35,7 @@ def _fixture_batch(fixtures_dir: Path) -> np.ndarray:
     for item in items_from_paths(paths):
         prepared = prepare_item(item, [OFFICIAL_CONTRACT], PrepareSettings())
         assert prepared.error is None, prepared.error
-        inputs.append(prepared.inputs[0][:1])
+        inputs.append(prepared.inputs[0][0])  # (C, H, W) of the first (only) window
     return np.stack(inputs)
 
 

@@ -93,3 +93,20 @@ def write_blob_manifest(
         w.writeheader()
         w.writerows(rows)
     return manifest
+
+
+def write_heatmaps(manifest: Path, folder: Path, contract: Any) -> Path:
+    """Heat-map files (``<image_id>.npz``, as ``mammogmic heatmaps`` writes them) for every row of ``manifest``:
+    smooth maps in [0, 1] at the cropped image's size, different for benign and malignant; return ``folder``."""
+    from mammogmic.data.sample import heatmap_file, items_from_manifest, load_source
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in items_from_manifest(manifest):
+        cropped = load_source(item, contract, heatmaps=False).cropped.astype(np.float32)
+        rows = np.linspace(0.0, 1.0, cropped.shape[0], dtype=np.float32)[:, None]
+        benign = cropped / max(float(cropped.max()), 1.0) * 0.5
+        malignant = np.broadcast_to(rows, cropped.shape) * 0.8
+        np.savez(
+            heatmap_file(folder, item.image_id), benign=benign, malignant=np.ascontiguousarray(malignant)
+        )
+    return folder

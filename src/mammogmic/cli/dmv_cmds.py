@@ -22,10 +22,11 @@ Examples:
 
 Inputs as for predict: folders (searched recursively for .png/.dcm/.dicom), files, and/or --manifest CSV
 (rows with the preprocess cache columns cached_path + best_center skip the crop). Each image is cropped as
-for GMIC, turned to face right, standardised, and cut into 256x256 patches at stride 70 (the last patch flush
-with the border; which steps shrink by one pixel is drawn from one random.Random(--seed) for the run, image
-after image in input order, rows then columns: give the images exam by exam, L-CC, R-CC, L-MLO, R-MLO to
-replay the official run). A pixel's probability is the mean over the patches covering it.
+for GMIC, turned to face right, standardised, and cut into 256x256 patches at stride 70 (a classifier trained
+by mammogmic train: the patch size, stride and crop it was trained with, stored in its file), the last patch
+flush with the border; which steps shrink by one pixel is drawn from one random.Random(--seed) for the run,
+image after image in input order, rows then columns: give the images exam by exam, L-CC, R-CC, L-MLO, R-MLO
+to replay the official run. A pixel's probability is the mean over the patches covering it.
 
 Outputs (in --out): <image_id>.npz with float32 arrays benign and malignant at the cropped image's size, in
 the orientation of the cropped image as stored (what predict --heatmaps reads), plus the grid and the
@@ -54,14 +55,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the patch classifier: an official .p file (sample_patch_model.p) or our .safetensors",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--stride", type=int, default=70, help="patch stride before the flush adjustment (70)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="patch stride before the flush adjustment (default: the model's; official files 70)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stride draws (official: 0)")
     p.add_argument(
         "--crop-iterations",
         type=int,
         default=None,
-        help="breast-crop morphology iterations (default: the official 100; smaller for small images)",
+        help="breast-crop morphology iterations (default: the model's; official files 100)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument(
@@ -90,6 +96,25 @@ def _load_patch_model(path: Path, device: str) -> Any:
         model = loaded
     # channels-last: about 1.3x faster on CPU (oneDNN), same maps to float32 rounding.
     return model.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+
+
+def patch_model_grid(path: Path) -> tuple[int, int, Any]:
+    """``(patch size, stride, input contract)`` a patch classifier's heat maps are made with: the official
+    256, 70 and pipeline for ``.p`` files; for ours what training stored (``heatmap_grid``, ``input_contract``),
+    else the official values."""
+    from mammogmic.data.sample import OFFICIAL_CONTRACT
+    from mammogmic.errors import CheckpointError
+    from mammogmic.evaluation.heatmaps import PATCH_SIZE, PATCH_STRIDE
+    from mammogmic.evaluation.inference import model_contract
+    from mammogmic.models import read_model_metadata
+
+    if path.suffix == ".p":
+        return PATCH_SIZE, PATCH_STRIDE, OFFICIAL_CONTRACT
+    grid = (read_model_metadata(path).get("extra") or {}).get("heatmap_grid") or {}
+    size, stride = grid.get("patch_size", PATCH_SIZE), grid.get("stride", PATCH_STRIDE)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (size, stride)):
+        raise CheckpointError(f"{path}: bad heatmap_grid in the model metadata: {grid!r}")
+    return size, stride, model_contract(path)
 
 
 def _previous_settings(path: Path) -> tuple[dict[str, str], tuple[int, int]] | None:
@@ -138,26 +163,29 @@ def run_heatmaps(args: argparse.Namespace) -> int:
 
     from mammogmic.cli.eval_cmds import _collect_items, _resolve_device
     from mammogmic.data.cache import sha256_file
-    from mammogmic.data.sample import OFFICIAL_CONTRACT, SampleError, load_source
+    from mammogmic.data.sample import SampleError, heatmap_file, load_source
     from mammogmic.errors import MammogmicError
-    from mammogmic.evaluation.heatmaps import PATCH_SIZE, patch_grid, produce_heatmaps
-    from mammogmic.evaluation.outputs import atomic_write_text, escape_csv_text, file_stem
+    from mammogmic.evaluation.heatmaps import patch_grid, produce_heatmaps
+    from mammogmic.evaluation.outputs import atomic_write_text, escape_csv_text
     from mammogmic.models.checkpoint import _atomic_write
     from mammogmic.runtime import resolve_amp
 
     try:
-        if args.stride < 1 or args.batch_size < 1:
+        if (args.stride is not None and args.stride < 1) or args.batch_size < 1:
             raise MammogmicError(
                 f"--stride and --batch-size must be positive, got {args.stride}, {args.batch_size}"
             )
         items = _collect_items(args)
-        targets = [args.out / f"{file_stem(item.image_id)}.npz" for item in items]
+        targets = [heatmap_file(args.out, item.image_id) for item in items]
         _check_outputs(args, items, targets)
         device = _resolve_device(args.device)
         amp = resolve_amp(args.amp, device)  # stored resolved: a rerun compares what was computed
         model = _load_patch_model(args.model, device)
         digest = sha256_file(args.model)
-        contract = OFFICIAL_CONTRACT
+        patch_size, stride, contract = patch_model_grid(args.model)
+        stride = stride if args.stride is None else args.stride
+        # the heat maps lie on the cropped image: its crop is the model's (crop settings only, no heat maps)
+        contract = dataclasses.replace(contract, heatmaps=False)
         if args.crop_iterations is not None:
             contract = dataclasses.replace(contract, crop_iterations=args.crop_iterations)
     except (MammogmicError, ValueError) as exc:
@@ -166,8 +194,8 @@ def run_heatmaps(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {
         "model_sha256": digest,
-        "patch_size": str(PATCH_SIZE),
-        "stride": str(args.stride),
+        "patch_size": str(patch_size),
+        "stride": str(stride),
         "seed": str(args.seed),
         "amp": amp,
     }
@@ -187,13 +215,13 @@ def run_heatmaps(args: argparse.Namespace) -> int:
         previous = _previous_settings(target) if target.exists() else None
         if previous is not None and previous[0] == settings:
             # Done already: replay the draws its grid took, so that the next images get theirs.
-            patch_grid(previous[1], rng, PATCH_SIZE, args.stride)
+            patch_grid(previous[1], rng, patch_size, stride)
             skipped += 1
             bar.update(1)
             continue
         t0 = time.perf_counter()
         try:
-            source = load_source(item, contract)
+            source = load_source(item, contract, heatmaps=False)
             patches = [0]
 
             def progress(n: int, name: str = item.image_id[-30:], patches: list[int] = patches) -> None:
@@ -207,7 +235,8 @@ def run_heatmaps(args: argparse.Namespace) -> int:
                 source.view,
                 rng,
                 horizontal_flip=source.horizontal_flip,
-                stride=args.stride,
+                patch=patch_size,
+                stride=stride,
                 batch_size=args.batch_size,
                 amp=amp,
                 progress=progress,
@@ -273,20 +302,40 @@ _GMIC_ONLY = {
 _DMV_OUTPUTS = ("breast_predictions.csv", "breast_predictions_metarepository.csv", "errors.csv", "run.json")
 
 
-def dmv_models_given(args: argparse.Namespace) -> bool:
-    """Whether ``predict``'s models are DMV-CNN files (all of them; a mix is refused)."""
+def attach_heatmap_folder(args: argparse.Namespace, items: list[Any], needs: list[str]) -> None:
+    """``--heatmaps DIR``: each image's heat-map file is ``DIR/<image_id>.npz`` (a manifest's ``heatmap_path``
+    column wins). ``needs`` names the models that take heat-map channels: they are refused without maps, and
+    ``--heatmaps`` without such a model is refused too.
+
+    Raises:
+        MammogmicError: naming the models or the folder.
+    """
+    from mammogmic.data.sample import attach_heatmaps
     from mammogmic.errors import MammogmicError
+
+    folder = getattr(args, "heatmaps", None)
+    if folder is not None and not needs:
+        raise MammogmicError(
+            f"--heatmaps {folder}: none of the models takes heat maps (GMIC with in_channels 3 and DMV-CNN's "
+            "image + heat-maps models do)"
+        )
+    if folder is not None and not folder.is_dir():
+        raise MammogmicError(f"--heatmaps {folder}: not a folder")
+    if needs and folder is None and any(item.heatmap_path is None for item in items):
+        raise MammogmicError(
+            f"model(s) {', '.join(needs)} take the image and its benign and malignant heat maps as input "
+            "channels: pass --heatmaps DIR (made by mammogmic heatmaps) or give the manifest a heatmap_path "
+            "column"
+        )
+    attach_heatmaps(items, folder)
+
+
+def dmv_models_given(args: argparse.Namespace) -> bool:
+    """Whether any of ``predict``'s models is a DMV-CNN file (then predict works per exam; GMIC models given
+    with it join a mixed ensemble, averaged per breast)."""
     from mammogmic.evaluation.dmv import is_dmv_file
 
-    kinds = [is_dmv_file(path) for path in args.models]
-    if any(kinds) and not all(kinds):
-        dmv = [str(p) for p, k in zip(args.models, kinds, strict=True) if k]
-        raise MammogmicError(
-            f"DMV-CNN model(s) {', '.join(dmv)} cannot be mixed with GMIC models in one run: predict them separately"
-        )
-    if not any(kinds) and getattr(args, "heatmaps", None) is not None:
-        raise MammogmicError("--heatmaps is for DMV-CNN models (the image + heat maps models)")
-    return all(kinds)
+    return any(is_dmv_file(path) for path in args.models)
 
 
 def _previous_breasts(path: Path, overwrite: bool) -> Any:
@@ -306,7 +355,8 @@ def _previous_breasts(path: Path, overwrite: bool) -> Any:
 
 
 def run_dmv_predict(args: argparse.Namespace) -> int:
-    """``mammogmic predict`` with DMV-CNN models: one row per exam in breast_predictions_metarepository.csv.
+    """``mammogmic predict`` with DMV-CNN models (and GMIC models with them: a mixed ensemble): one row per exam
+    in breast_predictions_metarepository.csv.
 
     The output folder follows predict's rules (one writer at a time, our folder or a new one; ``_outdir``).
     """
@@ -316,18 +366,46 @@ def run_dmv_predict(args: argparse.Namespace) -> int:
         return _run_dmv_predict(args, stack)
 
 
+def gmic_tta(args: argparse.Namespace, members: list[Any]) -> int:
+    """GMIC members' TTA windows: ``--tta``, else the largest of their stored defaults."""
+    return int(args.tta if args.tta is not None else max(m.contract.tta for m in members))
+
+
+def _gmic_images(
+    args: argparse.Namespace, items: list[Any], members: list[Any], device: str, dtype: str
+) -> tuple[Any, Any]:
+    """The GMIC members' image predictions of a mixed ensemble (``predict_items``: GMIC predict's engine) and
+    their errors."""
+    from mammogmic.evaluation.inference import PrepareSettings, default_workers, predict_items
+
+    tta = gmic_tta(args, members)
+    failed: list[Any] = []
+    results = predict_items(
+        items,
+        members,
+        PrepareSettings(tta=tta, seed=args.seed),
+        batch_size=args.batch_size,
+        device=device,
+        dtype=dtype,
+        workers=default_workers() if args.workers is None else args.workers,
+        on_error=failed.append,
+    )
+    return results, failed
+
+
 def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
     import dataclasses
 
     import pandas as pd
 
     from mammogmic.cli.eval_cmds import (
+        _apply_contract_overrides,
         _check_out_folder,
         _collect_items,
+        _load_members,
         _resolve_device,
         _resolve_dtype,
     )
-    from mammogmic.data.sample import OFFICIAL_CONTRACT
     from mammogmic.errors import MammogmicError
     from mammogmic.evaluation.aggregation import metarepository_breast_table
     from mammogmic.evaluation.dmv import (
@@ -335,29 +413,52 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
         ExamResult,
         breast_table,
         exam_of,
+        is_dmv_file,
         load_dmv_member,
         predict_exams,
+        with_gmic_members,
     )
     from mammogmic.evaluation.outputs import atomic_write_text, escape_csv_text
 
     try:
-        given = [flag for name, flag in _GMIC_ONLY.items() if getattr(args, name, None)]
+        dmv_paths = [path for path in args.models if is_dmv_file(path)]
+        gmic_paths = [path for path in args.models if path not in dmv_paths]
+        refused = (
+            _GMIC_ONLY if not gmic_paths else {k: _GMIC_ONLY[k] for k in ("save_saliency", "save_patches")}
+        )
+        given = [flag for name, flag in refused.items() if getattr(args, name, None)]
         if given:
-            raise MammogmicError(f"{', '.join(given)}: GMIC options; DMV-CNN models do not take them")
+            what = (
+                "GMIC options; DMV-CNN models do not take them"
+                if not gmic_paths
+                else "not for DMV-CNN ensembles"
+            )
+            raise MammogmicError(f"{', '.join(given)}: {what}")
         items = _collect_items(args)
         folder = stack.enter_context(_check_out_folder(args, "predict-dmv", items))
         if (args.out / "image_predictions.csv").exists():
             raise MammogmicError(
                 f"{args.out}: holds GMIC predictions (image_predictions.csv); choose another --out"
             )
-        if args.heatmaps is not None and not args.heatmaps.is_dir():
-            raise MammogmicError(f"--heatmaps {args.heatmaps}: not a folder")
         device = _resolve_device(args.device)
         dtype = _resolve_dtype(args, device)
-        members = [load_dmv_member(path, device) for path in args.models]
-        contract = OFFICIAL_CONTRACT
+        members = [load_dmv_member(path, device) for path in dmv_paths]
         if args.crop_iterations is not None:
-            contract = dataclasses.replace(contract, crop_iterations=args.crop_iterations)
+            for member in members:
+                member.contract = dataclasses.replace(member.contract, crop_iterations=args.crop_iterations)
+        gmic = (
+            _load_members(argparse.Namespace(**{**vars(args), "models": gmic_paths}), device)
+            if gmic_paths
+            else []
+        )
+        _apply_contract_overrides(args, gmic)
+        taken = {m.name for m in members}
+        for i, member in enumerate(gmic):  # names label each model's columns: one per model
+            if member.name in taken:
+                member.name = f"{member.name}_{len(members) + i + 1}"
+            taken.add(member.name)
+        needs = [m.source for m in [*members, *gmic] if m.contract.heatmaps]
+        attach_heatmap_folder(args, items, needs)
         tta = 1 if args.tta is None else args.tta
         previous = _previous_breasts(args.out / "breast_predictions.csv", args.overwrite)
         done = set() if previous is None else set(previous["exam_id"].astype(str))
@@ -377,16 +478,20 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
         results: list[ExamResult] = predict_exams(
             todo,
             members,
-            heatmaps=args.heatmaps,
             tta=tta,
             seed=args.seed,
             device=device,
             dtype=dtype,
-            contract=contract,
             on_error=errors.append,
             progress=progress,
         )
         bar.close()
+        if gmic:  # GMIC on the images of the exams DMV-CNN predicted, then one mean per breast
+            exam_items = [item for result in results for item in result.items.values()]
+            images, failed = _gmic_images(args, exam_items, gmic, device, dtype)
+            errors += [ExamError(p.item, p.stage or "gmic", p.error or "") for p in failed]
+            results, dropped = with_gmic_members(results, images, [m.name for m in gmic])
+            errors += dropped
     except (MammogmicError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -411,15 +516,37 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
         atomic_write_text(args.out / name, text)
         written.append(args.out / name)
     info = {
-        "model_type": "dmv",
+        "model_type": "dmv+gmic" if gmic else "dmv",
         "models": [
-            {"name": m.name, "path": m.source, "sha256": m.sha256, "config": m.model.config.to_dict()}
+            {
+                "name": m.name,
+                "kind": "dmv",
+                "path": m.source,
+                "sha256": m.sha256,
+                "config": m.model.config.to_dict(),
+                "input_contract": m.contract.to_dict(),
+            }
             for m in members
+        ]
+        + [
+            {
+                "name": m.name,
+                "kind": "gmic",
+                "path": m.source,
+                "sha256": m.sha256,
+                "percent_t": m.percent_t,
+                "input_contract": m.contract.to_dict(),
+            }
+            for m in gmic
         ],
+        "ensemble": "mean of every model's breast probabilities (GMIC: mean over the breast's views)"
+        if gmic
+        else None,
         "heatmaps": str(args.heatmaps) if args.heatmaps else None,
         "device": device,
         "dtype": dtype,
         "tta": tta,
+        "tta_gmic": gmic_tta(args, gmic) if gmic else None,
         "seed": args.seed,
         "n_inputs": len(items),
         "n_run": len(todo),

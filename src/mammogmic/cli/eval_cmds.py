@@ -246,6 +246,8 @@ time per folder: a second one exits with status 2, or waits with --wait.
 the full-size explanation figure and the report's picture data of each image predicted in this run.
 DMV-CNN models (official .p or ours; docs/dmv.md) predict whole exams (one image per view) into
 breast_predictions.csv and breast_predictions_metarepository.csv; image + heat-map models need --heatmaps DIR.
+GMIC models given with DMV-CNN models join a mixed ensemble: every model's breast probabilities averaged
+(GMIC: mean over the breast's views), each model's in <benign|malignant>_pred__<model> columns.
 Exit status: 0 when every image worked, 1 when some failed (see errors.csv), 2 on bad arguments or an
 unusable --out.
 """
@@ -385,7 +387,8 @@ def add_predict_parsers(subparsers: Any) -> None:
     pr.add_argument(
         "--heatmaps",
         type=Path,
-        help="DMV-CNN image + heat-map models: folder of `mammogmic heatmaps` outputs (<image_id>.npz)",
+        help="models with heat-map channels (GMIC in_channels 3, DMV-CNN image + heat maps): folder of "
+        "`mammogmic heatmaps` outputs (<image_id>.npz); a manifest's heatmap_path column wins",
     )
     dicom_cmds.add_arguments(pr)
     _add_report_args(pr)
@@ -800,6 +803,7 @@ def _run_inference(
     import time
 
     from mammogmic._provenance import code_version
+    from mammogmic.cli.dmv_cmds import attach_heatmap_folder
     from mammogmic.evaluation.inference import PrepareSettings, default_workers, predict_items
     from mammogmic.evaluation.outputs import (
         PredictionWriter,
@@ -813,6 +817,7 @@ def _run_inference(
     dtype = _resolve_dtype(args, device)
     members = _load_members(args, device)
     _apply_contract_overrides(args, members)
+    attach_heatmap_folder(args, items, [m.source for m in members if m.contract.heatmaps])
     tta = args.tta
     if tta is None:
         defaults = sorted({m.contract.tta for m in members})

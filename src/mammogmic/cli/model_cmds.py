@@ -194,7 +194,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def _check_inputs(args: argparse.Namespace, contract: InputContract) -> list[np.ndarray]:
-    """One ``(1, 1, H, W)`` batch per --check-image (predict's preparation), else one synthetic input."""
+    """One ``(1, C, H, W)`` batch per --check-image (predict's preparation), else one synthetic input."""
     import numpy as np
 
     from mammogmic.errors import MammogmicError
@@ -204,13 +204,14 @@ def _check_inputs(args: argparse.Namespace, contract: InputContract) -> list[np.
         return []
     if not args.check_image:
         # Standardised noise: every saliency cell differs, so no window ties that rounding could flip.
-        return [np.random.default_rng(0).standard_normal((1, 1, *contract.input_shape)).astype(np.float32)]
+        shape = (1, contract.channels, *contract.input_shape)
+        return [np.random.default_rng(0).standard_normal(shape).astype(np.float32)]
     batches = []
     for item in items_from_paths(args.check_image):
         prepared = prepare_item(item, [contract], PrepareSettings())
         if prepared.error is not None:
             raise MammogmicError(f"--check-image: {prepared.error}")
-        batches.append(prepared.inputs[0][:1, None])  # (1, 1, H, W); predict feeds 1-channel models only
+        batches.append(prepared.inputs[0][:1])  # (1, C, H, W): predict's first window
     return batches
 
 

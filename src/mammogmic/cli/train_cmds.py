@@ -39,6 +39,8 @@ def add_parser(subparsers: Any) -> None:
             "config finetune.freeze (alias model.freeze) and optim.backbone_lr_ratio (docs/training.md). "
             "Ctrl-C, SIGTERM or SIGUSR1 stop after the current optimizer step and save last.pt (exit code "
             "128 + signal number; continue with --resume); a second Ctrl-C aborts at once."
+            " model.type dmv trains DMV-CNN (view-wise; four-view exams) and model.type patch its patch "
+            "classifier (docs/dmv.md)."
         ),
     )
     p.add_argument("config", help="YAML config file or preset name")

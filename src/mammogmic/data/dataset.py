@@ -9,7 +9,8 @@ Usage::
     for epoch in range(epochs):
         train.set_epoch(epoch)          # new random windows every epoch, reproducible from (seed, epoch, index)
         for batch in loader:
-            batch["image"]   # (N, 1, H, W) float32, standardised per image
+            batch["image"]   # (N, C, H, W) float32: the image standardised per image (C = 1), then the
+                             # benign and malignant heat maps when the contract takes them (C = 3)
             batch["labels"]  # (N, 2) float32 [benign, malignant], NaN = unknown
             batch["masks"]   # (N, 2, H, W) uint8 [benign, malignant] (only with masks=True)
             batch["image_id"], batch["index"]
@@ -21,7 +22,7 @@ Modes:
   ``numpy.random.default_rng([seed, 0, epoch, index])``, so a sample does not depend on which worker loads it;
   with ``seed=None`` each worker uses its own generator seeded by :func:`seed_worker`.
 * ``"eval"``: the deterministic official window (no noise): exactly ``mammogmic predict``'s model input.
-* ``"tta"``: ``tta`` noisy windows per image stacked as ``image`` ``(T, 1, H, W)``: exactly the windows
+* ``"tta"``: ``tta`` noisy windows per image stacked as ``image`` ``(T, C, H, W)``: exactly the windows
   ``mammogmic predict --tta T --seed S`` averages.
 
 The trainer uses :meth:`MammogramDataset.load` (``rng`` given: augmented window; ``None``: deterministic).
@@ -33,6 +34,7 @@ import dataclasses
 import logging
 import os
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,7 @@ from mammogmic.data.sample import (
     ImageItem,
     InputContract,
     SampleError,
+    attach_heatmaps,
     items_from_manifest,
     load_source,
     window_sample,
@@ -101,6 +104,8 @@ class MammogramDataset(Dataset[dict[str, Any]]):
             worker keeps its own copy, so it helps with ``num_workers=0`` or persistent workers.
         crop_iterations: Erosion iterations for rows cropped on the fly.
         crop_buffer_size: Crop buffer for rows cropped on the fly.
+        heatmaps_dir: Folder of ``mammogmic heatmaps`` outputs for rows without a ``heatmap_path`` column
+            (read when the contract takes heat-map channels).
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         keep_in_memory: bool = False,
         crop_iterations: int | None = None,
         crop_buffer_size: int | None = None,
+        heatmaps_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
@@ -151,6 +157,7 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         self.contract = dataclasses.replace(base, **changes) if changes else base
         table = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
         self.items: list[ImageItem] = items_from_manifest(table, split=split)
+        attach_heatmaps(self.items, Path(heatmaps_dir) if heatmaps_dir else None)
         self.mode = mode
         self.tta = int(tta)
         self.label_level = label_level
@@ -214,17 +221,18 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         """Sample ``index``: ``rng`` given → an augmented window (training), ``None`` → the deterministic one.
 
         Returns:
-            ``image`` (1, H, W) float32, ``labels`` (2,), ``index``, ``image_id`` and, with masks, ``masks``.
+            ``image`` (C, H, W) float32, ``labels`` (2,), ``index``, ``image_id`` and, with masks, ``masks``.
         """
         image, masks = window_sample(self._source(index), self.contract, rng=rng)
+        # image (C, H, W) and masks (2, H, W): every channel and mask mirrored together
         if rng is not None and self.vflip_prob > 0 and rng.random() < self.vflip_prob:
-            image = np.ascontiguousarray(image[::-1])
-            masks = None if masks is None else np.ascontiguousarray(masks[:, ::-1])
+            image = np.ascontiguousarray(image[..., ::-1, :])
+            masks = None if masks is None else np.ascontiguousarray(masks[..., ::-1, :])
         if rng is not None and self.hflip_prob > 0 and rng.random() < self.hflip_prob:
-            image = np.ascontiguousarray(image[:, ::-1])
-            masks = None if masks is None else np.ascontiguousarray(masks[:, :, ::-1])
+            image = np.ascontiguousarray(image[..., ::-1])
+            masks = None if masks is None else np.ascontiguousarray(masks[..., ::-1])
         sample: dict[str, Any] = {
-            "image": torch.from_numpy(image[None]),
+            "image": torch.from_numpy(image),
             "labels": torch.from_numpy(self.labels[index].copy()),
             "index": index,
             "image_id": self.items[index].image_id,
@@ -234,11 +242,11 @@ class MammogramDataset(Dataset[dict[str, Any]]):
         return sample
 
     def windows(self, index: int, tta: int, seed: int) -> dict[str, Any]:
-        """The ``tta`` windows ``mammogmic predict --tta`` averages for this image (``image`` (T, 1, H, W))."""
+        """The ``tta`` windows ``mammogmic predict --tta`` averages for this image (``image`` (T, C, H, W))."""
         item = self.items[index]
         images, masks = window_samples(self._source(index), self.contract, tta, seed, item.image_id)
         sample: dict[str, Any] = {
-            "image": torch.from_numpy(images[:, None]),
+            "image": torch.from_numpy(images),
             "labels": torch.from_numpy(self.labels[index].copy()),
             "index": index,
             "image_id": item.image_id,

@@ -9,9 +9,15 @@ applied to exactly the kind of input it was trained on::
        (augmentation: the official position and size noise, window resized back with INTER_CUBIC)
     -> per-image standardisation (the official float32 maths); masks through the same geometry
 
+Heat-map channels (DMV-CNN's patch-classifier maps, ``mammogmic heatmaps``): a model whose contract says
+``heatmaps`` gets ``(3, H, W)`` inputs, the image then its benign and malignant maps, cut and resized with the
+image and not standardised (:func:`window_sample`). A row's maps come from its ``heatmap_path`` (a manifest
+column, or :func:`attach_heatmaps` for a folder of ``mammogmic heatmaps`` outputs). GMIC with ``in_channels: 3``
+and DMV-CNN's image + heat-maps models both take this path.
+
 DMV-CNN (the GMIC paper's comparison model) takes the same path with its own windows per view angle
-(:data:`DMV_CONTRACTS`), optional heat-map channels that follow the image's geometry unstandardised
-(:func:`dmv_window_sample`), and the four views of an exam drawn together (:func:`dmv_exam_passes`).
+(:func:`dmv_contracts`: the official 2677x1942 and 2974x1748 windows, scaled with the contract's input size)
+and the four views of an exam drawn together (:func:`dmv_exam_passes`).
 
 Where a model input lies in its source image (crop offset, mirroring, window, resize) is an
 :class:`InputGeometry` (:func:`input_geometry`): the one map from model-input coordinates back to source pixels
@@ -30,7 +36,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +52,17 @@ from mammogmic.data.preprocessing import (
     crop_breast,
     model_input,
     needs_flip,
+    orient,
     parse_view,
     sample_window,
     scaled_train_noise,
+    standardize,
 )
 from mammogmic.errors import ImageReadError, MammogmicError, PreprocessingError
 
 __all__ = [
     "DMV_CONTRACTS",
+    "DMV_WINDOWS",
     "HEATMAP_ARRAYS",
     "OFFICIAL_CONTRACT",
     "ImageItem",
@@ -61,14 +70,17 @@ __all__ = [
     "InputGeometry",
     "SampleError",
     "Source",
+    "attach_heatmaps",
+    "breast_labels",
     "demo_contract",
     "dmv_contract",
+    "dmv_contracts",
     "dmv_exam_passes",
     "dmv_exam_windows",
-    "dmv_window_sample",
+    "heatmap_file",
+    "heatmap_input",
     "input_geometry",
     "items_from_manifest",
-    "load_dmv_source",
     "load_source",
     "read_heatmaps",
     "scaled_crop_settings",
@@ -106,6 +118,9 @@ class InputContract:
         max_crop_size_noise: augmentation: maximal change of each window border in source pixels.
         tta: default number of test-time windows (1: the deterministic window only).
         class_order: meaning of the model's output columns.
+        heatmaps: the model takes the benign and malignant heat maps as two more input channels (image,
+            benign, malignant). Written to a model file only when true, so the contract of an image-only
+            model reads as it did before the field existed.
     """
 
     input_shape: tuple[int, int] = MODEL_INPUT_SHAPE
@@ -117,6 +132,7 @@ class InputContract:
     max_crop_size_noise: int = 100
     tta: int = 1
     class_order: tuple[str, str] = ("benign", "malignant")
+    heatmaps: bool = False
 
     def __post_init__(self) -> None:
         def pair(name: str, value: Any, low: int) -> tuple[int, int]:
@@ -139,6 +155,13 @@ class InputContract:
         if tuple(self.class_order) != ("benign", "malignant"):
             raise ValueError(f"input contract: class_order {self.class_order!r} is not (benign, malignant)")
         object.__setattr__(self, "class_order", tuple(self.class_order))
+        if not isinstance(self.heatmaps, bool):
+            raise ValueError(f"input contract: heatmaps must be true or false, got {self.heatmaps!r}")
+
+    @property
+    def channels(self) -> int:
+        """Input channels: 1 (image), 3 with heat maps."""
+        return 3 if self.heatmaps else 1
 
     @property
     def window(self) -> tuple[int, int]:
@@ -150,12 +173,18 @@ class InputContract:
         """The augmentation noise (training windows and TTA)."""
         return CropNoise(self.max_crop_noise, self.max_crop_size_noise)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (stored in model files)."""
+    def _fields(self) -> dict[str, Any]:
         out = asdict(self)
         for key, value in out.items():
             if isinstance(value, tuple):
                 out[key] = list(value)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (stored in model files)."""
+        out = self._fields()
+        if not self.heatmaps:
+            del out["heatmaps"]  # image-only contracts keep the form (and run keys) they had before the field
         return out
 
     @classmethod
@@ -173,24 +202,50 @@ class InputContract:
 
     def differences(self, other: InputContract) -> list[tuple[str, Any, Any]]:
         """``(field, self's value, other's value)`` for every field where the two disagree."""
-        mine, theirs = self.to_dict(), other.to_dict()
+        mine, theirs = self._fields(), other._fields()
         return [(k, mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]]
 
 
 #: The official release's inference pipeline (2944x1920 windows, 100 crop iterations, no TTA).
 OFFICIAL_CONTRACT = InputContract()
 
-#: DMV-CNN's pipeline: the same crop and centre stages, windows of the official DMV-CNN input sizes per view
-#: angle (CC 2677x1942, MLO 2974x1748), the same augmentation noise.
-DMV_CONTRACTS: dict[str, InputContract] = {
-    "CC": InputContract(input_shape=(2677, 1942)),
-    "MLO": InputContract(input_shape=(2974, 1748)),
-}
+#: DMV-CNN's official input windows per view angle, for the official 2944x1920 input size.
+DMV_WINDOWS: dict[str, tuple[int, int]] = {"CC": (2677, 1942), "MLO": (2974, 1748)}
 
 
-def dmv_contract(view: str) -> InputContract:
-    """DMV-CNN's contract for ``view`` (``"L-CC"`` etc.)."""
-    return DMV_CONTRACTS[parse_view(view)[1]]
+def dmv_contracts(base: InputContract = OFFICIAL_CONTRACT) -> dict[str, InputContract]:
+    """DMV-CNN's window contract per view angle for a run whose (GMIC-sized) contract is ``base``.
+
+    The crop and the optimal centre are ``base``'s (:func:`load_source`: the centre is found for ``base``'s
+    window, as in the official DMV-CNN runs, whose centre comes from GMIC's 2944x1920 stage); around it each
+    view angle cuts DMV-CNN's window, :data:`DMV_WINDOWS` scaled by ``base``'s size over 2944x1920 (exactly
+    the official windows for :data:`OFFICIAL_CONTRACT`), with ``base``'s noise and heat-map channels.
+    """
+
+    def scaled(shape: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+        return (
+            max(32, round(shape[0] * size[0] / MODEL_INPUT_SHAPE[0])),
+            max(32, round(shape[1] * size[1] / MODEL_INPUT_SHAPE[1])),
+        )
+
+    out = {}
+    for angle, window in DMV_WINDOWS.items():
+        out[angle] = replace(
+            base,
+            input_shape=scaled(window, base.input_shape),
+            window_shape=None if base.window_shape is None else scaled(window, base.window_shape),
+        )
+    return out
+
+
+#: DMV-CNN's official pipeline: the same crop and centre stages as GMIC's, windows of the official DMV-CNN
+#: input sizes per view angle (CC 2677x1942, MLO 2974x1748), the same augmentation noise.
+DMV_CONTRACTS: dict[str, InputContract] = dmv_contracts(OFFICIAL_CONTRACT)
+
+
+def dmv_contract(view: str, contracts: Mapping[str, InputContract] = DMV_CONTRACTS) -> InputContract:
+    """DMV-CNN's contract for ``view`` (``"L-CC"`` etc.) among ``contracts`` (default the official ones)."""
+    return contracts[parse_view(view)[1]]
 
 
 def demo_contract(input_shape: tuple[int, int]) -> InputContract:
@@ -228,6 +283,7 @@ class ImageItem:
     malignant_mask_path: Path | None = None
     cached_benign_mask_path: Path | None = None  # masks already cropped by ``mammogmic preprocess``
     cached_malignant_mask_path: Path | None = None
+    heatmap_path: Path | None = None  # ``.npz`` of ``mammogmic heatmaps`` (benign and malignant maps)
     extra: dict[str, str] = field(default_factory=dict)
 
     def labels(self, level: str = "image") -> tuple[float, float]:
@@ -255,7 +311,8 @@ def items_from_manifest(manifest: Any, split: str | None = None) -> list[ImageIt
     """Items of a manifest (a path or a :class:`~mammogmic.data.manifest.Manifest`), optionally one split.
 
     Labels and masks are kept; rows written by ``mammogmic preprocess`` (``cached_path`` + ``best_center``)
-    load the cached crop and skip the crop and centre stages.
+    load the cached crop and skip the crop and centre stages. A ``heatmap_path`` column (an ``.npz`` of
+    ``mammogmic heatmaps``, relative to the manifest's folder like every path) gives the row's heat maps.
 
     Raises:
         ManifestError: unreadable manifest or bad rows (all listed by line).
@@ -303,10 +360,40 @@ def items_from_manifest(manifest: Any, split: str | None = None) -> list[ImageIt
                 cached_malignant_mask_path=(
                     table.resolve(row.extra.get("cached_malignant_mask_path")) if cached else None
                 ),
+                heatmap_path=table.resolve(row.extra.get("heatmap_path") or None),
                 extra=dict(row.extra),
             )
         )
     return items
+
+
+def heatmap_file(folder: Path, image_id: str) -> Path:
+    """Where ``mammogmic heatmaps --out folder`` writes (and predict and training read) an image's heat maps."""
+    from mammogmic.evaluation.outputs import file_stem  # the one id -> file-name rule (evaluation imports us)
+
+    return Path(folder) / f"{file_stem(image_id)}.npz"
+
+
+def attach_heatmaps(items: Sequence[ImageItem], folder: Path | None) -> None:
+    """Give every item without a ``heatmap_path`` its file in ``folder`` (:func:`heatmap_file`); a row's own
+    ``heatmap_path`` column wins. ``folder=None`` changes nothing."""
+    if folder is None:
+        return
+    for item in items:
+        if item.heatmap_path is None:
+            item.heatmap_path = heatmap_file(folder, item.image_id)
+
+
+def breast_labels(views: Sequence[ImageItem]) -> tuple[float, float]:
+    """``(benign, malignant)`` label of the breast these images show: the maximum of their known breast-level
+    labels, else of their image labels (NaN when none is known)."""
+    out = []
+    for kind in ("benign", "malignant"):
+        known = [x for x in (getattr(v, f"breast_{kind}_label") for v in views) if not math.isnan(x)]
+        if not known:
+            known = [x for x in (getattr(v, f"{kind}_label") for v in views) if not math.isnan(x)]
+        out.append(max(known) if known else math.nan)
+    return out[0], out[1]
 
 
 @dataclass
@@ -319,8 +406,8 @@ class Source:
         horizontal_flip: the manifest's flag (``NO``: right views are mirrored to face right).
         center: optimal centre ``(row, col)`` in the oriented cropped image.
         masks: raw-orientation cropped ``(benign, malignant)`` masks, when asked and the item has any.
-        heatmaps: raw-orientation ``(benign, malignant)`` heat maps of the cropped image (DMV-CNN's extra
-            input channels; :func:`read_heatmaps`).
+        heatmaps: raw-orientation ``(2, H, W)`` benign and malignant heat maps of the cropped image (the
+            extra input channels of heat-map models; :func:`read_heatmaps`).
         crop_box: ``(top, bottom, left, right)`` of ``cropped`` in the source image, ends exclusive (``None``:
             a preprocess cache whose manifest row has no ``window_location``).
     """
@@ -369,12 +456,23 @@ class SampleError(MammogmicError):
         self.stage = stage
 
 
-def load_source(item: ImageItem, contract: InputContract, *, masks: bool = False) -> Source:
+def load_source(
+    item: ImageItem, contract: InputContract, *, masks: bool = False, heatmaps: bool | None = None
+) -> Source:
     """Read, crop and centre ``item`` (or load its preprocess cache).
 
+    Args:
+        item: the image.
+        contract: crop and centre settings (the centre is found for its window).
+        masks: also load the lesion masks, when the item has any.
+        heatmaps: also read the item's heat maps (``heatmap_path``); ``None``: when ``contract.heatmaps``.
+
     Raises:
-        SampleError: naming the file, with the stage that failed.
+        SampleError: naming the file, with the stage that failed (``heatmaps``: no heat-map file for the
+            item, or a bad one).
     """
+    if heatmaps is None:
+        heatmaps = contract.heatmaps
     stage = "read"
     try:
         if item.cached_path is not None and item.best_center is not None:
@@ -412,6 +510,15 @@ def load_source(item: ImageItem, contract: InputContract, *, masks: bool = False
         if masks and item.has_masks:
             stage = "masks"
             source.masks = _load_masks(item, cropped.shape, crop_box)
+        if heatmaps:
+            stage = "heatmaps"
+            if item.heatmap_path is None:
+                raise MammogmicError(
+                    f"{item.path}: no heat maps for this image, and the model takes them as input channels: "
+                    "give a heat-map folder made by mammogmic heatmaps (predict --heatmaps DIR, train "
+                    "data.heatmaps_dir) or a heatmap_path manifest column"
+                )
+            source.heatmaps = read_heatmaps(item.heatmap_path, cropped.shape)
         return source
     except (MammogmicError, OSError, ValueError) as exc:
         message = str(exc)
@@ -458,11 +565,10 @@ def _load_masks(
     return out
 
 
-def place_window(
-    source: Source, contract: InputContract, *, rng: np.random.Generator | None = None
-) -> Window:
+def place_window(source: Source, contract: InputContract, *, rng: Any = None) -> Window:
     """Where the model-input window of ``source`` lies (:func:`~mammogmic.data.preprocessing.sample_window`):
-    the deterministic official window, or with ``rng`` one carrying the contract's augmentation noise."""
+    the deterministic official window, or with ``rng`` (a numpy ``Generator``, or a ``RandomState`` for the
+    official DMV-CNN draws) one carrying the contract's augmentation noise."""
     return sample_window(
         source.cropped.shape,
         source.view,
@@ -477,25 +583,32 @@ def window_sample(
     source: Source,
     contract: InputContract,
     *,
-    rng: np.random.Generator | None = None,
+    rng: Any = None,
     window: Window | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One standardised model input ``(H, W)`` float32 and its masks ``(2, H, W)`` uint8 (or ``None``).
+    """One model input ``(C, H, W)`` float32 and its masks ``(2, H, W)`` uint8 (or ``None``).
 
-    With ``rng`` the window carries the contract's augmentation noise (training, TTA); without, it is the
-    deterministic official window. ``window`` (from :func:`place_window`) gives the window instead.
+    Channel 0 is the standardised image; when the source has heat maps, channels 1 and 2 are its benign and
+    malignant maps through the same window and resize, not standardised. With ``rng`` the window carries the
+    contract's augmentation noise (training, TTA; :func:`place_window`); without, it is the deterministic
+    official window. ``window`` (from :func:`place_window`) gives the window instead.
     """
+    if contract.heatmaps and source.heatmaps is None:
+        raise ValueError("the input contract takes heat-map channels, but the source has no heat maps")
     if window is None:
         window = place_window(source, contract, rng=rng)
-    kwargs: dict[str, Any] = {
-        "out_shape": contract.input_shape,
-        "horizontal_flip": source.horizontal_flip,
-        "window": window,
-    }
-    if source.masks is None:
-        return model_input(source.cropped, source.view, source.center, **kwargs), None
-    image, masks = model_input(source.cropped, source.view, source.center, masks=source.masks, **kwargs)
-    return image, masks
+    out = model_input(
+        source.cropped,
+        source.view,
+        source.center,
+        out_shape=contract.input_shape,
+        horizontal_flip=source.horizontal_flip,
+        masks=source.masks,
+        auxiliary=None if source.heatmaps is None else list(source.heatmaps),
+        window=window,
+    )
+    image, masks = out if source.masks is not None else (out, None)
+    return (image if image.ndim == 3 else image[None]), masks
 
 
 def tta_rng(seed: int, image_id: str) -> np.random.Generator:
@@ -516,7 +629,8 @@ def _windows(source: Source, contract: InputContract, tta: int, seed: int, image
 def window_samples(
     source: Source, contract: InputContract, tta: int, seed: int, image_id: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(T, H, W)`` inputs: the deterministic window (``tta <= 1``) or ``tta`` noisy windows; masks of the first."""
+    """``(T, C, H, W)`` inputs: the deterministic window (``tta <= 1``) or ``tta`` noisy windows; masks of the
+    first."""
     windows, first_masks = [], None
     for t, window in enumerate(_windows(source, contract, tta, seed, image_id)):
         image, masks = window_sample(source, contract, window=window)
@@ -652,10 +766,17 @@ def input_geometry(
 
 
 # --------------------------------------------------------------------------------------------------
-# DMV-CNN
+# Heat maps and DMV-CNN
 
 #: Arrays of a heat-map file (``mammogmic heatmaps``): float32, the cropped image's size and orientation.
 HEATMAP_ARRAYS = ("benign", "malignant")
+
+
+def heatmap_input(cropped: np.ndarray, view: str, horizontal_flip: str = "NO") -> np.ndarray:
+    """The image DMV-CNN's patch classifier sees (heat maps are made from its patches, and the classifier is
+    trained on them): ``cropped`` facing right, float32, standardised over all its pixels."""
+    image = np.array(orient(np.asarray(cropped), view, horizontal_flip), dtype=np.float32, order="C")
+    return standardize(image)
 
 
 def read_heatmaps(path: Path, shape: Sequence[int]) -> np.ndarray:
@@ -688,51 +809,14 @@ def read_heatmaps(path: Path, shape: Sequence[int]) -> np.ndarray:
     return maps
 
 
-def load_dmv_source(
-    item: ImageItem, heatmaps: Path | None = None, *, contract: InputContract | None = None
-) -> Source:
-    """Read, crop and centre ``item`` for DMV-CNN, with its heat maps when ``heatmaps`` (an ``.npz`` from
-    ``mammogmic heatmaps``) is given.
-
-    The crop and the optimal centre are GMIC's (:data:`OFFICIAL_CONTRACT`: the centre is found for a 2944x1920
-    window), as in the official DMV-CNN runs; DMV-CNN's own windows are then placed around that centre.
-    ``contract`` replaces :data:`OFFICIAL_CONTRACT` for the crop and centre (e.g. fewer crop iterations).
-
-    Raises:
-        SampleError: naming the file, with the stage that failed (``heatmaps`` for the heat-map file).
-    """
-    source = load_source(item, contract or OFFICIAL_CONTRACT)
-    if heatmaps is not None:
-        source.heatmaps = read_heatmaps(heatmaps, source.cropped.shape)
-    return source
-
-
-def dmv_window_sample(source: Source, contract: InputContract, *, rng: Any = None) -> np.ndarray:
-    """One DMV-CNN input ``(C, H, W)`` float32: the standardised image window, then (when the source has heat
-    maps) the benign and malignant heat maps cut and resized with it, not standardised.
-
-    With ``rng`` (``numpy.random.RandomState`` for the official draws) the window carries the contract's
-    augmentation noise; without, it is the deterministic window.
-    """
-    out = model_input(
-        source.cropped,
-        source.view,
-        source.center,
-        rng=rng,
-        noise=contract.noise if rng is not None else None,
-        out_shape=contract.input_shape,
-        horizontal_flip=source.horizontal_flip,
-        window_shape=contract.window,
-        auxiliary=None if source.heatmaps is None else list(source.heatmaps),
-    )
-    return out if out.ndim == 3 else out[None]
-
-
 def dmv_exam_passes(
-    sources: Mapping[str, Source], tta: int = 1, rng: Any = None
+    sources: Mapping[str, Source],
+    tta: int = 1,
+    rng: Any = None,
+    contracts: Mapping[str, InputContract] = DMV_CONTRACTS,
 ) -> Iterator[dict[str, np.ndarray]]:
     """DMV-CNN inputs of one exam, one pass at a time: ``{view: (C, H, W)}`` for the four views, each under
-    its angle's :data:`DMV_CONTRACTS`.
+    its angle's contract in ``contracts`` (:func:`dmv_contracts`; default the official windows).
 
     ``tta <= 1``: one pass of deterministic windows. Otherwise ``tta`` passes of noisy windows drawn from
     ``rng`` in the official order: pass by pass, and within a pass L-CC, R-CC, L-MLO, R-MLO. Seeded with
@@ -746,10 +830,18 @@ def dmv_exam_passes(
         raise ValueError("TTA windows need a random generator")
     for _ in range(max(tta, 1)):
         noise_rng = rng if tta > 1 else None
-        yield {view: dmv_window_sample(sources[view], dmv_contract(view), rng=noise_rng) for view in VIEWS}
+        yield {
+            view: window_sample(sources[view], dmv_contract(view, contracts), rng=noise_rng)[0]
+            for view in VIEWS
+        }
 
 
-def dmv_exam_windows(sources: Mapping[str, Source], tta: int = 1, rng: Any = None) -> dict[str, np.ndarray]:
+def dmv_exam_windows(
+    sources: Mapping[str, Source],
+    tta: int = 1,
+    rng: Any = None,
+    contracts: Mapping[str, InputContract] = DMV_CONTRACTS,
+) -> dict[str, np.ndarray]:
     """All passes of :func:`dmv_exam_passes` stacked: ``{view: (T, C, H, W)}``."""
-    passes = list(dmv_exam_passes(sources, tta, rng))
+    passes = list(dmv_exam_passes(sources, tta, rng, contracts))
     return {view: np.stack([p[view] for p in passes]) for view in VIEWS}

@@ -3,8 +3,10 @@
 DMV-CNN sees the four views of an exam at once, so images are grouped into exams (the manifest's ``exam_id``,
 else the exam part of names like ``0_L-CC``), each exam needs exactly one image of each view, and the result
 is one row per exam with a benign and a malignant probability per breast. Inputs come from the one sample path
-(:func:`mammogmic.data.sample.load_dmv_source`, :func:`~mammogmic.data.sample.dmv_exam_passes`); models that take
-heat maps read them from the ``.npz`` files of ``mammogmic heatmaps`` (``<heatmaps>/<image_id>.npz``).
+(:func:`mammogmic.data.sample.load_source`, :func:`~mammogmic.data.sample.dmv_exam_passes`) under each model's
+input contract (official files: the official pipeline; ours: the contract their training stored, whose DMV-CNN
+windows are :func:`~mammogmic.data.sample.dmv_contracts`); models that take heat maps read each image's
+``heatmap_path`` (``.npz`` files of ``mammogmic heatmaps``; :func:`~mammogmic.data.sample.attach_heatmaps`).
 
 TTA: ``tta`` passes of noisy windows, drawn from ``numpy.random.RandomState(seed)`` per exam in the official order
 (pass by pass, L-CC, R-CC, L-MLO, R-MLO), so a one-exam run replays the official ``--use-augmentation`` run.
@@ -15,7 +17,6 @@ not depend on which other exams are in the run.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,19 @@ import numpy as np
 import pandas as pd
 
 from mammogmic.data.cache import sha256_file
-from mammogmic.data.sample import ImageItem, SampleError, Source, dmv_exam_passes, load_dmv_source
-from mammogmic.errors import CheckpointError, MammogmicError
+from mammogmic.data.sample import (
+    OFFICIAL_CONTRACT,
+    ImageItem,
+    InputContract,
+    SampleError,
+    Source,
+    breast_labels,
+    dmv_contracts,
+    dmv_exam_passes,
+    load_source,
+)
+from mammogmic.errors import CheckpointError
 from mammogmic.evaluation.aggregation import IMAGE_NAME, metarepository_breast_table
-from mammogmic.evaluation.outputs import file_stem
 from mammogmic.models import DMV_LABELS, DMV_VIEWS, DMVModel, load_model, load_official_dmv_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -45,6 +55,7 @@ __all__ = [
     "load_dmv_member",
     "metarepository_table",
     "predict_exams",
+    "with_gmic_members",
 ]
 
 
@@ -82,21 +93,29 @@ def is_dmv_file(path: Path) -> bool:
 
 @dataclass
 class DMVMember:
-    """One DMV-CNN model of an ensemble."""
+    """One DMV-CNN model of an ensemble, with its input contract (crop, centre, size, heat maps)."""
 
     name: str
     model: DMVModel
     source: str
     sha256: str
+    contract: InputContract = OFFICIAL_CONTRACT
 
 
 def load_dmv_member(path: Path, device: str = "cpu") -> DMVMember:
     """Load an official DMV-CNN ``.p`` file or our ``.safetensors`` DMV-CNN model, in eval mode.
 
+    The contract is the official pipeline for ``.p`` files and the one stored by training for ours
+    (:func:`mammogmic.evaluation.inference.model_contract`); with 3 input channels it takes heat maps.
+
     Raises:
         CheckpointError: unreadable, unsafe or mismatched file, or a model that is not DMV-CNN.
     """
+    import dataclasses
+
     import torch
+
+    from mammogmic.evaluation.inference import model_contract
 
     if path.suffix == ".p":
         model = load_official_dmv_checkpoint(path)
@@ -105,8 +124,12 @@ def load_dmv_member(path: Path, device: str = "cpu") -> DMVMember:
         if not isinstance(loaded, DMVModel):
             raise CheckpointError(f"{path}: a {type(loaded).__name__} model, not DMV-CNN")
         model = loaded
+    # An official image + heat-maps file (or one of ours saved without training) says so by its channels.
+    contract = dataclasses.replace(model_contract(path), heatmaps=model.config.in_channels == 3)
     model = model.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
-    return DMVMember(name=path.stem, model=model, source=str(path), sha256=sha256_file(path))
+    return DMVMember(
+        name=path.stem, model=model, source=str(path), sha256=sha256_file(path), contract=contract
+    )
 
 
 @dataclass
@@ -144,7 +167,8 @@ def group_exams(items: Sequence[ImageItem]) -> list[tuple[str, list[ImageItem]]]
 
 @dataclass
 class ExamResult:
-    """Probabilities of one exam, in :data:`~mammogmic.models.DMV_LABELS` order, averaged over models and passes."""
+    """Probabilities of one exam, in :data:`~mammogmic.models.DMV_LABELS` order, averaged over models and passes
+    (``member_predictions``: each model's own, by name)."""
 
     exam_id: str
     items: dict[str, ImageItem]
@@ -153,16 +177,15 @@ class ExamResult:
 
 
 def _load_exam(
-    exam_id: str, items: list[ImageItem], heatmaps: Path | None, contract: Any
+    exam_id: str, items: list[ImageItem], heatmaps: bool, contract: InputContract
 ) -> tuple[dict[str, Source] | None, dict[str, ImageItem], list[ExamError]]:
     """Sources of an exam's four views, or the errors that stop it (every image of a failed exam is listed)."""
     sources: dict[str, Source] = {}
     by_view: dict[str, ImageItem] = {}
     errors: list[ExamError] = []
     for item in items:
-        path = heatmaps / f"{file_stem(item.image_id)}.npz" if heatmaps is not None else None
         try:
-            source = load_dmv_source(item, path, contract=contract)
+            source = load_source(item, contract, heatmaps=heatmaps)
         except SampleError as exc:
             errors.append(ExamError(item, exc.stage, str(exc)))
             continue
@@ -194,75 +217,80 @@ def predict_exams(
     items: Sequence[ImageItem],
     members: Sequence[DMVMember],
     *,
-    heatmaps: Path | None = None,
     tta: int = 1,
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "fp32",
-    contract: Any = None,
     on_error: Callable[[ExamError], None] | None = None,
     on_result: Callable[[ExamResult], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[ExamResult]:
     """Predict every complete exam among ``items`` with the DMV-CNN ``members`` (probabilities averaged).
 
+    Members whose contracts differ only in heat maps share their inputs (the image channel is the same with
+    and without maps; image-only members take channel 0); others get their own. Every input group draws its
+    TTA windows from its own ``RandomState(seed)``, so each member sees the windows it would see alone.
+
     Args:
-        items: images; grouped with :func:`group_exams`.
+        items: images; grouped with :func:`group_exams`. Members that take heat maps read each image's
+            ``heatmap_path`` (a missing or bad file fails its exam, listed in ``on_error``).
         members: loaded models (:func:`load_dmv_member`).
-        heatmaps: folder of ``mammogmic heatmaps`` outputs; required when a model takes 3 channels.
         tta: passes of noisy windows per exam (``<= 1``: the deterministic windows).
         seed: seed of each exam's ``RandomState``.
         device: torch device.
         dtype: ``fp32`` or ``bf16`` (autocast).
-        contract: crop settings (default: the official ones).
         on_error: called for each image that could not be used.
         on_result: called with each exam's result.
         progress: called with the number of images finished after each exam.
-
-    Raises:
-        MammogmicError: a model needs heat maps and ``heatmaps`` is not given.
     """
+    import dataclasses
+
     import torch
 
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
     if not members:
         raise ValueError("no models given")
-    channels = {m.name: m.model.config.in_channels for m in members}
-    if heatmaps is None and any(c == 3 for c in channels.values()):
-        needs = [n for n, c in channels.items() if c == 3]
-        raise MammogmicError(
-            f"model(s) {', '.join(needs)} take the image and its two heat maps: pass --heatmaps DIR "
-            f"(made by mammogmic heatmaps)"
-        )
-    use_maps = heatmaps if any(c == 3 for c in channels.values()) else None
+    groups: dict[InputContract, list[DMVMember]] = {}
+    for member in members:
+        groups.setdefault(dataclasses.replace(member.contract, heatmaps=False), []).append(member)
     dev = torch.device(device)
     results = []
     for exam_id, exam_items in group_exams(items):
-        sources, by_view, errors = _load_exam(exam_id, exam_items, use_maps, contract)
-        for error in errors:
-            if on_error is not None:
-                on_error(error)
-        if sources is None:
+        sums = {m.name: np.zeros(len(DMV_LABELS)) for m in members}
+        by_view: dict[str, ImageItem] = {}
+        failed = False
+        for contract, group in groups.items():
+            maps = any(m.contract.heatmaps for m in group)
+            sources, by_view, errors = _load_exam(exam_id, exam_items, maps, contract)
+            for error in errors:
+                if on_error is not None:
+                    on_error(error)
+            if sources is None:
+                failed = True
+                break
+            passes = 0
+            rng = np.random.RandomState(seed) if tta > 1 else None
+            for windows in dmv_exam_passes(sources, tta, rng, dmv_contracts(contract)):
+                batch = {v: torch.from_numpy(x)[None].to(dev) for v, x in windows.items()}  # (1, C, H, W)
+                for member in group:
+                    x = {v: t[:, : member.contract.channels] for v, t in batch.items()}
+                    with (
+                        torch.inference_mode(),
+                        torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16"),
+                    ):
+                        out = member.model(x)
+                    sums[member.name] += out.predictions[0].float().cpu().double().numpy()
+                passes += 1
+            for member in group:
+                sums[member.name] /= passes
+        if failed:
             if progress is not None:
                 progress(len(exam_items))
             continue
-        sums = {m.name: np.zeros(len(DMV_LABELS)) for m in members}
-        passes = 0
-        for windows in dmv_exam_passes(sources, tta, np.random.RandomState(seed) if tta > 1 else None):
-            batch = {v: torch.from_numpy(x)[None].to(dev) for v, x in windows.items()}  # (1, C, H, W)
-            for member in members:
-                x = {v: t[:, : channels[member.name]] for v, t in batch.items()}
-                with (
-                    torch.inference_mode(),
-                    torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16"),
-                ):
-                    out = member.model(x)
-                sums[member.name] += out.predictions[0].float().cpu().double().numpy()
-            passes += 1
-        per_member = {name: total / passes for name, total in sums.items()}
+        per_member = sums
         mean = np.mean(np.stack(list(per_member.values())), axis=0)
-        result = ExamResult(exam_id, by_view, mean, per_member if len(members) > 1 else {})
+        result = ExamResult(exam_id, by_view, mean, per_member)
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -274,10 +302,12 @@ def predict_exams(
 def breast_table(results: Sequence[ExamResult]) -> pd.DataFrame:
     """One row per breast (``breast_id, exam_id, patient_id, laterality, benign_pred, malignant_pred``, and the
     breast labels when the manifest has them), the input of
-    :func:`~mammogmic.evaluation.aggregation.metarepository_breast_table`."""
+    :func:`~mammogmic.evaluation.aggregation.metarepository_breast_table`. Ensembles add each model's scores
+    as ``benign_pred__<model>`` and ``malignant_pred__<model>`` (the columns of GMIC's ensemble tables)."""
     rows = []
     for result in results:
         p = dict(zip(DMV_LABELS, result.predictions.tolist(), strict=True))
+        members = result.member_predictions if len(result.member_predictions) > 1 else {}
         for side, name in (("L", "left"), ("R", "right")):
             views = [result.items[f"{side}-{a}"] for a in ("CC", "MLO")]
             row: dict[str, Any] = {
@@ -288,15 +318,17 @@ def breast_table(results: Sequence[ExamResult]) -> pd.DataFrame:
                 "benign_pred": p[f"{name}_benign"],
                 "malignant_pred": p[f"{name}_malignant"],
             }
-            for kind in ("benign", "malignant"):
-                labels = [getattr(v, f"breast_{kind}_label") for v in views]
-                labels = [x for x in labels if not math.isnan(x)] or [
-                    x for x in (getattr(v, f"{kind}_label") for v in views) if not math.isnan(x)
-                ]
-                row[f"{kind}_label"] = max(labels) if labels else math.nan
+            row["benign_label"], row["malignant_label"] = breast_labels(views)
+            for member, values in members.items():
+                q = dict(zip(DMV_LABELS, np.asarray(values).tolist(), strict=True))
+                row[f"benign_pred__{member}"] = q[f"{name}_benign"]
+                row[f"malignant_pred__{member}"] = q[f"{name}_malignant"]
             rows.append(row)
     columns = ["breast_id", "exam_id", "patient_id", "laterality", "benign_pred", "malignant_pred"]
-    table = pd.DataFrame(rows, columns=[*columns, "benign_label", "malignant_label"])
+    extra = list(
+        dict.fromkeys(k for row in rows for k in row if k.startswith(("benign_pred__", "malignant_pred__")))
+    )
+    table = pd.DataFrame(rows, columns=[*columns, "benign_label", "malignant_label", *extra])
     for col in ("benign_label", "malignant_label"):
         if col in table.columns and table[col].isna().all():
             table = table.drop(columns=col)
@@ -311,3 +343,61 @@ def metarepository_table(results: Sequence[ExamResult]) -> pd.DataFrame:
             columns=["index", "left_malignant", "right_malignant", "left_benign", "right_benign"]
         )
     return metarepository_breast_table(breast_table(results))
+
+
+def with_gmic_members(
+    results: Sequence[ExamResult], images: Sequence[Any], gmic_names: Sequence[str]
+) -> tuple[list[ExamResult], list[ExamError]]:
+    """Mixed ensembles: add GMIC models' breast scores to DMV-CNN's exam results and average all models.
+
+    A GMIC model scores a breast by the mean over its views (:func:`~mammogmic.evaluation.aggregation.breast_level`,
+    the rule of GMIC's own breast tables) of its image probabilities (``images``:
+    :class:`~mammogmic.evaluation.inference.ImageResult` of ``predict_items`` with the GMIC ``gmic_names`` models).
+    Every model, GMIC or DMV-CNN, counts once in the mean. An exam with an image GMIC could not predict is left
+    out, its other images reported.
+
+    Returns:
+        The combined results (``member_predictions``: every model's own) and the errors of exams left out.
+    """
+    from mammogmic.evaluation.aggregation import breast_level
+    from mammogmic.evaluation.outputs import image_row, image_table
+
+    by_id = {res.item.image_id: res for res in images}
+    rows, complete, errors = [], [], []
+    for result in results:
+        lacking = [item for item in result.items.values() if item.image_id not in by_id]
+        if lacking:
+            reason = (
+                f"exam {result.exam_id!r}: GMIC could not predict {', '.join(i.image_id for i in lacking)}"
+            )
+            errors += [
+                ExamError(item, "exam", f"{item.path}: {reason}")
+                for item in result.items.values()
+                if item not in lacking
+            ]
+            continue
+        complete.append(result)
+        for item in result.items.values():
+            res = by_id[item.image_id]
+            row = image_row(item, res.view or str(item.view), res.benign, res.malignant)
+            own = res.member_probs or {gmic_names[0]: (res.benign, res.malignant)}
+            for name in gmic_names:
+                row[f"benign_pred__{name}"], row[f"malignant_pred__{name}"] = own[name]
+            rows.append(row)
+    if not complete:
+        return [], errors
+    scores = [f"{kind}_pred__{name}" for name in gmic_names for kind in ("benign", "malignant")]
+    breasts = breast_level(image_table(rows), score_columns=scores, label_columns=()).set_index("breast_id")
+    combined = []
+    for result in complete:
+        members = dict(result.member_predictions)
+        for name in gmic_names:
+            values = {}
+            for side, label in (("L", "left"), ("R", "right")):
+                breast = result.items[f"{side}-CC"].breast_id or f"{result.exam_id}_{side}"
+                for kind in ("benign", "malignant"):
+                    values[f"{label}_{kind}"] = float(breasts.loc[breast, f"{kind}_pred__{name}"])
+            members[name] = np.array([values[label] for label in DMV_LABELS])
+        mean = np.mean(np.stack(list(members.values())), axis=0)
+        combined.append(ExamResult(result.exam_id, result.items, mean, members))
+    return combined, errors

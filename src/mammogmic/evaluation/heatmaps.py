@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mammogmic.data.preprocessing import orient, standardize
+from mammogmic.data.preprocessing import orient
+from mammogmic.data.sample import heatmap_input
 from mammogmic.models.patch import BENIGN_CLASS, MALIGNANT_CLASS, PatchClassifier
 
 __all__ = [
@@ -104,12 +105,6 @@ def patch_grid(
         cols=np.concatenate([[0], np.cumsum(col_steps)]).astype(np.int64),
         patch=patch,
     )
-
-
-def heatmap_input(cropped: np.ndarray, view: str, horizontal_flip: str = "NO") -> np.ndarray:
-    """The image the patches are cut from: ``cropped`` facing right, float32, standardised over all pixels."""
-    image = np.array(orient(np.asarray(cropped), view, horizontal_flip), dtype=np.float32, order="C")
-    return standardize(image)
 
 
 def patch_probabilities(

@@ -83,7 +83,7 @@ class PrepareSettings:
 
 @dataclass
 class Prepared:
-    """Model inputs of one image, one ``(T, H, W)`` float32 array per contract (or the error that stopped it)."""
+    """Model inputs of one image, one ``(T, C, H, W)`` float32 array per contract (or the error that stopped it)."""
 
     item: ImageItem
     inputs: list[np.ndarray] = field(default_factory=list)
@@ -144,7 +144,11 @@ def items_from_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[ImageI
 
 
 def prepare_item(item: ImageItem, contracts: Sequence[InputContract], settings: PrepareSettings) -> Prepared:
-    """Inputs of one image for each contract (:mod:`mammogmic.data.sample`); errors are returned, not raised."""
+    """Inputs of one image for each contract (:mod:`mammogmic.data.sample`); errors are returned, not raised.
+
+    A contract with heat maps reads the item's ``heatmap_path`` (:func:`~mammogmic.data.sample.attach_heatmaps`)
+    and gives ``(T, 3, H, W)`` inputs.
+    """
     inputs = []
     masks = None
     view = None
@@ -157,7 +161,7 @@ def prepare_item(item: ImageItem, contracts: Sequence[InputContract], settings: 
         try:
             windows, window_masks = window_samples(
                 source, contract, settings.tta, settings.seed, item.image_id
-            )
+            )  # (T, C, H, W)
         except (MammogmicError, ValueError) as exc:
             return Prepared(item, error=f"{item.path}: {exc}", stage="window")
         inputs.append(windows)
@@ -227,6 +231,7 @@ def load_member(
         MammogmicError: ``compile`` without a C++ compiler.
     """
     from mammogmic.models import (
+        PatchClassifier,
         compile_for_inference,
         fuse_for_inference,
         load_model,
@@ -244,6 +249,10 @@ def load_member(
                 f"{path}: --percent-t applies to official .p files; this model's t is in its config"
             )
         model = load_model(path, device=device)
+        if isinstance(model, PatchClassifier):
+            raise CheckpointError(
+                f"{path}: DMV-CNN's patch classifier, not an image model: make heat maps with mammogmic heatmaps"
+            )
         percent_t = getattr(model.config, "percent_t", None)
     contract = model_contract(path)
     model.eval()
@@ -253,9 +262,12 @@ def load_member(
         import torch
 
         model = fuse_for_inference(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if getattr(model.config, "in_channels", 1) != 1:
+    channels = getattr(model.config, "in_channels", 1)
+    if channels != contract.channels:
+        needs = "the image and its benign and malignant heat maps" if channels == 3 else "the image alone"
         raise CheckpointError(
-            f"{path}: model expects {model.config.in_channels} input channels; predict feeds 1"
+            f"{path}: the model takes {channels} input channel(s) ({needs}), but its input contract "
+            f"{'has' if contract.heatmaps else 'has no'} heat-map channels"
         )
     if compile:
         model = compile_for_inference(model)
@@ -364,7 +376,7 @@ def predict_items(
         if good:
             counts = [p.inputs[0].shape[0] for p in good]
             xs = [
-                torch.from_numpy(np.concatenate([p.inputs[c] for p in good]))[:, None].to(dev)
+                torch.from_numpy(np.concatenate([p.inputs[c] for p in good])).to(dev)  # (ΣT, C, H, W)
                 for c in range(len(contracts))
             ]
             probs_sum = torch.zeros(len(good), 2, dtype=torch.float64)
@@ -403,7 +415,7 @@ def predict_items(
                     res.patch_attention = first_out.patch_attention[j].float().cpu().numpy()
                     res.crop_size = tuple(members[0].model.config.crop_size)
                 if keep_images:
-                    res.image = p.inputs[member_input[0]][0]
+                    res.image = p.inputs[member_input[0]][0, 0]  # the image channel of the first window
                 results.append(res)
                 if on_result is not None:
                     on_result(res)

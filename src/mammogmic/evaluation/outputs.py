@@ -185,8 +185,9 @@ class InputProvenance:
     Attributes:
         sha256: SHA-256 of the image file (``None`` when it cannot be read: the image fails anyway, unless a
             preprocess cache stands in for it).
-        key: digest of the image hash, the cache file's hash (rows with ``cached_path`` + ``best_center``) and
-            the manifest fields that place the window (view, horizontal_flip, best_center).
+        key: digest of the image hash, the cache file's hash (rows with ``cached_path`` + ``best_center``),
+            the heat-map file's hash (when the image has one) and the manifest fields that place the window
+            (view, horizontal_flip, best_center).
     """
 
     sha256: str | None
@@ -214,6 +215,8 @@ def input_provenance(item: ImageItem) -> InputProvenance:
         "horizontal_flip": item.horizontal_flip,
         "best_center": list(item.best_center) if cached and item.best_center is not None else None,
     }
+    if item.heatmap_path is not None:  # heat-map channels: the maps are an input too
+        material["heatmaps_sha256"] = _file_sha256(item.heatmap_path)
     return InputProvenance(image, _digest(material))
 
 

@@ -35,7 +35,9 @@ __all__ = [
     "FREEZE_PARTS",
     "DataConfig",
     "FinetuneConfig",
+    "MODEL_TYPES",
     "OptimConfig",
+    "PatchesConfig",
     "RuntimeConfig",
     "ScheduleConfig",
     "TrainConfig",
@@ -161,6 +163,9 @@ class DataConfig:
         train_split: value of the manifest ``split`` column used for training.
         val_split: split used for validation / early stopping (empty = no validation).
         test_split: split evaluated after training with the best checkpoint (empty = none).
+        heatmaps_dir: folder of ``mammogmic heatmaps`` outputs (``<image_id>.npz``) for rows without a
+            ``heatmap_path`` manifest column; read by models with heat-map channels (``model.in_channels: 3``).
+            Made absolute like ``manifest``.
     """
 
     manifest: str = ""
@@ -183,6 +188,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    heatmaps_dir: str = ""
 
     def __post_init__(self) -> None:
         for i, s in enumerate(self.out_shape):
@@ -399,10 +405,52 @@ def _check_nonneg(name: str, value: float) -> None:
         raise _fail(name, f"must be >= 0, got {value!r}")
 
 
-def _model_config_cls() -> type:
-    from mammogmic.models import GMICConfig
+#: ``model.type`` of a training config -> what it trains (GMIC, DMV-CNN view-wise, the patch classifier).
+MODEL_TYPES = ("gmic", "dmv", "patch")
 
-    return GMICConfig
+
+def _model_config_cls(kind: str = "gmic") -> type:
+    from mammogmic.models import DMVConfig, GMICConfig, PatchConfig
+
+    return {"gmic": GMICConfig, "dmv": DMVConfig, "patch": PatchConfig}[kind]
+
+
+def model_type(model: Any) -> str:
+    """``gmic``, ``dmv`` or ``patch``: the ``model.type`` of a model config object."""
+    from mammogmic.models import DMVConfig, PatchConfig
+
+    if isinstance(model, DMVConfig):
+        return "dmv"
+    if isinstance(model, PatchConfig):
+        return "patch"
+    return "gmic"
+
+
+@dataclass(frozen=True)
+class PatchesConfig:
+    """How the patch classifier's training patches are drawn (``model.type: patch``) and the heat-map grid
+    its model file records for ``mammogmic heatmaps``.
+
+    Each image gives, per epoch, ``per_class`` patches of each class it has: centred on a malignant-mask pixel
+    (class 0), a benign-mask pixel (class 1), breast tissue at least ``size / 2`` pixels from any lesion
+    (class 2) and background outside the breast (class 3). Patches are cut from the whole cropped image,
+    oriented and standardised as ``mammogmic heatmaps`` cuts them.
+
+    Attributes:
+        size: patch side in pixels (256: the released classifier's; scale it with smaller images).
+        stride: heat-map stride stored in the model file (``mammogmic heatmaps`` default; 70 for 256).
+        per_class: patches of each class drawn per image and epoch.
+    """
+
+    size: int = 256
+    stride: int = 70
+    per_class: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 16:
+            raise _fail("size", f"must be an integer >= 16, got {self.size!r}")
+        _check_positive("stride", self.stride)
+        _check_positive("per_class", self.per_class)
 
 
 def _loss_config_cls() -> type:
@@ -423,6 +471,13 @@ class TrainConfig:
         schedule: epochs, early stopping, checkpoint and logging frequency.
         runtime: device, mixed precision, accumulation, memory options, workers, seeding.
         finetune: pretrained weights to start from, re-initialised tensors, frozen parts.
+        patches: the patch classifier's training patches (``model.type: patch`` only).
+
+    ``model.type`` picks what is trained: ``gmic`` (the default; :class:`~mammogmic.GMICConfig`), ``dmv``
+    (DMV-CNN view-wise, :class:`~mammogmic.models.DMVConfig`: four-view exams, breast labels, NLL of the
+    heads' log-softmax) or ``patch`` (DMV-CNN's patch classifier, :class:`~mammogmic.models.PatchConfig`).
+    DMV-CNN's windows follow ``data.out_shape`` (:func:`mammogmic.data.sample.dmv_contracts`). The ``loss``
+    and ``finetune`` sections are GMIC's; ``to_dict`` writes ``type`` only for the other two.
     """
 
     model: Any = field(default_factory=lambda: _model_config_cls()())
@@ -432,8 +487,33 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    patches: PatchesConfig = field(default_factory=PatchesConfig)
+
+    @property
+    def model_type(self) -> str:
+        """``gmic``, ``dmv`` or ``patch`` (``model.type``)."""
+        return model_type(self.model)
 
     def __post_init__(self) -> None:
+        kind = self.model_type
+        if kind != "gmic":
+            if self.finetune != FinetuneConfig():
+                raise _fail("finetune", f"fine-tuning options are for GMIC, not model.type {kind}")
+            if self.schedule.val_metric.endswith("_dice") or self.schedule.keep_best_dice:
+                raise _fail(
+                    "schedule.val_metric", f"saliency Dice is GMIC's; model.type {kind} has no saliency"
+                )
+            if self.data.tta != 1:
+                raise _fail(
+                    "data.tta", f"test-time windows are GMIC's in training; model.type {kind} needs 1"
+                )
+        if kind == "dmv" and self.model.head != "view":
+            raise _fail("model.head", "training takes the view-wise DMV-CNN (head: view)")
+        if kind == "patch" and self.model.num_classes != 4:
+            raise _fail(
+                "model.num_classes",
+                "the patch classifier's classes are 4 (malignant, benign, tissue, background)",
+            )
         t = self.finetune.percent_t
         model_t = getattr(self.model, "percent_t", None)
         if t is not None and model_t is not None and not math.isclose(t, model_t, rel_tol=0.0, abs_tol=1e-12):
@@ -454,8 +534,11 @@ class TrainConfig:
         """Plain-Python (YAML/JSON-safe) nested dict of every field (``runtime.num_workers`` as requested)."""
         runtime = _plain(self.runtime)
         runtime["num_workers"] = self.runtime.requested_workers
-        return {
-            "model": _plain(self.model.to_dict() if hasattr(self.model, "to_dict") else self.model),
+        model = _plain(self.model.to_dict() if hasattr(self.model, "to_dict") else self.model)
+        if self.model_type != "gmic":
+            model = {"type": self.model_type, **model}
+        out = {
+            "model": model,
             "loss": _plain(self.loss),
             "optim": _plain(self.optim),
             "data": _plain(self.data),
@@ -463,6 +546,9 @@ class TrainConfig:
             "runtime": runtime,
             "finetune": _plain(self.finetune),
         }
+        if self.patches != PatchesConfig():
+            out["patches"] = _plain(self.patches)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -477,14 +563,20 @@ class TrainConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"config must be a mapping of sections, got {type(data).__name__}")
         data = _resolve_finetune_aliases(data)
-        sections = {"model", "loss", "optim", "data", "schedule", "runtime", "finetune"}
+        sections = {"model", "loss", "optim", "data", "schedule", "runtime", "finetune", "patches"}
         for key in data:
             if key not in sections:
                 raise _unknown_key("", str(key), sections)
         kwargs: dict[str, Any] = {}
-        model_cls = _model_config_cls()
         if "model" in data:
-            kwargs["model"] = _build_foreign(model_cls, data["model"], "model")
+            model = data["model"]
+            kind = "gmic"
+            if isinstance(model, Mapping) and "type" in model:
+                model = dict(model)
+                kind = model.pop("type")
+                if kind not in MODEL_TYPES:
+                    raise _fail("model.type", f"must be one of {', '.join(MODEL_TYPES)}, got {kind!r}")
+            kwargs["model"] = _build_foreign(_model_config_cls(kind), model, "model")
         if "loss" in data:
             kwargs["loss"] = _build_foreign(_loss_config_cls(), data["loss"], "loss")
         for name, sub_cls in (
@@ -493,6 +585,7 @@ class TrainConfig:
             ("schedule", ScheduleConfig),
             ("runtime", RuntimeConfig),
             ("finetune", FinetuneConfig),
+            ("patches", PatchesConfig),
         ):
             if name in data:
                 kwargs[name] = _build_dataclass(sub_cls, data[name], name)
@@ -521,7 +614,8 @@ class TrainConfig:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
-        data["data"]["manifest"] = _absolute_path(data["data"]["manifest"], Path.cwd())
+        for key in ("manifest", "heatmaps_dir"):
+            data["data"][key] = _absolute_path(data["data"][key], Path.cwd())
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         os.replace(tmp, path)
@@ -802,9 +896,10 @@ def _absolute_path(value: Any, base_dir: Path) -> Any:
 
 
 def _with_absolute_paths(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
-    """``data.manifest`` and ``finetune.init`` made absolute against ``base_dir`` (the paths a config holds)."""
+    """``data.manifest``, ``data.heatmaps_dir`` and ``finetune.init`` made absolute against ``base_dir`` (the
+    paths a config holds)."""
     out = dict(data)
-    for name, key in (("data", "manifest"), ("finetune", "init")):
+    for name, key in (("data", "manifest"), ("data", "heatmaps_dir"), ("finetune", "init")):
         section = out.get(name)
         if isinstance(section, Mapping) and key in section:
             out[name] = {**section, key: _absolute_path(section[key], base_dir)}

@@ -1,5 +1,8 @@
 """End-to-end GMIC training: Adam on the Eq. 13 loss, validation by AUC, early stopping, exact resume.
 
+The same loop trains DMV-CNN (``model.type: dmv``: four-view exams, :class:`~mammogmic.training.loss.DMVLoss`)
+and its patch classifier (``model.type: patch``); only the model, the loss, the samples and the scores differ.
+
 Run folder layout (written by rank 0 only)::
 
     RUN_DIR/config.yaml        resolved TrainConfig
@@ -135,9 +138,14 @@ class TrainResult:
 
 # -- builders --------------------------------------------------------------------------------------------
 def build_model(config: TrainConfig) -> nn.Module:
-    """A freshly initialised GMIC for ``config.model``."""
-    from mammogmic.models import GMIC
+    """A freshly initialised model for ``config.model``: GMIC, DMV-CNN or the patch classifier."""
+    from mammogmic.models import GMIC, DMVModel, PatchClassifier
 
+    kind = config.model_type
+    if kind == "dmv":
+        return DMVModel(config.model)
+    if kind == "patch":
+        return PatchClassifier(config.model)
     return GMIC(config.model)
 
 
@@ -172,9 +180,42 @@ def build_scheduler(
 
 
 def _build_loss(config: TrainConfig) -> nn.Module:
-    from mammogmic.training.loss import GMICLoss
+    from mammogmic.training.loss import DMVLoss, GMICLoss, PatchLoss
 
+    if config.model_type == "dmv":
+        return DMVLoss()
+    if config.model_type == "patch":
+        return PatchLoss()
     return GMICLoss(config.loss, prediction=config.model.prediction)
+
+
+def _scores(out: Any) -> torch.Tensor:
+    """The probabilities ``predict`` averages, ``(N, K)``: GMIC's ``prediction`` (benign, malignant),
+    DMV-CNN's four breast labels (``DMV_LABELS``), the patch classifier's class probabilities."""
+    from mammogmic.models import DMVOutput
+
+    if isinstance(out, DMVOutput):
+        return out.predictions
+    if isinstance(out, torch.Tensor):  # the patch classifier's logits
+        return torch.softmax(out.float(), dim=1)
+    return out.prediction
+
+
+def _num_scores(model: nn.Module) -> int:
+    """Columns of :func:`_scores` for ``model``."""
+    from mammogmic.models import DMV_LABELS, DMVModel
+
+    if isinstance(model, DMVModel):
+        return len(DMV_LABELS)
+    return int(getattr(model.config, "num_classes", 2))
+
+
+def _to_device(x: Any, device: torch.device, channels_last: bool) -> Any:
+    """A batch's inputs (a tensor, or DMV-CNN's ``{view: tensor}``) on ``device``."""
+    if isinstance(x, dict):
+        return {k: _to_device(v, device, channels_last) for k, v in x.items()}
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def _loss_parts(loss_out: Any) -> tuple[torch.Tensor, dict[str, float]]:
@@ -221,8 +262,13 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 
 
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    images = [b["image"] for b in batch]
     out: dict[str, Any] = {
-        "image": torch.stack([b["image"] for b in batch]),
+        "image": (
+            {k: torch.stack([x[k] for x in images]) for k in images[0]}
+            if isinstance(images[0], dict)
+            else torch.stack(images)
+        ),
         "labels": torch.stack([b["labels"] for b in batch]),
         "index": torch.tensor([int(b["index"]) for b in batch], dtype=torch.long),
     }
@@ -281,9 +327,28 @@ def classification_metrics(
     images: Any, probs: np.ndarray, level: str = "image", prefix: str = ""
 ) -> dict[str, float]:
     """Benign/malignant/mean AUROC of predictions on ``images``: exactly what ``mammogmic evaluate --group LEVEL``
-    reports on ``predict``'s table for the same images (:func:`mammogmic.evaluation.table.auroc_summary`)."""
+    reports on ``predict``'s table for the same images (:func:`mammogmic.evaluation.table.auroc_summary`).
+
+    DMV-CNN exams (``probs`` ``(n, 4)``): per breast, on the table ``predict`` writes for DMV-CNN models
+    (``breast_predictions.csv``), whatever ``level``. Patches (``probs`` ``(n, 4)`` class probabilities):
+    malignant (class 0) and benign (class 1) each against the other patches.
+    """
+    from mammogmic.data.dmv import ExamDataset, PatchDataset
     from mammogmic.evaluation.table import auroc_summary
 
+    if isinstance(images, ExamDataset):
+        from mammogmic.evaluation.dmv import ExamResult, breast_table
+
+        results = [
+            ExamResult(exam_id, views, np.asarray(p, dtype=np.float64))
+            for (exam_id, views), p in zip(images.exams, probs, strict=True)
+        ]
+        return auroc_summary(breast_table(results), "breast", prefix)
+    if isinstance(images, PatchDataset):
+        from mammogmic.models.patch import BENIGN_CLASS, MALIGNANT_CLASS
+
+        probs = probs[:, [BENIGN_CLASS, MALIGNANT_CLASS]]
+        level = "image"
     return auroc_summary(prediction_table(images, probs), level, prefix)
 
 
@@ -319,14 +384,15 @@ def predict(
             depends only on its index (and the seed), not on the batch it is in.
 
     Returns:
-        ``probs`` (n, 2) float64 and ``indices`` (n,) in dataset order.
+        ``probs`` (n, K) float64 (:func:`_scores`: K = 2 for GMIC, 4 for DMV-CNN and the patch classifier) and
+        ``indices`` (n,) in dataset order.
     """
     device = torch.device(device)
     info = dist or DistInfo()
     was_training = model.training
     model.eval()
     n = len(images)
-    probs = np.zeros((n, 2), dtype=np.float64)
+    probs = np.zeros((n, _num_scores(model)), dtype=np.float64)
     if tta > 1 and not hasattr(images, "windows"):
         raise MammogmicError("test-time augmentation needs a dataset with TTA windows (MammogramDataset)")
     dataset: Any = TTASamples(images, tta, seed) if tta > 1 else SeededSamples(images, augment=False)
@@ -345,13 +411,14 @@ def predict(
     try:
         for batch in loader:
             x = batch["image"]
-            windows = x.shape[1] if x.dim() == 5 else 1
-            x = x.reshape(-1, *x.shape[-3:]).to(device)  # (B·T, 1, H, W)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            windows = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 5 else 1
+            if windows > 1:
+                x = x.reshape(-1, *x.shape[-3:])  # (B·T, C, H, W)
+            x = _to_device(x, device, channels_last)
             with _amp_context(device, amp):
                 out = model(x)
-            pred = out.prediction.float().cpu().double().reshape(-1, windows, 2).mean(1)
+            pred = _scores(out).float().cpu().double()
+            pred = pred.reshape(-1, windows, pred.shape[-1]).mean(1)
             probs[batch["index"].numpy()] = pred.numpy()
             if on_batch is not None and windows == 1:
                 on_batch(out, batch)
@@ -503,7 +570,8 @@ class _Run:
 
 
 class Trainer:
-    """Trains one GMIC according to a :class:`TrainConfig`.
+    """Trains one model according to a :class:`TrainConfig`: GMIC, or (``model.type``) DMV-CNN or its patch
+    classifier.
 
     :meth:`fit` = :meth:`_setup` (data, model, optimizer, resume), then per epoch :meth:`train_one_epoch`,
     :meth:`validate` and :meth:`_end_epoch` (early stopping, checkpoints, logs), then :meth:`test`.
@@ -882,10 +950,8 @@ class Trainer:
         r.optimizer.zero_grad(set_to_none=True)
         step_loss, parts_sum, images = 0.0, dict[str, float](), 0
         for mi, batch in enumerate(micro):
-            x = batch["image"].to(r.device, non_blocking=True)
+            x = _to_device(batch["image"], r.device, cfg.runtime.channels_last)
             y = batch["labels"].to(r.device, non_blocking=True)
-            if cfg.runtime.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             sync = mi == len(micro) - 1 or not info.enabled
             ctx = contextlib.nullcontext() if sync else r.net.no_sync()  # type: ignore[operator]
             with ctx:
@@ -904,7 +970,7 @@ class Trainer:
             step_loss += value / len(micro)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / len(micro)
-            images += len(x)
+            images += len(batch["index"])
         if r.scaler is not None:
             r.scaler.unscale_(r.optimizer)
         if cfg.optim.grad_clip is not None:
@@ -1097,6 +1163,7 @@ class Trainer:
 
         meta = {
             "input_contract": input_contract(self.config).to_dict(),
+            **_heatmap_grid(self.config),
             "training_config": self.config.to_dict(),
             "training_manifest_sha256": self._manifest_sha256(),
             **({"init": self.init_report.provenance()} if self.init_report is not None else {}),
@@ -1168,9 +1235,20 @@ def _agree(problem: str | None, info: DistInfo, device: torch.device) -> None:
         raise MammogmicError(problem or "rank 0 refused to start (see its message)")
 
 
+def _heatmap_grid(config: TrainConfig) -> dict[str, Any]:
+    """A patch classifier's heat-map grid for its model file (``mammogmic heatmaps`` reads it); else nothing."""
+    if config.model_type != "patch":
+        return {}
+    return {"heatmap_grid": {"patch_size": config.patches.size, "stride": config.patches.stride}}
+
+
 def _select_rows(out: Any, keep: torch.Tensor) -> Any:
-    """The rows ``keep`` of a model output dataclass (every field is batch-first)."""
-    return type(out)(**{f.name: getattr(out, f.name)[keep] for f in dataclasses.fields(out)})
+    """The rows ``keep`` of a model output: a batch-first tensor, a dict of them or a dataclass of them."""
+    if isinstance(out, torch.Tensor):
+        return out[keep]
+    if isinstance(out, dict):
+        return {k: _select_rows(v, keep) for k, v in out.items()}
+    return type(out)(**{f.name: _select_rows(getattr(out, f.name), keep) for f in dataclasses.fields(out)})
 
 
 def _plain_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""The GMIC training objective (paper Eq. 13).
+"""The training objectives: GMIC's (paper Eq. 13), DMV-CNN's (:class:`DMVLoss`), the patch classifier's
+(:class:`PatchLoss`).
+
+GMIC:
 
 ``L = sum_c [BCE(y_c, y_global_c) + BCE(y_c, y_local_c) + BCE(y_c, y_fusion_c)] + beta * L1(A)``
 
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mammogmic.errors import ConfigError
+from mammogmic.models.dmv import DMVOutput
 from mammogmic.models.gmic import GMICOutput
 
 
@@ -106,3 +110,27 @@ class GMICLoss(nn.Module):
         saliency_l1 = l1.mean()
         total = bce_global + bce_local + bce_fusion + self.config.beta * saliency_l1
         return LossOutput(total, bce_global, bce_local, bce_fusion, saliency_l1)
+
+
+class DMVLoss(nn.Module):
+    """View-wise DMV-CNN: negative log-likelihood of each head's ``(N, 4, 2)`` log-softmax outputs.
+
+    ``forward(output, labels)``: labels ``(N, 4)`` in :data:`~mammogmic.models.DMV_LABELS` order, 0/1, NaN for
+    unknown. The loss is the mean, over both heads (CC, MLO) and every known label, of ``-log p(label)``.
+    """
+
+    def forward(self, out: DMVOutput, labels: torch.Tensor) -> torch.Tensor:
+        known = ~torch.isnan(labels)
+        target = torch.where(known, labels, torch.zeros_like(labels)).long().unsqueeze(-1)  # (N, 4, 1)
+        terms = []
+        for log_probs in out.log_probs.values():
+            nll = -log_probs.float().gather(-1, target).squeeze(-1)  # (N, 4)
+            terms.append((nll * known).sum() / known.sum().clamp_min(1))
+        return torch.stack(terms).mean()
+
+
+class PatchLoss(nn.Module):
+    """The patch classifier: cross-entropy of its logits ``(N, K)`` against one-hot labels ``(N, K)``."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels.argmax(dim=1))
