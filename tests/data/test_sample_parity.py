@@ -223,3 +223,28 @@ def test_heatmap_channels_same_input_in_training_and_predict(tmp_path: Path) -> 
     bare = items_from_manifest(manifest, split="test")[0]
     failed = prepare_item(bare, [stored], PrepareSettings())
     assert failed.stage == "heatmaps" and str(bare.path) in str(failed.error)
+
+
+def test_train_time_flips_move_heatmap_channels_with_the_image(tmp_path: Path) -> None:
+    """``data.hflip_prob`` / ``data.vflip_prob`` on a 3-channel model: the image, both heat maps and the masks
+    are mirrored together (a flip of one axis of a ``(C, H, W)`` sample, never of the channel axis)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
+    from training_helpers import write_blob_manifest, write_heatmaps
+
+    manifest = write_blob_manifest(tmp_path / "data", n_exams=2)
+    base = {
+        "data.manifest": str(manifest),
+        "model.in_channels": 3,
+        "data.heatmaps_dir": str(tmp_path / "maps"),
+    }
+    write_heatmaps(manifest, tmp_path / "maps", input_contract(load_config("tiny_cpu", base)))
+    plain = split_dataset(load_config("tiny_cpu", base), "train", masks=True)
+    for key, axis in (("data.hflip_prob", 2), ("data.vflip_prob", 1)):
+        flipped = split_dataset(load_config("tiny_cpu", {**base, key: 1.0}), "train", masks=True)
+        a = plain.load(0, np.random.default_rng(3))
+        b = flipped.load(0, np.random.default_rng(3))
+        assert a["image"].shape == (3, 128, 96) and a["image"][1:].std() > 0  # maps are present
+        np.testing.assert_array_equal(b["image"].numpy(), np.flip(a["image"].numpy(), axis=axis))
+        np.testing.assert_array_equal(b["masks"].numpy(), np.flip(a["masks"].numpy(), axis=axis))
