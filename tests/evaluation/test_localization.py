@@ -166,3 +166,28 @@ def test_peak_offsets_by_hand() -> None:
     assert summary["fraction_peak_inward"] == 1.0
     # Without images there is no breast to point into.
     assert np.isnan(peak_offsets(saliency, masks).inward_cosine).all()
+
+
+def test_lesion_centred_profile_by_hand() -> None:
+    # 64x40 pixels, stride 8 (8x5 cells). The lesion's centroid (24, 16) is cell (3, 2)'s receptive-field centre;
+    # the map peaks one cell to its left (1.0), holds 0.5 on the lesion's cell and 0.25 in the corner cell (0, 0).
+    saliency = np.zeros((1, 2, 8, 5), np.float32)
+    saliency[0, 1, 3, 1], saliency[0, 1, 3, 2], saliency[0, 1, 0, 0] = 1.0, 0.5, 0.25
+    masks = np.zeros((1, 2, 64, 40), np.uint8)
+    masks[0, 1, 22:27, 14:19] = 1
+    small = peak_offsets(2 * saliency, masks, radius=1)  # divided by the image's maximum
+    expected = np.zeros((3, 3))
+    expected[1, 0], expected[1, 1] = 1.0, 0.5
+    np.testing.assert_allclose(small.profile[0], expected)
+    wide = peak_offsets(saliency, masks, radius=3).profile[0]  # rows 0-6, columns -1..5 of the map
+    assert np.isnan(wide[:, 0]).all() and np.isnan(wide[:, 6]).all() and np.isfinite(wide[:, 1:6]).all()
+    assert wide[0, 1] == 0.25 and wide[3, 2] == 1.0 and wide[3, 3] == 0.5 and np.nansum(wide) == 1.75
+    # the mean over images skips cells outside an image's map; an image without a lesion adds nothing
+    other = peak_offsets(np.roll(saliency, 1, axis=3), np.roll(masks, 8, axis=3), radius=3)  # one cell right
+    both = PeakOffsets.concatenate([peak_offsets(saliency, masks, radius=3), other])
+    mean = both.mean_profile()
+    assert mean is not None and mean[3, 2] == 1.0 and mean[0, 1] == 0.25
+    assert mean[0, 0] == 0.0  # NaN for the first image (column -1), 0 in the shifted one
+    assert both.summary()["lesion_centred_saliency"][3][2] == 1.0
+    empty = peak_offsets(saliency, np.zeros_like(masks), radius=1)
+    assert np.isnan(empty.profile).all() and empty.mean_profile() is None

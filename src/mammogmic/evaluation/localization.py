@@ -233,6 +233,10 @@ class PeakOffsets:
         peak_signed: ``(N, 2)`` signed (rows, cols) offset from the lesion centroid to the aligned peak.
         inward_cosine: cosine between that offset and the direction from the lesion centroid to the breast's
             centroid (``NaN`` without images): near 1 when the peak sits on the lesion's chest-wall/interior side.
+        profile: ``(N, 2r+1, 2r+1)`` each image's map divided by its maximum, in the cells around the cell whose
+            receptive-field centre is nearest the lesion centroid (the centre entry; rows down, columns toward
+            the skin; ``NaN`` outside the map). Its mean over images shows where, relative to the lesion, the
+            maps put their mass (docs/localization.md).
     """
 
     peak_aligned: NDArray[np.float64]
@@ -241,6 +245,7 @@ class PeakOffsets:
     stride: tuple[float, float]
     peak_signed: NDArray[np.float64]
     inward_cosine: NDArray[np.float64]
+    profile: NDArray[np.float64]
 
     @classmethod
     def concatenate(cls, parts: Sequence[PeakOffsets]) -> PeakOffsets:
@@ -254,6 +259,7 @@ class PeakOffsets:
             parts[0].stride,
             np.concatenate([p.peak_signed for p in parts]),
             np.concatenate([p.inward_cosine for p in parts]),
+            np.concatenate([p.profile for p in parts]),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -273,7 +279,18 @@ class PeakOffsets:
         inward = self.inward_cosine[np.isfinite(self.inward_cosine)]
         out["median_inward_cosine"] = float(np.median(inward)) if len(inward) else None
         out["fraction_peak_inward"] = float(np.mean(inward > 0)) if len(inward) else None
+        mean_profile = self.mean_profile()
+        out["lesion_centred_saliency"] = None if mean_profile is None else np.round(mean_profile, 3).tolist()
         return out
+
+    def mean_profile(self) -> NDArray[np.float64] | None:
+        """Mean of :attr:`profile` over the images with a lesion (each cell over the images where it lies in
+        the map); ``None`` without any."""
+        seen = np.isfinite(self.profile)
+        if not seen[:, seen.shape[1] // 2, seen.shape[2] // 2].any():
+            return None
+        counts = seen.sum(axis=0)
+        return np.where(counts > 0, np.nansum(self.profile, axis=0) / np.maximum(counts, 1), np.nan)
 
 
 def peak_offsets(
@@ -283,6 +300,7 @@ def peak_offsets(
     crop_size: Sequence[int] | None = None,
     class_index: int = 1,
     images: Any = None,
+    radius: int = 3,
 ) -> PeakOffsets:
     """How far the saliency peak (and the nearest retrieved patch) lies from each lesion's centroid.
 
@@ -294,6 +312,7 @@ def peak_offsets(
         class_index: 1 = malignant, 0 = benign.
         images: optional ``(N, 1, H, W)`` model inputs; the breast is every pixel above the image's minimum (the
             background of a standardised, zero-padded window), for :attr:`PeakOffsets.inward_cosine`.
+        radius: cells on each side of the lesion's cell in :attr:`PeakOffsets.profile`.
     """
     sal = _to_numpy(saliency)[:, class_index].astype(np.float64)
     mask = _to_numpy(masks)[:, class_index] != 0
@@ -305,6 +324,8 @@ def peak_offsets(
     patch_nearest = np.full(n, np.nan)
     signed = np.full((n, 2), np.nan)
     inward = np.full(n, np.nan)
+    side = 2 * radius + 1
+    profile = np.full((n, side, side), np.nan)
     pixels = None if images is None else _to_numpy(images)[:, 0]
     locations = None if patch_locations is None else _to_numpy(patch_locations)
     for i in range(n):
@@ -315,6 +336,18 @@ def peak_offsets(
         pi, pj = divmod(int(np.argmax(sal[i])), w)
         signed[i] = np.array([sy * pi, sx * pj]) - centroid
         peak_aligned[i] = np.hypot(*signed[i])
+        # the lesion's cell: receptive-field centre (s·i, s·j) nearest the centroid, as peak_aligned places cells
+        ci, cj = (
+            int(np.clip(np.rint(centroid[0] / sy), 0, h - 1)),
+            int(np.clip(np.rint(centroid[1] / sx), 0, w - 1)),
+        )
+        top = sal[i].max()
+        scaled = sal[i] / top if top > 0 else np.zeros_like(sal[i])
+        r0, r1 = max(ci - radius, 0), min(ci + radius + 1, h)
+        c0, c1 = max(cj - radius, 0), min(cj + radius + 1, w)
+        profile[i, r0 - ci + radius : r1 - ci + radius, c0 - cj + radius : c1 - cj + radius] = scaled[
+            r0:r1, c0:c1
+        ]
         if pixels is not None:
             rows_b, cols_b = np.nonzero(pixels[i] > pixels[i].min())
             to_breast = np.array([rows_b.mean(), cols_b.mean()]) - centroid
@@ -324,4 +357,4 @@ def peak_offsets(
         if locations is not None and crop_size is not None:
             centres = locations[i].astype(np.float64) + (np.asarray(crop_size, np.float64) - 1) / 2
             patch_nearest[i] = float(np.min(np.hypot(*(centres - centroid).T)))
-    return PeakOffsets(peak_aligned, peak_nearest, patch_nearest, (sy, sx), signed, inward)
+    return PeakOffsets(peak_aligned, peak_nearest, patch_nearest, (sy, sx), signed, inward, profile)
