@@ -233,3 +233,66 @@ def test_compile_without_a_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(MammogmicError, match="no-such-compiler-xyz.*not on PATH"):
         compile_for_inference(GMIC(TINY))
+
+
+def _symmetrise_kernels(module: torch.nn.Module) -> None:
+    """Make every convolution kernel equal to itself turned by 180 degrees."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_((m.weight + m.weight.flip(-2, -1)) / 2)
+
+
+@pytest.mark.parametrize("arch", ["resnet10", "resnet22"])
+def test_point_reflection_lands_on_the_networks_own_cells(arch: str) -> None:
+    """A global network with point-symmetric kernels computes, on the reflected input, its features turned by 180
+    degrees: exactly, on the cells whose receptive field stays inside the image. A plain flip does not (it is
+    a cell off). This is what checks ``stride`` and ``cell_origin`` against the real layers."""
+    from mammogmic.models.roi import point_reflect
+
+    torch.manual_seed(0)
+    width = 4 if arch == "resnet10" else 2
+    model = GMIC(GMICConfig(global_arch=arch, global_width=width, local_width=4, crop_size=(64, 64))).eval()
+    hw = (512, 320) if arch == "resnet10" else (1024, 640)
+    x = torch.randn(1, 1, *hw)
+    net = model.global_net
+
+    def disagreement(turned_input: torch.Tensor) -> float:
+        with torch.no_grad():
+            own = net(x)
+            back = net(turned_input).flip(-2, -1)
+        h, w = own.shape[-2:]
+        inner = (slice(None), slice(None), slice(3, h - 3), slice(3, w - 3))  # away from every border
+        return float((own - back)[inner].abs().max() / own[inner].abs().max())
+
+    with torch.no_grad():
+        grid = tuple(net(x).shape[-2:])
+    turned = point_reflect(x, grid, net.stride, net.cell_origin)
+    assert disagreement(turned) > 0.1  # random kernels are not symmetric
+    _symmetrise_kernels(net)
+    # ResNet-22's receptive field reaches the borders from every cell of this small input: a small remainder.
+    assert disagreement(turned) < (1e-4 if arch == "resnet10" else 1e-2)
+    assert disagreement(x.flip(-2, -1)) > 0.1
+    if net.cell_origin:
+        assert disagreement(point_reflect(x, grid, net.stride, 0)) > 0.1  # the 2-pixel origin matters
+
+
+def test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass() -> None:
+    from mammogmic.models.roi import point_reflect
+
+    torch.manual_seed(0)
+    cfg = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2)
+    model = GMIC(cfg.replace(saliency_symmetry="point")).eval()
+    plain = GMIC(cfg).eval()
+    plain.load_state_dict(model.state_dict())  # same parameters: the option adds none
+    x = torch.randn(2, 1, 512, 320)
+    turned = point_reflect(x, (16, 10), 32)
+    with torch.no_grad():
+        own, back = model(x).saliency, model(turned).saliency.flip(-2, -1)
+        single, single_back = plain(x).saliency, plain(turned).saliency.flip(-2, -1)
+    inner = (slice(None), slice(None), slice(0, 12), slice(0, 6))  # cells the shifted-in edge cannot reach
+    assert torch.allclose(own[inner], back[inner], atol=1e-6)  # random weights, yet equivariant
+    assert not torch.allclose(single[inner], single_back[inner], atol=1e-2)
+    assert torch.allclose(own, (single + single_back) / 2, atol=1e-6)
+    with pytest.raises(ConfigError, match="saliency_symmetry"):
+        GMICConfig(saliency_symmetry="mirror")

@@ -11,6 +11,7 @@ from mammogmic.models.roi import (
     greedy_windows,
     grid_to_pixels,
     normalize_saliency,
+    point_reflect,
     top_t_count,
     top_t_pool,
     window_on_grid,
@@ -157,3 +158,29 @@ def test_centered_patches_sit_on_the_cells_they_were_chosen_for() -> None:
     assert centered[0, 2].tolist() == [192, 96]  # last cells: clamped to input - crop
     with pytest.raises(ValueError, match="crop_hw"):
         grid_to_pixels(grid_pos, (8, 5), (256, 160), centered=True)
+
+
+@pytest.mark.parametrize(
+    ("hw", "grid", "stride", "origin"),
+    [((512, 320), (16, 10), 32, 0), ((256, 192), (4, 3), 64, 2), ((500, 300), (16, 10), 32, 0)],
+)
+def test_point_reflection_takes_each_cell_centre_to_the_mirrored_cell(
+    hw: tuple[int, int], grid: tuple[int, int], stride: int, origin: int
+) -> None:
+    for i, j in [(0, 0), (1, 2), (grid[0] - 1, grid[1] - 1)]:
+        x = torch.zeros(1, 1, *hw)
+        x[0, 0, stride * i + origin, stride * j + origin] = 1.0
+        centre = [stride * (n - 1) + 2 * origin for n in grid]  # p goes to centre - p
+        turned = point_reflect(x, grid, stride, origin)[0, 0, : centre[0] + 1, : centre[1] + 1]
+        hit = (turned == 1).nonzero().tolist()  # (beyond centre the edge repeats, a (0, 0) impulse with it)
+        assert hit == [[stride * (grid[0] - 1 - i) + origin, stride * (grid[1] - 1 - j) + origin]]
+
+
+def test_point_reflection_undoes_itself_up_to_the_centre_line() -> None:
+    x = torch.randn(2, 1, 512, 320)
+    twice = point_reflect(point_reflect(x, (16, 10), 32), (16, 10), 32)
+    # Pixel p goes to c - p (c = 480 along the rows, 288 along the columns); beyond c the edge repeats.
+    assert torch.equal(twice[..., :481, :289], x[..., :481, :289])
+    assert not torch.equal(twice, x)
+    with pytest.raises(ValueError, match="does not fit"):
+        point_reflect(x, (17, 10), 32)

@@ -16,6 +16,7 @@ ATTENTIONS = ("gated", "uniform")
 PREDICTIONS = ("fusion", "global", "local", "average")
 OVERLAPS = ("forbid", "official")
 ALIGNMENTS = ("official", "centered")
+SYMMETRIES = ("none", "point")
 
 
 #: Upper bounds of the size fields. Far above every published or tuned setting (paper: widths 16 and 64,
@@ -86,6 +87,10 @@ class GMICConfig:
             released models: upper-left pixel = stride × upper-left cell, so the patch lies half a cell below and
             right of the cells it was chosen for) or ``"centered"`` (the patch centred on those cells'
             receptive-field centres; see :func:`mammogmic.models.roi.grid_to_pixels`).
+        saliency_symmetry: ``"none"`` (the paper) or ``"point"``: the saliency maps are the mean of the global
+            network's maps on the input and on the input rotated by 180 degrees about a cell centre (rotated
+            back), so a map that lies to one side of a lesion is halved and mirrored to the other side, and only
+            a map centred on the lesion keeps its full height (docs/localization.md). Costs a second global pass.
         attention: ``"gated"`` attention MIL or ``"uniform"`` weights (ablation).
         attention_dim: M, hidden size of the gated attention.
         prediction: which head is the model's prediction: ``"fusion"`` (paper), ``"global"``, ``"local"`` or
@@ -108,6 +113,7 @@ class GMICConfig:
     patch_selection: str = "saliency"
     patch_overlap: str = "forbid"
     patch_alignment: str = "official"
+    saliency_symmetry: str = "none"
     attention: str = "gated"
     attention_dim: int = 128
     prediction: str = "fusion"
@@ -122,6 +128,7 @@ class GMICConfig:
         _choice("patch_selection", self.patch_selection, PATCH_SELECTIONS)
         _choice("patch_overlap", self.patch_overlap, OVERLAPS)
         _choice("patch_alignment", self.patch_alignment, ALIGNMENTS)
+        _choice("saliency_symmetry", self.saliency_symmetry, SYMMETRIES)
         _choice("attention", self.attention, ATTENTIONS)
         _choice("prediction", self.prediction, PREDICTIONS)
         _positive_int("global_width", self.global_width, MAX_GLOBAL_WIDTH)

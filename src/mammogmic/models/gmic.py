@@ -4,7 +4,8 @@ Shapes for the paper's setting (input 2944x1920, K=6, 256x256 patches, ResNet-18
 
     x            (N, 1, 2944, 1920)
     h_g          (N, 256, 46, 30)      global network f_g (stride 64)
-    saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant
+    saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant (saliency_symmetry "point":
+                                       its mean with the maps of the input turned by 180 degrees)
     y_global     (N, 2)                top-t% pooling of each map
     locations    (N, 6, 2)             upper-left (row, col) of each patch, input pixels
     patches      (N, 6, 1, 256, 256)   cut from x at full resolution
@@ -36,6 +37,7 @@ from mammogmic.models.roi import (
     greedy_windows,
     grid_to_pixels,
     normalize_saliency,
+    point_reflect,
     random_windows,
     top_t_pool,
     window_on_grid,
@@ -127,7 +129,7 @@ class GMIC(nn.Module):
         cfg = config or GMICConfig()
         self.config = cfg
         if cfg.global_arch == "resnet22":
-            self.global_net: nn.Module = ResNet22(cfg.in_channels, cfg.global_width)
+            self.global_net: ResNet22 | ResNetV1 = ResNet22(cfg.in_channels, cfg.global_width)
         else:
             self.global_net = ResNetV1(cfg.global_arch, cfg.in_channels, cfg.global_width)
         self.saliency_head = nn.Conv2d(cfg.global_dim, cfg.num_classes, kernel_size=1, bias=False)
@@ -146,6 +148,12 @@ class GMIC(nn.Module):
         h_g = self.global_net(x)
         saliency = torch.sigmoid(_full_precision(self.saliency_head, h_g))
         cfg = self.config
+        if cfg.saliency_symmetry == "point":
+            net = self.global_net
+            grid_hw = (saliency.shape[2], saliency.shape[3])
+            turned = net(point_reflect(x, grid_hw, net.stride, net.cell_origin))
+            turned_saliency = torch.sigmoid(_full_precision(self.saliency_head, turned)).flip(-2, -1)
+            saliency = (saliency + turned_saliency) / 2
         t = {"top_t": cfg.percent_t, "gap": 1.0, "gmp": 0.0}[cfg.aggregation]
         y_global = saliency.flatten(2).amax(dim=2) if t == 0.0 else top_t_pool(saliency, t)
         return h_g, saliency, y_global

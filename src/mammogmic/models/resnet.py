@@ -89,6 +89,10 @@ class ResNet22(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.out_channels = in_ch
         self.stride = 4 * 2 ** sum(s == 2 for s in strides)
+        # Cell i of the output is centred on input pixel stride * i + cell_origin: the stem puts stem pixel o
+        # on 2o + 3 - padding and the unpadded max pool its output o on stem pixel 2o + 1, so 2 pixels for
+        # GMIC (docs/localization.md, "Where a saliency cell lies"), 5 for DMV-CNN.
+        self.cell_origin = 5 - stem_padding
 
     def stem(self, x: torch.Tensor, tile_rows: int = 96) -> torch.Tensor:
         """Stem conv + max pool. Without autograd, large inputs go through in bands of ``tile_rows`` pooled
@@ -210,6 +214,7 @@ class ResNetV1(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_channels = in_ch
         self.stride = 32
+        self.cell_origin = 0  # cell i is centred on input pixel 32 * i ("same" padding throughout)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

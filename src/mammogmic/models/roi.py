@@ -15,6 +15,32 @@ import torch.nn.functional as F
 _FORBIDDEN = -1.0e4
 
 
+def point_reflect(x: torch.Tensor, grid_hw: tuple[int, int], stride: int, origin: int = 0) -> torch.Tensor:
+    """``x`` (N, C, H, W) rotated by 180 degrees about the point that takes saliency cell ``(i, j)`` of an
+    ``(h, w)`` grid onto cell ``(h-1-i, w-1-j)``.
+
+    Cell ``i`` is centred on pixel ``stride * i + origin``, so the rotation maps pixel ``p`` to ``c - p`` with
+    ``c = stride * (h - 1) + 2 * origin``: a plain flip shifted by ``H - 1 - c`` pixels, the pixels shifted in at
+    the far edge repeating the edge. The maps computed on the result, flipped, lie on the input's own cells
+    exactly; a plain flip would leave them ``H - 1 - c`` pixels (about a cell) off.
+
+    Raises:
+        ValueError: the grid's last cell centre lies outside the input (``H - 1 < c``).
+    """
+    height, width = x.shape[-2:]
+    shift = [
+        size - 1 - (stride * (cells - 1) + 2 * origin)
+        for size, cells in zip((height, width), grid_hw, strict=True)
+    ]
+    if min(shift) < 0:
+        raise ValueError(
+            f"a {grid_hw[0]}x{grid_hw[1]} grid of stride {stride} (origin {origin}) does not fit a "
+            f"{height}x{width} input"
+        )
+    flipped = x.flip(-2, -1)[..., shift[0] :, shift[1] :]
+    return F.pad(flipped, (0, shift[1], 0, shift[0]), mode="replicate")
+
+
 def top_t_count(h: int, w: int, percent_t: float) -> int:
     """Number of saliency positions averaged by top-t% pooling: ``round(t * h * w)``, at least 1."""
     return max(1, int(round(h * w * percent_t)))
