@@ -91,3 +91,16 @@ def test_saturated_probabilities_give_finite_gradients() -> None:
     loss = GMICLoss(LossConfig(beta=0), prediction="global")(out, labels).bce_global
     loss.backward()
     assert torch.isfinite(loss) and p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_warm_up_t_pools_the_maps_instead_of_the_models_y_global() -> None:
+    sal = torch.zeros(1, 2, 2, 2)
+    sal[0, :, 0, 0] = 0.8  # one cell of four at 0.8: GAP gives 0.2, top-25% gives 0.8
+    out = fake_output(0.5, 0.0, sal)  # the model's own y_global says 0.5
+    labels = torch.tensor([[1.0, 1.0]])
+    loss = GMICLoss(LossConfig(beta=0))
+    assert loss(out, labels).bce_global.item() == pytest.approx(-2 * math.log(0.5), rel=1e-6)
+    loss.percent_t = 1.0
+    assert loss(out, labels).bce_global.item() == pytest.approx(-2 * math.log(0.2), rel=1e-6)
+    loss.percent_t = 0.25
+    assert loss(out, labels).bce_global.item() == pytest.approx(-2 * math.log(0.8), rel=1e-6)

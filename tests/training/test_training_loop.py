@@ -206,3 +206,31 @@ def test_grad_accumulation_matches_a_large_batch(tmp_path: Path) -> None:
     assert big.model is not None and acc.model is not None
     for (name, p), q in zip(big.model.named_parameters(), acc.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_t_warm_up_falls_from_gap_to_the_models_t_then_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mammogmic.errors import ConfigError
+    from mammogmic.training.loop import warmup_percent_t
+    from mammogmic.training.loss import GMICLoss
+
+    assert warmup_percent_t(0.0, 0.03) == 1.0
+    assert warmup_percent_t(0.5, 0.04) == pytest.approx(0.2)
+    assert warmup_percent_t(1.0, 0.03) is None
+    seen: list[float | None] = []
+    forward = GMICLoss.forward
+
+    def spy(self: GMICLoss, out: Any, labels: torch.Tensor) -> Any:
+        seen.append(self.percent_t)
+        return forward(self, out, labels)
+
+    monkeypatch.setattr(GMICLoss, "forward", spy)
+    cfg = tiny_config(**{"schedule.epochs": 2, "schedule.t_warmup_epochs": 1, "data.val_split": ""})
+    Trainer(cfg, tmp_path, train_images=BlobImages(16), tensorboard=False).fit()
+    t = cfg.model.percent_t
+    assert seen == [1.0, t**0.25, t**0.5, t**0.75, None, None, None, None]  # 4 steps per epoch
+    with pytest.raises(ConfigError, match="t_warmup_epochs"):
+        tiny_config(**{"schedule.t_warmup_epochs": 1, "model.aggregation": "gap"})
+    with pytest.raises(ConfigError, match="t_warmup_epochs"):
+        tiny_config(**{"schedule.t_warmup_epochs": -1})

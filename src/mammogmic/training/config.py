@@ -233,6 +233,11 @@ class ScheduleConfig:
             so that a killed run resumes mid-epoch.
         log_every: write a per-step CSV/TensorBoard row every this many optimizer steps.
         keep_top_k: keep this many best checkpoints (``top_k/``) for ensembling.
+        t_warmup_epochs: GMIC only, not in the paper: over the first this many epochs the global head's loss
+            pools the saliency maps with a t that falls geometrically from 1 (global average pooling, which gives
+            every cell a gradient) to ``model.percent_t``; 0 (default) pools with ``model.percent_t`` throughout.
+            The model's own outputs always use ``model.percent_t`` (docs/localization.md, "Maps stuck on a
+            corner").
     """
 
     epochs: int = 40
@@ -245,9 +250,11 @@ class ScheduleConfig:
     checkpoint_every_steps: int | None = None
     log_every: int = 10
     keep_top_k: int = 1
+    t_warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive("epochs", self.epochs)
+        _check_nonneg("t_warmup_epochs", self.t_warmup_epochs)
         if self.patience is not None:
             _check_positive("patience", self.patience)
         _check_positive("val_every", self.val_every)
@@ -524,6 +531,10 @@ class TrainConfig:
             )
         if self.runtime.amp == "fp16" and self.runtime.device == "cpu":
             raise _fail("runtime.amp", "fp16 autocast needs a GPU; use bf16 or none on CPU")
+        if self.schedule.t_warmup_epochs > 0 and getattr(self.model, "aggregation", None) != "top_t":
+            raise _fail(
+                "schedule.t_warmup_epochs", "warms up top-t% pooling; it needs a GMIC with aggregation top_t"
+            )
         h, w = self.data.out_shape
         crop = getattr(self.model, "crop_size", None)
         if crop is not None and (crop[0] > h or crop[1] > w):

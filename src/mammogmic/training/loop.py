@@ -179,6 +179,14 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def warmup_percent_t(progress: float, percent_t: float) -> float | None:
+    """The t of ``schedule.t_warmup_epochs`` at ``progress`` (0 = first step, 1 = end of the warm-up): from 1
+    down to ``percent_t`` geometrically, then ``None`` (the model's own pooling)."""
+    if progress >= 1:
+        return None
+    return float(percent_t ** max(progress, 0.0))
+
+
 def _build_loss(config: TrainConfig) -> nn.Module:
     from mammogmic.training.loss import DMVLoss, GMICLoss, PatchLoss
 
@@ -947,6 +955,10 @@ class Trainer:
     def _optimizer_step(self, r: _Run, micro: list[dict[str, Any]]) -> tuple[float, dict[str, float], int]:
         """Forward/backward over the micro-batches, then one optimizer and scheduler step."""
         cfg, info, state = self.config, r.info, r.state
+        if cfg.schedule.t_warmup_epochs > 0:
+            r.loss_fn.percent_t = warmup_percent_t(  # type: ignore[assignment]
+                state["global_step"] / (cfg.schedule.t_warmup_epochs * r.steps_per_epoch), cfg.model.percent_t
+            )
         r.optimizer.zero_grad(set_to_none=True)
         step_loss, parts_sum, images = 0.0, dict[str, float](), 0
         for mi, batch in enumerate(micro):

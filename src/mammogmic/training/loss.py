@@ -26,6 +26,7 @@ from torch import nn
 from mammogmic.errors import ConfigError
 from mammogmic.models.dmv import DMVOutput
 from mammogmic.models.gmic import GMICOutput
+from mammogmic.models.roi import top_t_pool
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,17 @@ class GMICLoss(nn.Module):
         super().__init__()
         self.config = config or LossConfig()
         self.prediction = prediction
+        # Set by the trainer during ``schedule.t_warmup_epochs``: the global BCE then pools the maps with this
+        # t instead of taking the model's ``y_global``.
+        self.percent_t: float | None = None
 
     def forward(self, out: GMICOutput, labels: torch.Tensor) -> LossOutput:
         labels = labels.to(out.y_global.dtype)
         known = ~torch.isnan(labels)
         zero = out.y_global.new_zeros(())
         # BCE on probabilities is computed in float32 even under autocast.
-        bce_global = _masked_bce(out.y_global.float(), labels.float(), known, logits=False)
+        y_global = out.y_global if self.percent_t is None else top_t_pool(out.saliency, self.percent_t)
+        bce_global = _masked_bce(y_global.float(), labels.float(), known, logits=False)
         bce_local = (
             _masked_bce(out.logits_local.float(), labels.float(), known, logits=True)
             if self.prediction != "global"
