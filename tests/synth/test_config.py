@@ -18,6 +18,7 @@ from mammogmic.errors import ConfigError
         ("mass_diameter_mm", 7),
         ("calc_cluster_mm", (1.0, 10.0)),
         ("mass_contrast", (0.2, float("nan"))),
+        ("malignant_mass_contrast", (0.9, 0.5)),
         ("calc_contrast", (0.1, 1.5)),
         ("density_weights", (0, 0, 0, 0)),
         ("density_weights", (1, 1, 1)),
@@ -72,3 +73,16 @@ def test_parse_density() -> None:
 def test_bad_size_is_named(size: object) -> None:
     with pytest.raises(ConfigError, match="^size:"):
         generate_exam(0, size, SynthConfig())  # type: ignore[arg-type]
+
+
+def test_malignant_masses_draw_their_contrast_from_their_own_range() -> None:
+    import numpy as np
+
+    from mammogmic.data.synth.findings import plan_findings
+
+    base = SynthConfig(
+        malignant_rate=1.0, benign_rate=1.0, calcification_fraction=0.0, mass_contrast=(0.3, 0.3)
+    )
+    for config, malignant in ((base, 0.3), (base.replace(malignant_mass_contrast=(0.8, 0.8)), 0.8)):
+        findings = plan_findings(np.random.default_rng(0), config)
+        assert {f.cls: f.contrast for f in findings} == {"malignant": malignant, "benign": 0.3}

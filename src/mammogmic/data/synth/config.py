@@ -78,6 +78,8 @@ class SynthConfig:
         calc_cluster_mm: range of the extent of calcification clusters (both classes).
         mass_contrast: range of a mass's peak density added to the tissue, as a fraction of the
             fat-to-gland contrast.
+        malignant_mass_contrast: the same for malignant masses; ``None`` (default): ``mass_contrast``, so a
+            mass's body says nothing of its class and all class evidence lies at its margin (docs/localization.md).
         calc_contrast: range of calcification brightness, as a fraction of the 12-bit range.
         min_detail_px: lower bound, in output pixels, for fine structures (spicule width, fine
             calcification diameter), so that the class evidence survives at reduced image sizes.
@@ -96,6 +98,7 @@ class SynthConfig:
     mass_diameter_mm: tuple[float, float] = (8.0, 15.0)
     calc_cluster_mm: tuple[float, float] = (9.0, 16.0)
     mass_contrast: tuple[float, float] = (0.45, 0.7)
+    malignant_mass_contrast: tuple[float, float] | None = None
     calc_contrast: tuple[float, float] = (0.22, 0.4)
     min_detail_px: float = 1.3
     vessels: int = 3
@@ -126,6 +129,9 @@ class SynthConfig:
             self, "calc_cluster_mm", _range("calc_cluster_mm", self.calc_cluster_mm, 2.0, 60.0)
         )
         object.__setattr__(self, "mass_contrast", _range("mass_contrast", self.mass_contrast, 0.0, 3.0))
+        if self.malignant_mass_contrast is not None:
+            value = _range("malignant_mass_contrast", self.malignant_mass_contrast, 0.0, 3.0)
+            object.__setattr__(self, "malignant_mass_contrast", value)
         object.__setattr__(self, "calc_contrast", _range("calc_contrast", self.calc_contrast, 0.0, 1.0))
         for name, lo, hi in (("min_detail_px", 0.5, 10.0), ("noise", 0.0, 20.0), ("texture_beta", 1.0, 5.0)):
             try:

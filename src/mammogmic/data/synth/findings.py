@@ -82,7 +82,10 @@ def plan_findings(rng: np.random.Generator, config: SynthConfig) -> list[Finding
                 break
         if kind == "mass":
             size = float(rng.uniform(*config.mass_diameter_mm))
-            contrast = float(rng.uniform(*config.mass_contrast))
+            levels = config.mass_contrast
+            if cls == "malignant" and config.malignant_mass_contrast is not None:
+                levels = config.malignant_mass_contrast
+            contrast = float(rng.uniform(*levels))
         else:
             size = float(rng.uniform(*config.calc_cluster_mm))
             contrast = float(rng.uniform(*config.calc_contrast))
