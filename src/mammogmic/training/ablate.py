@@ -66,8 +66,9 @@ def _variants(base: TrainConfig, s: AblationSettings) -> list[tuple[str, str, di
     if "patches" in s.groups:
         runs.append(("patches", "random patches", {"model.patch_selection": "random"}))
     if "aggregation" in s.groups:
-        runs.append(("aggregation", "GAP", {"model.aggregation": "gap"}))
-        runs.append(("aggregation", "GMP", {"model.aggregation": "gmp"}))
+        # The demo's t warm-up anneals top-t% pooling; these variants pool otherwise from the first step.
+        for name, pooling in (("GAP", "gap"), ("GMP", "gmp")):
+            runs.append(("aggregation", name, {"model.aggregation": pooling, "schedule.t_warmup_epochs": 0}))
     if "k" in s.groups:
         runs += [("k", f"K={k}", {"model.num_patches": k}) for k in s.ks if k != k0]
     return runs
