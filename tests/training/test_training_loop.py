@@ -226,10 +226,15 @@ def test_t_warm_up_falls_from_gap_to_the_models_t_then_stops(
         return forward(self, out, labels)
 
     monkeypatch.setattr(GMICLoss, "forward", spy)
-    cfg = tiny_config(**{"schedule.epochs": 2, "schedule.t_warmup_epochs": 1, "data.val_split": ""})
-    Trainer(cfg, tmp_path, train_images=BlobImages(16), tensorboard=False).fit()
+    cfg = tiny_config(**{"schedule.epochs": 2, "schedule.t_warmup_epochs": 1})
+    Trainer(
+        cfg, tmp_path, train_images=BlobImages(16), val_images=BlobImages(8, seed=1), tensorboard=False
+    ).fit()
     t = cfg.model.percent_t
-    assert seen == [1.0, t**0.25, t**0.5, t**0.75, None, None, None, None]  # 4 steps per epoch
+    training = [1.0, t**0.25, t**0.5, t**0.75, None, None, None, None]  # 4 steps per epoch
+    # Validation (after each epoch) computes its loss with the model's own pooling, even mid-warm-up.
+    assert [v for v in seen if v is not None] == [v for v in training if v is not None]
+    assert seen[:4] == training[:4] and seen[4] is None
     with pytest.raises(ConfigError, match="t_warmup_epochs"):
         tiny_config(**{"schedule.t_warmup_epochs": 1, "model.aggregation": "gap"})
     with pytest.raises(ConfigError, match="t_warmup_epochs"):

@@ -983,6 +983,8 @@ class Trainer:
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / len(micro)
             images += len(batch["index"])
+        if cfg.schedule.t_warmup_epochs > 0:
+            r.loss_fn.percent_t = None  # type: ignore[assignment]  # validation pools like the model
         if r.scaler is not None:
             r.scaler.unscale_(r.optimizer)
         if cfg.optim.grad_clip is not None:
