@@ -63,6 +63,13 @@ def test_resnet10_global_network_round_trips_but_has_no_official_form(tmp_path: 
         save_official_checkpoint(model, tmp_path / "r10.p")
     assert not (tmp_path / "r10.p").exists()
 
+    fine = GMIC(TINY.replace(global_arch="resnet18", global_stride=16))
+    loaded = load_model(save_model(fine, tmp_path / "r18s16.safetensors"))
+    assert loaded.config.global_stride == 16 and loaded.global_net.stride == 16
+    _same_outputs(fine.eval(), loaded, torch.randn(1, 1, 256, 192))
+    with pytest.raises(CheckpointError, match="global_stride 16 has no official equivalent"):
+        save_official_checkpoint(fine, tmp_path / "r18s16.p")
+
 
 def test_official_key_problems_are_named(tmp_path: Path) -> None:
     state = official_state_dict(GMIC(TINY))

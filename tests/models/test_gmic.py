@@ -121,6 +121,8 @@ def test_batch_is_independent_in_eval() -> None:
         ("aggregation", "lse"),
         ("prediction", "max"),
         ("attention_dim", True),
+        ("global_stride", 8),
+        ("global_stride", True),
     ],
 )
 def test_bad_config_names_field(field: str, value: object) -> None:
@@ -243,8 +245,8 @@ def _symmetrise_kernels(module: torch.nn.Module) -> None:
                 m.weight.copy_((m.weight + m.weight.flip(-2, -1)) / 2)
 
 
-@pytest.mark.parametrize("arch", ["resnet10", "resnet22"])
-def test_point_reflection_lands_on_the_networks_own_cells(arch: str) -> None:
+@pytest.mark.parametrize(("arch", "stride"), [("resnet10", None), ("resnet10", 16), ("resnet22", None)])
+def test_point_reflection_lands_on_the_networks_own_cells(arch: str, stride: int | None) -> None:
     """A global network with point-symmetric kernels computes, on the reflected input, its features turned by 180
     degrees: exactly, on the cells whose receptive field stays inside the image. A plain flip does not (it is
     a cell off). This is what checks ``stride`` and ``cell_origin`` against the real layers."""
@@ -252,7 +254,10 @@ def test_point_reflection_lands_on_the_networks_own_cells(arch: str) -> None:
 
     torch.manual_seed(0)
     width = 4 if arch == "resnet10" else 2
-    model = GMIC(GMICConfig(global_arch=arch, global_width=width, local_width=4, crop_size=(64, 64))).eval()
+    config = GMICConfig(
+        global_arch=arch, global_stride=stride, global_width=width, local_width=4, crop_size=(64, 64)
+    )
+    model = GMIC(config).eval()
     hw = (512, 320) if arch == "resnet10" else (1024, 640)
     x = torch.randn(1, 1, *hw)
     net = model.global_net
@@ -262,7 +267,8 @@ def test_point_reflection_lands_on_the_networks_own_cells(arch: str) -> None:
             own = net(x)
             back = net(turned_input).flip(-2, -1)
         h, w = own.shape[-2:]
-        inner = (slice(None), slice(None), slice(3, h - 3), slice(3, w - 3))  # away from every border
+        m = max(3, 96 // net.stride)  # cells away from every border (as many pixels at stride 16 as at 32)
+        inner = (slice(None), slice(None), slice(m, h - m), slice(m, w - m))
         return float((own - back)[inner].abs().max() / own[inner].abs().max())
 
     with torch.no_grad():
@@ -296,3 +302,29 @@ def test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass(
     assert torch.allclose(own, (single + single_back) / 2, atol=1e-6)
     with pytest.raises(ConfigError, match="saliency_symmetry"):
         GMICConfig(saliency_symmetry="mirror")
+
+
+def test_stride_16_global_network_has_the_same_parameters_and_a_finer_grid() -> None:
+    torch.manual_seed(0)
+    cfg = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2)
+    coarse, fine = GMIC(cfg), GMIC(cfg.replace(global_stride=16))
+    assert {k: v.shape for k, v in fine.state_dict().items()} == {
+        k: v.shape for k, v in coarse.state_dict().items()
+    }
+    fine.load_state_dict(coarse.state_dict())
+    assert fine.global_net.stride == 16 and coarse.global_net.stride == 32
+    x = torch.randn(2, 1, 512, 320)
+    with torch.no_grad():
+        out_fine, out_coarse = fine.eval()(x), coarse.eval()(x)
+    assert out_fine.saliency.shape == (2, 2, 32, 20) and out_coarse.saliency.shape == (2, 2, 16, 10)
+    # Up to layer3 the two networks are one network: layer4 alone changes its stride.
+    net_f, net_c = fine.global_net, coarse.global_net
+    with torch.no_grad():
+        stem = net_f.layer3(net_f.layer2(net_f.layer1(net_f.maxpool(net_f.relu(net_f.bn1(net_f.conv1(x)))))))
+        stem_c = net_c.layer3(
+            net_c.layer2(net_c.layer1(net_c.maxpool(net_c.relu(net_c.bn1(net_c.conv1(x))))))
+        )
+    assert torch.equal(stem, stem_c)
+    assert ((out_fine.patch_locations >= 0) & (out_fine.patch_locations <= torch.tensor([448, 256]))).all()
+    with pytest.raises(ConfigError, match="global_stride"):
+        GMICConfig(global_stride=16)  # ResNet-22 keeps the official stride 64

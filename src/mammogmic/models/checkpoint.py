@@ -537,9 +537,15 @@ def official_state_dict(model: GMIC) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: the architecture has no official equivalent (``global_arch: resnet10``).
     """
-    if model.config.global_arch == "resnet10":
+    cfg = model.config
+    if cfg.global_arch == "resnet10" or cfg.global_stride is not None:
+        what = (
+            f"global_arch {cfg.global_arch}"
+            if cfg.global_stride is None
+            else f"global_stride {cfg.global_stride}"
+        )
         raise CheckpointError(
-            f"global_arch {model.config.global_arch} has no official equivalent (the official code builds ResNet-22 or ResNet-18 "
+            f"{what} has no official equivalent (the official code builds ResNet-22 or stride-32 ResNet-18 "
             "global networks); keep this model as .safetensors"
         )
     out = {}

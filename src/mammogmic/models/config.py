@@ -73,6 +73,9 @@ class GMICConfig:
             ``use_v1_global`` option) or ``"resnet10"`` (v1, one block per stage: a smaller receptive field for
             reduced-size inputs, see docs/localization.md; no official equivalent).
         global_width: filters of the global network's first stage (16 in the paper).
+        global_stride: ``None`` (the architecture's own: 64 for ResNet-22, 32 for the v1 nets) or ``16`` for a
+            v1 global network whose last stage keeps the resolution of the one before: the same parameters, a
+            saliency grid twice as fine in each direction (the demo's reduced inputs; docs/localization.md).
         local_arch: local network ``f_l``: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         local_width: channels of the local network's first layer (64 in the paper); the patch feature width is
             ``8 * local_width`` (ResNet-18/34) or ``32 * local_width`` (ResNet-50).
@@ -103,6 +106,7 @@ class GMICConfig:
     in_channels: int = 1
     global_arch: str = "resnet22"
     global_width: int = 16
+    global_stride: int | None = None
     local_arch: str = "resnet18"
     local_width: int = 64
     num_classes: int = 2
@@ -132,6 +136,14 @@ class GMICConfig:
         _choice("attention", self.attention, ATTENTIONS)
         _choice("prediction", self.prediction, PREDICTIONS)
         _positive_int("global_width", self.global_width, MAX_GLOBAL_WIDTH)
+        stride = self.global_stride
+        if stride is not None and (
+            isinstance(stride, bool) or stride != 16 or self.global_arch == "resnet22"
+        ):
+            raise ConfigError(
+                f"global_stride: expected null (the architecture's own) or 16 for a v1 global network "
+                f"(resnet18, resnet10), got {_show(stride)} with global_arch {self.global_arch!r}"
+            )
         _positive_int("local_width", self.local_width, MAX_LOCAL_WIDTH)
         _positive_int("num_classes", self.num_classes, MAX_NUM_CLASSES)
         _positive_int("num_patches", self.num_patches, MAX_NUM_PATCHES)

@@ -131,7 +131,8 @@ class GMIC(nn.Module):
         if cfg.global_arch == "resnet22":
             self.global_net: ResNet22 | ResNetV1 = ResNet22(cfg.in_channels, cfg.global_width)
         else:
-            self.global_net = ResNetV1(cfg.global_arch, cfg.in_channels, cfg.global_width)
+            stride = cfg.global_stride or 32
+            self.global_net = ResNetV1(cfg.global_arch, cfg.in_channels, cfg.global_width, stride)
         self.saliency_head = nn.Conv2d(cfg.global_dim, cfg.num_classes, kernel_size=1, bias=False)
         # The local network keeps the reference's 3-channel stem: a 1-channel patch is repeated (which also
         # lets ImageNet weights load unchanged); a 3-channel input passes its own 3 channels.

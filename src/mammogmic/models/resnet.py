@@ -187,12 +187,16 @@ class ResNetV1(nn.Module):
             435), ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         in_channels: input channels of ``conv1``.
         width: channels of ``layer1`` (64 in the standard nets); doubles per layer.
+        stride: total stride, 32 (the standard nets) or 16 (``layer4`` keeps ``layer3``'s resolution: the
+            same parameters, a saliency grid twice as fine; see docs/localization.md).
     """
 
-    def __init__(self, arch: str, in_channels: int = 3, width: int = 64) -> None:
+    def __init__(self, arch: str, in_channels: int = 3, width: int = 64, stride: int = 32) -> None:
         super().__init__()
         if arch not in _V1_LAYOUTS:
             raise ValueError(f"unknown ResNet architecture {arch!r}; expected one of {sorted(_V1_LAYOUTS)}")
+        if stride not in (16, 32):
+            raise ValueError(f"ResNetV1 stride must be 16 or 32, got {stride!r}")
         block, layers = _V1_LAYOUTS[arch]
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -201,20 +205,21 @@ class ResNetV1(nn.Module):
         in_ch = width
         stages: list[nn.Sequential] = []
         for i, n_blocks in enumerate(layers):
-            planes, stride = width * 2**i, (1 if i == 0 else 2)
+            planes = width * 2**i
+            step = 1 if i == 0 or (i == 3 and stride == 16) else 2
             downsample = None
-            if stride != 1 or in_ch != planes * block.expansion:
+            if step != 1 or in_ch != planes * block.expansion:
                 downsample = nn.Sequential(
-                    conv1x1(in_ch, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion)
+                    conv1x1(in_ch, planes * block.expansion, step), nn.BatchNorm2d(planes * block.expansion)
                 )
-            blocks: list[nn.Module] = [block(in_ch, planes, stride, downsample)]
+            blocks: list[nn.Module] = [block(in_ch, planes, step, downsample)]
             in_ch = planes * block.expansion
             blocks += [block(in_ch, planes) for _ in range(n_blocks - 1)]
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_channels = in_ch
-        self.stride = 32
-        self.cell_origin = 0  # cell i is centred on input pixel 32 * i ("same" padding throughout)
+        self.stride = stride
+        self.cell_origin = 0  # cell i is centred on input pixel stride * i ("same" padding throughout)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
