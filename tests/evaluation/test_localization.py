@@ -164,6 +164,13 @@ def test_peak_offsets_by_hand() -> None:
     assert summary["median_peak_offset_rows_px"] == -4.0 and summary["median_peak_offset_cols_px"] == -16.0
     assert summary["median_peak_aligned_cells"] == pytest.approx(np.hypot(4, 16) / 8)
     assert summary["fraction_peak_inward"] == 1.0
+    # 25 lesion pixels: equivalent radius sqrt(25 / pi) = 2.82 px, so the peak lies 5.85 radii away, outside.
+    assert result.lesion_radius[0] == pytest.approx(np.sqrt(25 / np.pi)) and np.isnan(result.lesion_radius[1])
+    assert summary["median_peak_aligned_radii"] == pytest.approx(np.hypot(4, 16) / np.sqrt(25 / np.pi))
+    assert summary["fraction_peak_within_radius"] == 0.0
+    masks[0, 1, 4:36, 8:40] = 1  # a lesion large enough to hold the peak at pixel (16, 8)
+    inside = peak_offsets(saliency, masks).summary()
+    assert inside["fraction_peak_within_radius"] == 1.0 and inside["median_peak_aligned_radii"] < 1
     # Without images there is no breast to point into.
     assert np.isnan(peak_offsets(saliency, masks).inward_cosine).all()
 

@@ -20,6 +20,7 @@ keeps them).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -237,6 +238,9 @@ class PeakOffsets:
             receptive-field centre is nearest the lesion centroid (the centre entry; rows down, columns toward
             the skin; ``NaN`` outside the map). Its mean over images shows where, relative to the lesion, the
             maps put their mass (docs/localization.md).
+        lesion_radius: the lesion's equivalent radius ``sqrt(area / π)`` in pixels (``NaN`` without a lesion):
+            the summary's ``median_peak_aligned_radii`` says whether the peak lies on the lesion's body (< 1) or
+            beside it, on its margin or spicules (docs/localization.md).
     """
 
     peak_aligned: NDArray[np.float64]
@@ -246,6 +250,7 @@ class PeakOffsets:
     peak_signed: NDArray[np.float64]
     inward_cosine: NDArray[np.float64]
     profile: NDArray[np.float64]
+    lesion_radius: NDArray[np.float64]
 
     @classmethod
     def concatenate(cls, parts: Sequence[PeakOffsets]) -> PeakOffsets:
@@ -260,6 +265,7 @@ class PeakOffsets:
             np.concatenate([p.peak_signed for p in parts]),
             np.concatenate([p.inward_cosine for p in parts]),
             np.concatenate([p.profile for p in parts]),
+            np.concatenate([p.lesion_radius for p in parts]),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -271,6 +277,10 @@ class PeakOffsets:
             median = float(np.nanmedian(values)) if np.isfinite(values).any() else None
             out[f"median_{name}_px"] = median
             out[f"median_{name}_cells"] = None if median is None else median / cell
+        radii = self.peak_aligned / self.lesion_radius
+        radii = radii[np.isfinite(radii)]
+        out["median_peak_aligned_radii"] = float(np.median(radii)) if len(radii) else None
+        out["fraction_peak_within_radius"] = float(np.mean(radii < 1)) if len(radii) else None
         found = np.isfinite(self.peak_signed).all(axis=1)
         for axis, name in enumerate(("rows", "cols")):
             out[f"median_peak_offset_{name}_px"] = (
@@ -326,6 +336,7 @@ def peak_offsets(
     inward = np.full(n, np.nan)
     side = 2 * radius + 1
     profile = np.full((n, side, side), np.nan)
+    lesion_radius = np.full(n, np.nan)
     pixels = None if images is None else _to_numpy(images)[:, 0]
     locations = None if patch_locations is None else _to_numpy(patch_locations)
     for i in range(n):
@@ -333,6 +344,7 @@ def peak_offsets(
         if not len(rows):
             continue
         centroid = np.array([rows.mean(), cols.mean()])
+        lesion_radius[i] = math.sqrt(len(rows) / math.pi)
         pi, pj = divmod(int(np.argmax(sal[i])), w)
         signed[i] = np.array([sy * pi, sx * pj]) - centroid
         peak_aligned[i] = np.hypot(*signed[i])
@@ -357,4 +369,6 @@ def peak_offsets(
         if locations is not None and crop_size is not None:
             centres = locations[i].astype(np.float64) + (np.asarray(crop_size, np.float64) - 1) / 2
             patch_nearest[i] = float(np.min(np.hypot(*(centres - centroid).T)))
-    return PeakOffsets(peak_aligned, peak_nearest, patch_nearest, (sy, sx), signed, inward, profile)
+    return PeakOffsets(
+        peak_aligned, peak_nearest, patch_nearest, (sy, sx), signed, inward, profile, lesion_radius
+    )
