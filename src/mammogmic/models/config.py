@@ -75,7 +75,7 @@ class GMICConfig:
         global_width: filters of the global network's first stage (16 in the paper).
         global_stride: ``None`` (the architecture's own: 64 for ResNet-22, 32 for the v1 nets) or ``16`` for a
             v1 global network whose last stage keeps the resolution of the one before: the same parameters, a
-            saliency grid twice as fine in each direction (the demo's reduced inputs; docs/localization.md).
+            saliency grid twice as fine in each direction, for reduced inputs (tried on the demo; docs/localization.md).
         local_arch: local network ``f_l``: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         local_width: channels of the local network's first layer (64 in the paper); the patch feature width is
             ``8 * local_width`` (ResNet-18/34) or ``32 * local_width`` (ResNet-50).
