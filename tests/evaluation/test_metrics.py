@@ -271,3 +271,27 @@ def test_curve_band_needs_rows_of_both_classes() -> None:
     assert band.n_valid == 0 and np.isnan(band.low).all()
     band = m.pr_band([1] * 10, np.linspace(0, 1, 10))
     assert band.n_valid == 0 and np.isnan(band.high).all()
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 12, 40])
+def test_paired_t_test_matches_scipy(n: int) -> None:
+    from scipy import stats  # a dev dependency: present wherever the tests run
+
+    rng = np.random.default_rng(n)
+    a, b = rng.normal(size=n), rng.normal(size=n) + 0.4
+    ours, ref = m.paired_t_test(a, b), stats.ttest_rel(a, b)
+    assert ours.n == n
+    assert ours.t == pytest.approx(ref.statistic, rel=1e-10)
+    assert ours.p_value == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-14)
+    assert ours.mean_difference == pytest.approx(np.mean(a - b))
+
+
+def test_paired_t_test_edge_cases() -> None:
+    # A pair with a non-finite value is dropped; one pair left gives no test.
+    one = m.paired_t_test([0.9, np.nan], [0.8, 0.7])
+    assert one.n == 1 and one.mean_difference == pytest.approx(0.1) and np.isnan(one.p_value)
+    # Equal non-zero differences: no spread, the difference is certain; all zero: no difference at all.
+    assert m.paired_t_test([1.0, 2.0, 3.0], [0.5, 1.5, 2.5]).p_value == 0.0
+    assert m.paired_t_test([1.0, 2.0], [1.0, 2.0]).p_value == 1.0
+    with pytest.raises(ValueError, match="one length"):
+        m.paired_t_test([1.0, 2.0], [1.0])

@@ -1,15 +1,19 @@
-"""``run_ablations``: head rows from one model, a diverged variant reported and skipped, resume without retraining."""
+"""``run_ablations``: head rows from one model, a diverged variant reported, resume without retraining, seeds."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from mammogmic.data.synth.dataset import generate_dataset
+from mammogmic.errors import ConfigError
 from mammogmic.training import ablate
 from mammogmic.training.ablate import AblationSettings, run_ablations
 from mammogmic.training.demo import DemoSettings, demo_synth_config
@@ -18,7 +22,7 @@ from mammogmic.training.loop import NonFiniteLossError, Trainer
 
 def test_ablation_rows_divergence_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = generate_dataset(tmp_path / "data", 10, DemoSettings().size, 0, demo_synth_config(), 1)
-    settings = AblationSettings(n_exams=10, epochs=1, workers=1, groups=("head", "attention"))
+    settings = AblationSettings(n_exams=10, epochs=1, seeds=(0,), workers=1, groups=("head", "attention"))
     fit = Trainer.fit
     trained: list[str] = []
 
@@ -40,11 +44,67 @@ def test_ablation_rows_divergence_and_resume(tmp_path: Path, monkeypatch: pytest
     assert list(table["variant"]) == names
     assert (tmp_path / "out" / "ablations.md").read_text().count("diverged") >= 1
 
-    # Rerun: the finished base run is resumed (nothing retrained) and gives the same rows.
+    # Rerun: the evaluated runs (the diverged one too) are reused, nothing is trained again.
     trained.clear()
     again = run_ablations(tmp_path / "out", settings, data=data)
-    assert trained == ["base", "uniform_attention"]  # fit is called, but the base run resumes finished
-    base_run = tmp_path / "out" / "runs" / "base"
+    assert trained == []
+    base_run = tmp_path / "out" / "seed0" / "runs" / "base"
     assert len(pd.read_csv(base_run / "epochs.csv")) == 1
     assert [r["malignant_auroc"] for r in again[:4]] == [r["malignant_auroc"] for r in rows[:4]]
     assert ablate._fmt(float("nan")) == "n/a"
+
+    # A run trained further after its evaluation (last.pt newer than the kept result) is evaluated again.
+    kept = base_run / ablate.RESULT_FILE
+    stale = {**json.loads(kept.read_text()), "seconds": -1.0}
+    kept.write_text(json.dumps(stale))
+    os.utime(kept, (1.0, 1.0))
+    third = run_ablations(tmp_path / "out", settings, data=data)
+    assert trained == ["base"]  # resumed finished: fit is called, no epoch is added
+    assert len(pd.read_csv(base_run / "epochs.csv")) == 1
+    assert third[0]["seconds"] != -1.0
+
+
+def test_data_with_several_seeds_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="single seed"):
+        run_ablations(tmp_path / "out", AblationSettings(seeds=(0, 1)), data=tmp_path)
+    with pytest.raises(ConfigError, match="distinct"):
+        run_ablations(tmp_path / "out", AblationSettings(seeds=(1, 1)))
+
+
+def _runs(variant: str, group: str, malignant: list[float], dice: list[float]) -> list[dict[str, Any]]:
+    return [
+        {
+            "group": group,
+            "variant": variant,
+            "seed": seed,
+            "malignant_auroc": m,
+            "benign_auroc": 0.8,
+            "malignant_dice": d,
+            "seconds": 60.0,
+        }
+        for seed, (m, d) in enumerate(zip(malignant, dice, strict=True))
+    ]
+
+
+def test_summary_pairs_each_row_with_the_base_run_of_its_seed() -> None:
+    rows = [
+        *_runs("fusion (GMIC)", "base", [0.90, 0.95, 0.97], [0.10, 0.50, 0.10]),
+        *_runs("GAP", "aggregation", [0.88, 0.94, 0.95], [0.00, 0.20, 0.05]),
+        *_runs("uniform attention (diverged)", "attention", [math.nan] * 3, [math.nan] * 3),
+    ]
+    base, gap, diverged = ablate.summarize_ablations(rows)
+    assert base["seeds"] == "0 1 2" and math.isnan(base["malignant_auroc_p"])
+    assert base["malignant_auroc_mean"] == pytest.approx(0.94)
+    assert base["malignant_dice_sd"] == pytest.approx(np.std([0.10, 0.50, 0.10], ddof=1))
+    # Paired over seeds: the differences (-0.02, -0.01, -0.02) are consistent, so small p; unpaired they would
+    # be swamped by the seeds' spread.
+    d = np.array([-0.02, -0.01, -0.02])
+    assert gap["malignant_auroc_diff"] == pytest.approx(d.mean())
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(3))
+    assert gap["malignant_auroc_p"] == pytest.approx(1 - abs(t) / np.sqrt(t * t + 2))  # Student's t, 2 df
+    assert gap["malignant_auroc_p"] < 0.05
+    assert gap["minutes_mean"] == pytest.approx(1.0)
+    assert math.isnan(diverged["malignant_auroc_mean"]) and math.isnan(diverged["malignant_dice_p"])
+    table = ablate._table([base, gap, diverged])
+    assert "| aggregation | GAP | 0 1 2 | 0.923 ± 0.038 | -0.017 (p 0.04) |" in table
+    assert "| base | fusion (GMIC) | 0 1 2 | 0.940 ± 0.036 |  |" in table

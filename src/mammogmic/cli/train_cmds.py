@@ -176,19 +176,27 @@ def add_parser(subparsers: Any) -> None:
         "ablate",
         help="the paper's ablation table on synthetic data (heads, attention, patches, pooling, K)",
         description=(
-            "Train the demo's reduced GMIC and its ablated variants on one synthetic set and write "
-            "OUT/ablations.md (table), ablations.csv and ablations.json: fusion vs global vs local vs average "
-            "heads, gated vs uniform attention, saliency vs random patches, top-t%% vs GAP vs GMP, K=1..6. "
-            "Rerunning with the same --out resumes unfinished runs."
+            "Train the demo's reduced GMIC and its ablated variants once per seed (each seed its own synthetic "
+            "set) and write OUT/ablations.md (mean ± sd over seeds, paired t-test of each row against the base "
+            "run), ablations.csv, ablations_runs.csv (per seed) and ablations.json: fusion vs global vs local "
+            "vs average heads, gated vs uniform attention, saliency vs random patches, top-t%% vs GAP vs GMP, "
+            "K=1..6. Rows run one after another, all seeds of a row first. Rerunning with the same --out "
+            "resumes unfinished runs and reuses evaluated ones."
         ),
     )
     a.add_argument("--out", required=True, type=Path, help="output folder")
     a.add_argument(
         "--data", type=Path, default=None, help="reuse a generated synthetic set (folder or manifest)"
     )
-    a.add_argument("--exams", type=positive_int, default=300, help="synthetic exams (default 300)")
-    a.add_argument("--epochs", type=positive_int, default=6, help="epochs per run (default 6)")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument(
+        "--exams", type=positive_int, default=600, help="synthetic exams per seed (default 600, the demo's)"
+    )
+    a.add_argument("--epochs", type=positive_int, default=12, help="epochs per run (default 12, the demo's)")
+    a.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="comma-separated seeds; every row is trained once per seed (default 0,1,2)",
+    )
     a.add_argument(
         "--groups",
         default="head,attention,patches,aggregation,k",
@@ -461,6 +469,10 @@ def run_ablate(args: argparse.Namespace) -> int:
         return _fail(
             ValueError(f"--groups: expected a subset of {','.join(sorted(valid))}, got {args.groups!r}")
         )
+    try:
+        seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
+    except ValueError:
+        return _fail(ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}"))
     progress = _Progress(args.no_progress)
 
     def on_run(name: str, row: dict[str, Any]) -> None:
@@ -473,7 +485,7 @@ def run_ablate(args: argparse.Namespace) -> int:
         )
 
     try:
-        settings = AblationSettings(n_exams=args.exams, epochs=args.epochs, seed=args.seed, groups=groups)
+        settings = AblationSettings(n_exams=args.exams, epochs=args.epochs, seeds=seeds, groups=groups)
         with removed_if_unused(args.out):
             run_ablations(args.out, settings, data=args.data, callback=progress, on_run=on_run)
     except MammogmicError as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "CurveBand",
     "EnsembleResult",
     "PairedDifference",
+    "PairedTTest",
     "auprc",
     "auroc",
     "average_precision",
@@ -46,6 +48,7 @@ __all__ = [
     "fit_ensemble_weights",
     "hybrid_auroc",
     "paired_auroc_difference",
+    "paired_t_test",
     "pr_band",
     "pr_curve",
     "roc_band",
@@ -333,6 +336,75 @@ def paired_auroc_difference(
         return PairedDifference(auc_a, auc_b, diff, (float("nan"), float("nan")), float("nan"), 0)
     p = min(1.0, 2.0 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
     return PairedDifference(auc_a, auc_b, diff, _percentile_ci(d, level), p, int(d.size))
+
+
+@dataclass(frozen=True)
+class PairedTTest:
+    """Paired t-test of ``a − b`` over matched units (e.g. training seeds of two configurations).
+
+    Attributes:
+        mean_difference: mean of ``a − b``.
+        sd_difference: sample standard deviation of ``a − b`` (ddof 1).
+        t: ``mean / (sd / √n)``; ±inf when every difference is equal and non-zero.
+        p_value: two-sided p-value of Student's t with ``n − 1`` degrees of freedom (nan below two pairs, 1 when
+            every difference is 0).
+        n: number of pairs.
+    """
+
+    mean_difference: float
+    sd_difference: float
+    t: float
+    p_value: float
+    n: int
+
+
+def paired_t_test(a: ArrayLike, b: ArrayLike) -> PairedTTest:
+    """Student's paired t-test of ``a`` against ``b`` (same length, pairs with a non-finite value dropped)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired_t_test: expected two 1-D arrays of one length, got {x.shape} and {y.shape}")
+    d = (x - y)[np.isfinite(x) & np.isfinite(y)]
+    n = int(d.size)
+    mean = float(d.mean()) if n else float("nan")
+    if n < 2:
+        return PairedTTest(mean, float("nan"), float("nan"), float("nan"), n)
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:
+        t = 0.0 if mean == 0.0 else float(np.copysign(np.inf, mean))
+        return PairedTTest(mean, sd, t, 1.0 if mean == 0.0 else 0.0, n)
+    t = mean / (sd / np.sqrt(n))
+    df = n - 1
+    # P(|T| >= |t|) = I_x(df/2, 1/2) with x = df / (df + t²).
+    p = _regularized_beta(df / (df + t * t), df / 2.0, 0.5)
+    return PairedTTest(mean, sd, float(t), float(min(1.0, max(0.0, p))), n)
+
+
+def _regularized_beta(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) by its continued fraction (modified Lentz)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below the mean; use the symmetry
+        return 1.0 - _regularized_beta(1.0 - x, b, a)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny, c, f = 1e-300, 1.0, 0.0
+    d = 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * f / a
 
 
 def sensitivity_specificity(

@@ -9,9 +9,17 @@ Rows (each a separate training run unless noted; everything else equals the demo
 * aggregation: top-t% (base) vs GAP vs GMP.
 * K, the number of patches: 1..6 (the base run supplies its own K).
 
-Outputs in ``OUT``: ``ablations.csv`` and ``ablations.json`` (test malignant/benign AUROC and malignant Dice per
-row, seconds per run), ``ablations.md`` (the table), and one run folder per training under ``OUT/runs/``. The
-synthetic data are generated once into ``OUT/data`` (or reused from ``--data``).
+Every row is trained once per seed (default 0, 1, 2: the demo's budget and its three README seeds), each seed on
+its own synthetic set, generated like the demo's. The table gives mean ± sd over seeds and, per row, the paired
+t-test over seeds of the row against the base run (same seed, same data, same test images).
+
+Outputs in ``OUT``: ``ablations.md`` (the table), ``ablations.csv`` (one row per table row: means, sds,
+differences, p-values), ``ablations_runs.csv`` (one row per seed and table row), ``ablations.json`` (both, and the
+settings), and per seed ``seedS/data`` (the synthetic set) and ``seedS/runs/<variant>`` (the run, its test
+predictions and ``ablation_result.json``, the evaluated result that a rerun reuses). The runs go row by row, all
+seeds of a row before the next row, so a stopped study leaves complete rows; rerunning with the same ``--out``
+resumes an unfinished run and reuses the evaluated ones. A run whose loss becomes non-finite is reported as
+"diverged" (delete its folder to try it again).
 """
 
 from __future__ import annotations
@@ -26,32 +34,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mammogmic.errors import ManifestError
+import numpy as np
+
+from mammogmic.errors import ConfigError, ManifestError
+from mammogmic.evaluation.metrics import paired_t_test
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.demo import DemoSettings, _best_or_last, demo_synth_config, demo_train_config
 from mammogmic.training.loop import Callback, NonFiniteLossError, Trainer
 
-__all__ = ["AblationSettings", "run_ablations"]
+__all__ = ["AblationSettings", "run_ablations", "summarize_ablations"]
 
 logger = logging.getLogger(__name__)
+
+RESULT_FILE = "ablation_result.json"
+METRICS = ("malignant_auroc", "benign_auroc", "malignant_dice")
+BASE_ROW = "fusion (GMIC)"
 
 
 @dataclass(frozen=True)
 class AblationSettings:
-    """Size of the ablation study (defaults: small enough for a CPU in about an hour).
+    """Size of the ablation study (defaults: the demo's budget, three seeds; about 13 minutes per run on 2 cores).
 
     Attributes:
-        n_exams: synthetic exams.
+        n_exams: synthetic exams per seed.
         epochs: epochs per run.
-        seed: data and training seed.
+        seeds: data and training seeds; each row is trained once per seed.
         workers: data-generation processes.
         ks: the K values of the K sweep.
         groups: which groups to run (``head``, ``attention``, ``patches``, ``aggregation``, ``k``).
     """
 
-    n_exams: int = 300
-    epochs: int = 6
-    seed: int = 0
+    n_exams: int = DemoSettings.n_exams
+    epochs: int = DemoSettings.epochs
+    seeds: tuple[int, ...] = (0, 1, 2)
     workers: int = 2
     ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     groups: tuple[str, ...] = ("head", "attention", "patches", "aggregation", "k")
@@ -74,6 +89,97 @@ def _variants(base: TrainConfig, s: AblationSettings) -> list[tuple[str, str, di
     return runs
 
 
+def _manifest(out: Path, seed: int, settings: AblationSettings, data: str | Path | None) -> Path:
+    """The seed's synthetic set: ``data`` when given, else ``OUT/seedS/data`` (generated once, like the demo's)."""
+    from mammogmic.data.synth.dataset import generate_dataset
+
+    if data is not None:
+        manifest = Path(data)
+        manifest = manifest / "manifest.csv" if manifest.is_dir() else manifest
+        if not manifest.is_file():
+            raise ManifestError(
+                f"{data}: no synthetic set (expected a manifest CSV or a folder holding manifest.csv)"
+            )
+        return manifest
+    manifest = out / f"seed{seed}" / "data" / "manifest.csv"
+    if not manifest.exists():
+        generate_dataset(
+            manifest.parent,
+            settings.n_exams,
+            DemoSettings().size,
+            seed,
+            demo_synth_config(),
+            settings.workers,
+        )
+    return manifest
+
+
+def _train_and_evaluate(cfg: TrainConfig, run: Path, callback: Callback | None) -> dict[str, Any]:
+    """Train (or resume) one run and evaluate it; the result is kept in ``run/ablation_result.json``.
+
+    A kept result is reused when it is newer than the run's ``last.pt``. The result holds the test metrics of
+    the AUROC-selected model and its heads, with ``malignant_dice`` taken from the Dice-selected model (as the
+    demo reports it), or ``diverged`` with the error when the loss became non-finite.
+    """
+    from mammogmic.training.demo import evaluate_with_localization
+
+    kept, last = run / RESULT_FILE, run / "last.pt"
+    if kept.exists() and (not last.exists() or kept.stat().st_mtime >= last.stat().st_mtime):
+        result: dict[str, Any] = json.loads(kept.read_text())
+        return result
+    t0 = time.perf_counter()
+    resume = last.exists()
+    try:
+        # A folder without last.pt was stopped before its first checkpoint: its logs are moved aside.
+        Trainer(cfg, run, callback=callback, tensorboard=False).fit(resume=resume, overwrite=not resume)
+    except NonFiniteLossError as exc:  # a diverged variant is a result too: report it, go on
+        logger.warning("%s diverged: %s", run, exc)
+        result = {"diverged": str(exc)}
+        run.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+    res = evaluate_with_localization(cfg, _best_or_last(run), run, n_figures=0, heads=True)
+    test = dict(res["test"])
+    test["malignant_dice_auroc_model"] = test["malignant_dice"]
+    dice_model = run / "best_dice_model.safetensors"
+    if dice_model.exists():  # localization from the Dice-selected model, as the demo reports it
+        scratch = run / "dice_model"
+        scratch.mkdir(exist_ok=True)
+        test["malignant_dice"] = evaluate_with_localization(cfg, dice_model, scratch, n_figures=0)["test"][
+            "malignant_dice"
+        ]
+    result = {"test": test, "heads": res["heads"], "seconds": round(time.perf_counter() - t0, 1)}
+    kept.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _seed_rows(
+    group: str, name: str, seed: int, result: dict[str, Any], settings: AblationSettings
+) -> list[dict[str, Any]]:
+    """The table rows one run gives for one seed: its fusion head, and for the base run also the head rows."""
+
+    def row(g: str, variant: str, head: dict[str, float] | None) -> dict[str, Any]:
+        nan = float("nan")
+        return {
+            "group": g,
+            "variant": variant,
+            "seed": seed,
+            "malignant_auroc": head["malignant_auroc"] if head else nan,
+            "benign_auroc": head["benign_auroc"] if head else nan,
+            "malignant_dice": result["test"]["malignant_dice"] if head else nan,
+            "seconds": result.get("seconds", nan),
+        }
+
+    if "diverged" in result:
+        return [row(group, f"{name} (diverged)", None)]
+    heads = result["heads"]
+    if group != "base":
+        return [row(group, name, heads["fusion"])]
+    labels = {"fusion": BASE_ROW, "global": "global only", "local": "local only", "average": "average"}
+    wanted = ("fusion", "global", "local", "average") if "head" in settings.groups else ("fusion",)
+    return [row("base" if h == "fusion" else "head", labels[h], heads[h]) for h in wanted]
+
+
 def run_ablations(
     out_dir: str | Path,
     settings: AblationSettings = AblationSettings(),
@@ -82,118 +188,137 @@ def run_ablations(
     callback: Callback | None = None,
     on_run: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every ablation and write the table; return its rows."""
-    from mammogmic.data.synth.dataset import generate_dataset
-    from mammogmic.training.demo import evaluate_with_localization
+    """Run every ablation for every seed and write the table; return the per-seed rows.
 
+    Args:
+        out_dir: output folder (see the module docstring for its layout).
+        settings: size, seeds and groups of the study.
+        data: an existing synthetic set to use instead of generating one (one seed only).
+        callback: the trainer's progress callback.
+        on_run: called with (``"<row> (seed S)"``, its row) after each run.
+    """
+    if not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
+        raise ConfigError(f"ablate: seeds must be distinct and at least one, got {settings.seeds}")
+    if data is not None and len(settings.seeds) != 1:
+        raise ConfigError("ablate: --data holds one seed's synthetic set; give a single seed with it")
     out = Path(out_dir)
-    if data is not None:
-        manifest = Path(data)
-        manifest = manifest / "manifest.csv" if manifest.is_dir() else manifest
-        if not manifest.is_file():
-            raise ManifestError(
-                f"{data}: no synthetic set (expected a manifest CSV or a folder holding manifest.csv)"
-            )
     out.mkdir(parents=True, exist_ok=True)
-    if data is None:
-        manifest = out / "data" / "manifest.csv"
-        if not manifest.exists():
-            generate_dataset(
-                out / "data",
-                settings.n_exams,
-                DemoSettings().size,
-                settings.seed,
-                demo_synth_config(),
-                settings.workers,
-            )
-    demo = DemoSettings(n_exams=settings.n_exams, epochs=settings.epochs, seed=settings.seed)
-    base = demo_train_config(manifest, demo)
+    bases = {}
+    for seed in settings.seeds:  # every seed's data first: a long study then only trains
+        demo = DemoSettings(n_exams=settings.n_exams, epochs=settings.epochs, seed=seed)
+        bases[seed] = demo_train_config(_manifest(out, seed, settings, data), demo)
     rows: list[dict[str, Any]] = []
-    for group, name, overrides in _variants(base, settings):
-        cfg = base.replace(**overrides) if overrides else base
-        run = out / "runs" / name.replace(" ", "_").replace("=", "")
-        t0 = time.perf_counter()
-        resume = (run / "last.pt").exists()
-        try:
-            # A folder without last.pt was stopped before its first checkpoint: its logs are moved aside.
-            Trainer(cfg, run, callback=callback, tensorboard=False).fit(resume=resume, overwrite=not resume)
-        except NonFiniteLossError as exc:  # a diverged variant is a result too: report it, go on
-            logger.warning("%s diverged: %s", name, exc)
-            nan = {"malignant_auroc": float("nan"), "benign_auroc": float("nan")}
-            rows.append(
-                _row(group, f"{name} (diverged)", nan, {"test": {"malignant_dice": float("nan")}}, 0.0)
-            )
-            _write(out, rows, settings, base)
-            continue
-        res = evaluate_with_localization(cfg, _best_or_last(run), run, n_figures=0, heads=True)
-        dice_model = run / "best_dice_model.safetensors"
-        if dice_model.exists():  # localization from the Dice-selected model, as the demo reports it
-            scratch = run / "dice_model"
-            scratch.mkdir(exist_ok=True)
-            res["test"]["malignant_dice"] = evaluate_with_localization(cfg, dice_model, scratch, n_figures=0)[
-                "test"
-            ]["malignant_dice"]
-        seconds = time.perf_counter() - t0
-        heads = res["heads"]
-        main_row = _row(group, name, heads["fusion"], res, seconds)
-        if group == "base":
-            label = {
-                "fusion": "fusion (GMIC)",
-                "global": "global only",
-                "local": "local only",
-                "average": "average",
-            }
-            for head in ("fusion", "global", "local", "average"):
-                if "head" in settings.groups or head == "fusion":
-                    rows.append(
-                        _row("head" if head != "fusion" else "base", label[head], heads[head], res, seconds)
-                    )
-        else:
-            rows.append(main_row)
-        if on_run is not None:
-            on_run(name, main_row)  # the run's own model (its fusion head), not the last head row
-        _write(out, rows, settings, base)
+    for group, name, overrides in _variants(bases[settings.seeds[0]], settings):
+        for seed in settings.seeds:
+            cfg = bases[seed].replace(**overrides) if overrides else bases[seed]
+            run = out / f"seed{seed}" / "runs" / name.replace(" ", "_").replace("=", "")
+            new = _seed_rows(group, name, seed, _train_and_evaluate(cfg, run, callback), settings)
+            rows += new
+            if on_run is not None:
+                on_run(f"{name} (seed {seed})", new[0])  # the run's own model (its fusion head)
+            _write(out, rows, settings, bases[settings.seeds[0]])
     return rows
 
 
-def _row(
-    group: str, name: str, head: dict[str, float], res: dict[str, Any], seconds: float
-) -> dict[str, Any]:
-    return {
-        "group": group,
-        "variant": name,
-        "malignant_auroc": head["malignant_auroc"],
-        "benign_auroc": head["benign_auroc"],
-        "malignant_dice": res["test"]["malignant_dice"],
-        "seconds": round(seconds, 1),
-    }
+def summarize_ablations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per table row: mean and sd over seeds, and the paired t-test against the base row.
+
+    Each row is paired with the base row of the same seed (same data, same test images); seeds where either
+    diverged are left out of the test. With a single seed the sds and p-values are nan.
+    """
+    order: list[tuple[str, str]] = []
+    by_row: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["group"], r["variant"])
+        if key not in by_row:
+            order.append(key)
+            by_row[key] = {}
+        by_row[key][int(r["seed"])] = r
+    base = by_row.get(("base", BASE_ROW), {})
+    summary = []
+    for group, variant in order:
+        runs = by_row[(group, variant)]
+        seeds = sorted(runs)
+        s: dict[str, Any] = {"group": group, "variant": variant, "seeds": " ".join(map(str, seeds))}
+        for m in METRICS:
+            v = np.array([runs[k][m] for k in seeds], dtype=np.float64)
+            finite = v[np.isfinite(v)]
+            s[f"{m}_mean"] = float(finite.mean()) if finite.size else float("nan")
+            s[f"{m}_sd"] = float(finite.std(ddof=1)) if finite.size > 1 else float("nan")
+            paired = [k for k in seeds if k in base]
+            is_base = (group, variant) == ("base", BASE_ROW)
+            if m != "benign_auroc" and not is_base and paired:
+                test = paired_t_test([runs[k][m] for k in paired], [base[k][m] for k in paired])
+                s[f"{m}_diff"], s[f"{m}_p"] = test.mean_difference, test.p_value
+            elif m != "benign_auroc":
+                s[f"{m}_diff"], s[f"{m}_p"] = float("nan"), float("nan")
+        seconds = [runs[k]["seconds"] for k in seeds if _finite(runs[k]["seconds"])]
+        s["minutes_mean"] = float(np.mean(seconds)) / 60.0 if seconds else float("nan")
+        summary.append(s)
+    return summary
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
 
 
 def _fmt(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+    return f"{v:.3f}" if _finite(v) else "n/a"
 
 
-def _write(out: Path, rows: list[dict[str, Any]], s: AblationSettings, base: TrainConfig) -> None:
-    with open(out / "ablations.csv", "w", newline="") as fh:
+def _fmt1(v: Any) -> str:
+    return f"{v:.1f}" if _finite(v) else "n/a"
+
+
+def _mean_sd(s: dict[str, Any], m: str) -> str:
+    mean, sd = s[f"{m}_mean"], s[f"{m}_sd"]
+    return f"{mean:.3f} ± {sd:.3f}" if _finite(sd) else _fmt(mean)
+
+
+def _diff(s: dict[str, Any], m: str) -> str:
+    d, p = s[f"{m}_diff"], s[f"{m}_p"]
+    if not _finite(d):
+        return ""
+    return f"{d:+.3f} (p {p:.2f})" if _finite(p) else f"{d:+.3f}"
+
+
+def _table(summary: list[dict[str, Any]]) -> str:
+    lines = [
+        "| group | variant | seeds | malignant AUROC | vs base | benign AUROC | malignant Dice | vs base | minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['group']} | {s['variant']} | {s['seeds']} | {_mean_sd(s, 'malignant_auroc')} | "
+            f"{_diff(s, 'malignant_auroc')} | {_mean_sd(s, 'benign_auroc')} | {_mean_sd(s, 'malignant_dice')} | "
+            f"{_diff(s, 'malignant_dice')} | {_fmt1(s['minutes_mean'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    clean = [
-        {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-        for r in rows
-    ]
+
+
+def _write(out: Path, rows: list[dict[str, Any]], s: AblationSettings, base: TrainConfig) -> None:
+    summary = summarize_ablations(rows)
+    _write_csv(out / "ablations_runs.csv", rows)
+    _write_csv(out / "ablations.csv", summary)
+
+    def clean(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+            for r in table
+        ]
+
     meta = {
-        "settings": {"n_exams": s.n_exams, "epochs": s.epochs, "seed": s.seed},
+        "settings": {"n_exams": s.n_exams, "epochs": s.epochs, "seeds": list(s.seeds)},
         "base_config": base.to_dict(),
+        "test": "vs base: mean over seeds of (row - base row of the same seed), paired t-test over seeds (two-sided)",
     }
-    (out / "ablations.json").write_text(json.dumps({"rows": clean, **meta}, indent=2) + "\n")
-    lines = [
-        "| group | variant | malignant AUROC | benign AUROC | malignant Dice |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {r['group']} | {r['variant']} | {_fmt(r['malignant_auroc'])} | {_fmt(r['benign_auroc'])} | "
-            f"{_fmt(r['malignant_dice'])} |"
-            for r in rows
-        ),
-    ]
-    (out / "ablations.md").write_text("\n".join(lines) + "\n")
+    doc = {"summary": clean(summary), "runs": clean(rows), **meta}
+    (out / "ablations.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "ablations.md").write_text(_table(summary))
