@@ -43,6 +43,7 @@ def test_ablation_rows_divergence_and_resume(tmp_path: Path, monkeypatch: pytest
     table = pd.read_csv(tmp_path / "out" / "ablations.csv")
     assert list(table["variant"]) == names
     assert (tmp_path / "out" / "ablations.md").read_text().count("diverged") >= 1
+    assert (tmp_path / "out" / "ablations.png").read_bytes()[:4] == b"\x89PNG"
 
     # Rerun: the evaluated runs (the diverged one too) are reused, nothing is trained again.
     trained.clear()
@@ -108,3 +109,26 @@ def test_summary_pairs_each_row_with_the_base_run_of_its_seed() -> None:
     table = ablate._table([base, gap, diverged])
     assert "| aggregation | GAP | 0 1 2 | 0.923 ± 0.038 | -0.017 (p 0.04) |" in table
     assert "| base | fusion (GMIC) | 0 1 2 | 0.940 ± 0.036 |  |" in table
+
+
+def test_ablation_picture_has_a_dot_per_finite_seed_and_the_table_order() -> None:
+    from mammogmic.visualization.ablation import plot_ablations
+
+    rows = [
+        *_runs("fusion (GMIC)", "base", [0.90, 0.95, 0.97], [0.10, 0.50, 0.10]),
+        *_runs("GAP", "aggregation", [0.88, math.nan, 0.95], [0.00, math.nan, 0.05]),
+        *_runs("GMP (diverged)", "aggregation", [math.nan] * 3, [math.nan] * 3),
+    ]
+    fig = plot_ablations(rows)
+    auroc_ax, dice_ax = fig.axes
+    assert [t.get_text() for t in auroc_ax.get_yticklabels()] == ["fusion (GMIC)", "GAP", "GMP (diverged)"]
+    for ax, metric in ((auroc_ax, "malignant_auroc"), (dice_ax, "malignant_dice")):
+        dots = sorted(
+            (round(float(x), 6), round(float(y), 6)) for c in ax.collections for x, y in c.get_offsets()
+        )
+        expected = sorted(
+            (round(r[metric], 6), float(["fusion (GMIC)", "GAP"].index(r["variant"])))
+            for r in rows
+            if math.isfinite(r[metric])
+        )
+        assert dots == expected

@@ -15,11 +15,11 @@ t-test over seeds of the row against the base run (same seed, same data, same te
 
 Outputs in ``OUT``: ``ablations.md`` (the table), ``ablations.csv`` (one row per table row: means, sds,
 differences, p-values), ``ablations_runs.csv`` (one row per seed and table row), ``ablations.json`` (both, and the
-settings), and per seed ``seedS/data`` (the synthetic set) and ``seedS/runs/<variant>`` (the run, its test
-predictions and ``ablation_result.json``, the evaluated result that a rerun reuses). The runs go row by row, all
-seeds of a row before the next row, so a stopped study leaves complete rows; rerunning with the same ``--out``
-resumes an unfinished run and reuses the evaluated ones. A run whose loss becomes non-finite is reported as
-"diverged" (delete its folder to try it again).
+settings), ``ablations.png`` (per-seed dots and means), and per seed ``seedS/data`` (the synthetic set) and
+``seedS/runs/<variant>`` (the run, its test predictions and ``ablation_result.json``, the evaluated result that a
+rerun reuses). The runs go row by row, all seeds of a row before the next row, so a stopped study leaves complete
+rows; rerunning with the same ``--out`` resumes an unfinished run and reuses the evaluated ones. A run whose loss
+becomes non-finite is reported as "diverged" (delete its folder to try it again).
 """
 
 from __future__ import annotations
@@ -322,3 +322,6 @@ def _write(out: Path, rows: list[dict[str, Any]], s: AblationSettings, base: Tra
     doc = {"summary": clean(summary), "runs": clean(rows), **meta}
     (out / "ablations.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "ablations.md").write_text(_table(summary))
+    from mammogmic.visualization.ablation import plot_ablations
+
+    plot_ablations(rows).savefig(out / "ablations.png")
