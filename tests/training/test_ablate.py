@@ -44,6 +44,9 @@ def test_ablation_rows_divergence_and_resume(tmp_path: Path, monkeypatch: pytest
     assert list(table["variant"]) == names
     assert (tmp_path / "out" / "ablations.md").read_text().count("diverged") >= 1
     assert (tmp_path / "out" / "ablations.png").read_bytes()[:4] == b"\x89PNG"
+    # A run's time is its logged epochs plus its evaluation.
+    epochs = pd.read_csv(tmp_path / "out" / "seed0" / "runs" / "base" / "epochs.csv")
+    assert rows[0]["seconds"] >= round(epochs["seconds"].sum(), 1) > 0
 
     # Rerun: the evaluated runs (the diverged one too) are reused, nothing is trained again.
     trained.clear()
@@ -92,8 +95,11 @@ def test_summary_pairs_each_row_with_the_base_run_of_its_seed() -> None:
         *_runs("fusion (GMIC)", "base", [0.90, 0.95, 0.97], [0.10, 0.50, 0.10]),
         *_runs("GAP", "aggregation", [0.88, 0.94, 0.95], [0.00, 0.20, 0.05]),
         *_runs("uniform attention (diverged)", "attention", [math.nan] * 3, [math.nan] * 3),
+        *_runs("global only", "head", [0.91, 0.94, 0.96], [0.10, 0.50, 0.10]),
     ]
-    base, gap, diverged = ablate.summarize_ablations(rows)
+    base, gap, diverged, head = ablate.summarize_ablations(rows)
+    # A head row shares the base run's saliency map: its AUROC is tested, its Dice is not.
+    assert head["malignant_auroc_p"] > 0 and math.isnan(head["malignant_dice_p"])
     assert base["seeds"] == "0 1 2" and math.isnan(base["malignant_auroc_p"])
     assert base["malignant_auroc_mean"] == pytest.approx(0.94)
     assert base["malignant_dice_sd"] == pytest.approx(np.std([0.10, 0.50, 0.10], ddof=1))

@@ -127,7 +127,6 @@ def _train_and_evaluate(cfg: TrainConfig, run: Path, callback: Callback | None) 
     if kept.exists() and (not last.exists() or kept.stat().st_mtime >= last.stat().st_mtime):
         result: dict[str, Any] = json.loads(kept.read_text())
         return result
-    t0 = time.perf_counter()
     resume = last.exists()
     try:
         # A folder without last.pt was stopped before its first checkpoint: its logs are moved aside.
@@ -138,6 +137,7 @@ def _train_and_evaluate(cfg: TrainConfig, run: Path, callback: Callback | None) 
         run.mkdir(parents=True, exist_ok=True)
         kept.write_text(json.dumps(result, indent=2) + "\n")
         return result
+    t_eval = time.perf_counter()
     res = evaluate_with_localization(cfg, _best_or_last(run), run, n_figures=0, heads=True)
     test = dict(res["test"])
     test["malignant_dice_auroc_model"] = test["malignant_dice"]
@@ -148,9 +148,20 @@ def _train_and_evaluate(cfg: TrainConfig, run: Path, callback: Callback | None) 
         test["malignant_dice"] = evaluate_with_localization(cfg, dice_model, scratch, n_figures=0)["test"][
             "malignant_dice"
         ]
-    result = {"test": test, "heads": res["heads"], "seconds": round(time.perf_counter() - t0, 1)}
+    # The run's cost: its epochs as logged (whenever they ran, across resumes) plus this evaluation.
+    seconds = _training_seconds(run) + time.perf_counter() - t_eval
+    result = {"test": test, "heads": res["heads"], "seconds": round(seconds, 1)}
     kept.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _training_seconds(run: Path) -> float:
+    """Sum of the epochs' wall times in ``run/epochs.csv`` (0 when the run logged none)."""
+    log = run / "epochs.csv"
+    if not log.exists():
+        return 0.0
+    with open(log, newline="") as fh:
+        return sum(float(r["seconds"]) for r in csv.DictReader(fh) if r.get("seconds"))
 
 
 def _seed_rows(
@@ -247,7 +258,9 @@ def summarize_ablations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             s[f"{m}_sd"] = float(finite.std(ddof=1)) if finite.size > 1 else float("nan")
             paired = [k for k in seeds if k in base]
             is_base = (group, variant) == ("base", BASE_ROW)
-            if m != "benign_auroc" and not is_base and paired:
+            # The head rows share the base run's saliency map: their Dice is the base's, not a test.
+            same_map = m == "malignant_dice" and group == "head"
+            if m != "benign_auroc" and not is_base and not same_map and paired:
                 test = paired_t_test([runs[k][m] for k in paired], [base[k][m] for k in paired])
                 s[f"{m}_diff"], s[f"{m}_p"] = test.mean_difference, test.p_value
             elif m != "benign_auroc":
