@@ -151,7 +151,7 @@ def test_predict_manifest_labels_ensemble_tta(
     breasts = pd.read_csv(out / "breast_predictions.csv")
     assert breasts["breast_id"].tolist() == ["e1_L", "e1_R"]
     assert breasts["malignant_label"].tolist() == [0, 1]
-    # bf16 autocast gives nearly the same probabilities (same TTA windows: seeded per image id).
+    # bf16 (backbones in bf16, heads in float32) gives nearly the same probabilities (same TTA windows: seeded per image id).
     out_bf16 = tmp_path / "out_bf16"
     common = ["--model", str(tiny_model), "--model", str(tiny_model_b), "--tta", "2", *size_args]
     assert (

@@ -281,6 +281,18 @@ def load_member(
     )
 
 
+def _in_dtype(model: Any, dtype: str) -> tuple[Any, bool]:
+    """The model to run for ``dtype`` and whether it needs bf16 autocast: a bf16 copy of a GMIC or baseline
+    model (weights cast once), autocast for any other model, the model itself for fp32."""
+    from mammogmic.models import GMIC, ResNetBaseline, cast_for_bf16
+
+    if dtype != "bf16":
+        return model, False
+    if isinstance(model, (GMIC, ResNetBaseline)):
+        return cast_for_bf16(model), False
+    return model, True
+
+
 @dataclass
 class ImageResult:
     """Averaged prediction of one image and, for the first member and window, its explanation."""
@@ -338,7 +350,9 @@ def predict_items(
         settings: preprocessing.
         batch_size: images per forward pass (each image contributes ``tta`` windows).
         device: torch device string.
-        dtype: ``fp32`` or ``bf16`` (autocast).
+        dtype: ``fp32`` or ``bf16``: GMIC and baseline models run with bf16 backbone weights and activations
+            (:func:`mammogmic.models.cast_for_bf16`, heads in float32); other models (compiled ones) under
+            bf16 autocast.
         workers: preprocessing worker processes (0: in this process).
         keep_explanations: keep saliency and patches of the first member on the first window.
         keep_images: keep the first window (for figures).
@@ -367,6 +381,7 @@ def predict_items(
         collate_fn=list,
         shuffle=False,
     )
+    models, autocast = zip(*(_in_dtype(m.model, dtype) for m in members), strict=True)
     results: list[ImageResult] = []
     for batch in loader:
         good = [p for p in batch if p.error is None]
@@ -385,9 +400,9 @@ def predict_items(
             for m_index, member in enumerate(members):
                 with (
                     torch.inference_mode(),
-                    torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16"),
+                    torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast[m_index]),
                 ):
-                    out = member.model(xs[member_input[m_index]])
+                    out = models[m_index](xs[member_input[m_index]])
                 # Scores in float64 whatever the compute precision; windows of an image are averaged.
                 pred = out.prediction.float().cpu().double()
                 per_image = torch.stack([chunk.mean(0) for chunk in torch.split(pred, counts)])

@@ -14,7 +14,7 @@ from mammogmic.models.checkpoint import (
 )
 from mammogmic.models.config import BaselineConfig, GMICConfig
 from mammogmic.models.dmv import DMV_LABELS, DMV_VIEWS, DMVConfig, DMVModel, DMVOutput
-from mammogmic.models.fuse import compile_for_inference, fuse_for_inference
+from mammogmic.models.fuse import cast_for_bf16, compile_for_inference, fuse_for_inference
 from mammogmic.models.gmic import GMIC, BaselineOutput, GatedAttention, GMICOutput, ResNetBaseline
 from mammogmic.models.patch import PatchClassifier, PatchConfig
 
@@ -35,6 +35,7 @@ __all__ = [
     "PatchConfig",
     "ResNetBaseline",
     "compile_for_inference",
+    "cast_for_bf16",
     "fuse_for_inference",
     "load_model",
     "load_official_checkpoint",

@@ -110,3 +110,24 @@ def compile_for_inference(model: GMIC | ResNetBaseline) -> Any:
         )
     model.eval()
     return torch.compile(model, options={"freezing": True}, dynamic=False)
+
+
+def cast_for_bf16(model: GMIC | ResNetBaseline) -> GMIC | ResNetBaseline:
+    """A copy of an inference model whose convolutional backbones hold bfloat16 weights, for bf16 inference
+    without autocast.
+
+    Autocast re-casts every weight on every pass and returns to float32 around each layer it does not list;
+    here the weights are cast once and the activations stay bfloat16 from the input of a backbone to its
+    output, so oneDNN runs its bf16 kernels (AMX or AVX512-BF16 where the CPU has them) back to back. What
+    needs float32 stays float32: the 1x1 saliency head and its sigmoid, top-t pooling, the gated attention
+    and its softmax, the classifiers and their sigmoids (the model converts the backbones' outputs back to
+    float32 before them). Use it on a :func:`fuse_for_inference` model; run it without autocast.
+    Accuracy on the official fixture images: tests/models/test_bf16_inference.py.
+    """
+    cast = copy.deepcopy(model).eval()
+    nets = [cast.global_net, cast.local_net] if isinstance(cast, GMIC) else [cast.backbone]
+    for net in nets:
+        net.to(torch.bfloat16)
+    for p in cast.parameters():
+        p.requires_grad_(False)
+    return cast
