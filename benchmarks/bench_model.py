@@ -104,6 +104,11 @@ def run_single(
 
         model = fuse_for_inference(model)
         x = x.contiguous(memory_format=torch.channels_last)
+    if dtype == "bf16-cast":
+        # What `predict --amp bf16` runs: bf16 backbone weights cast once, no autocast.
+        from mammogmic.models import cast_for_bf16
+
+        model = cast_for_bf16(model)
     if compile:
         from mammogmic.models import compile_for_inference
 
@@ -209,12 +214,36 @@ def roofline() -> dict[str, Any]:
     }
 
 
+def _over_rounds(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's processes in one row: the median of their medians, the minimum of their minima,
+    the largest peak RSS; the rest from the first process."""
+    row = dict(done[0])
+    row["seconds_per_image"] = round(statistics.median(r["seconds_per_image"] for r in done), 4)
+    row["seconds_min"] = min(r["seconds_min"] for r in done)
+    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in done)
+    row["processes"] = len(done)
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["gmic", "resnet34"], choices=["gmic", "resnet34"])
     p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16", "bf16-cast"],
+        help="bf16: autocast; bf16-cast: bf16 backbone weights, no autocast (what predict --amp bf16 runs; inference)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole list of configurations this many times in turn (alternated processes); a row "
+        "reports the median over rounds of each process's median, and its ratio to the first row",
+    )
     p.add_argument("--channels-last", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
@@ -252,11 +281,11 @@ def main() -> int:
     if args.roofline:
         print(json.dumps(roofline(), indent=2))
         return 0
-    rows = []
+    specs = []
     for model, mode, batch, dtype, cl, fuse, comp in itertools.product(
         args.models, args.modes, args.batches, args.dtypes, args.channels_last, args.fuse, args.compile
     ):
-        if (fuse == "yes" or comp == "yes") and mode == "train":
+        if (fuse == "yes" or comp == "yes" or dtype == "bf16-cast") and mode == "train":
             continue
         if model == "resnet34" and batch > 1 and args.skip_baseline_batch4:
             continue
@@ -272,27 +301,35 @@ def main() -> int:
             "compile": comp == "yes",
             "mmap_threshold_mib": args.mmap_threshold_mib,
         }
-        res = subprocess.run(
-            [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True
-        )
-        if res.returncode != 0:
-            print(f"failed: {spec}: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-            continue
-        row = json.loads(res.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        specs.append(spec)
+    runs: list[list[dict[str, Any]]] = [[] for _ in specs]
+    for _ in range(args.rounds):
+        for spec, done in zip(specs, runs, strict=True):
+            res = subprocess.run(
+                [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True
+            )
+            if res.returncode != 0:
+                print(f"failed: {spec}: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            done.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(json.dumps(done[-1]), file=sys.stderr, flush=True)
+    rows = [_over_rounds(done) for done in runs if done]
+    for r in rows:
+        r["ratio_to_first"] = round(r["seconds_per_image"] / rows[0]["seconds_per_image"], 3)
     print(
         "| model | mode | batch | dtype | channels-last | fused | compiled | allocator | s/image (median) "
-        "| s/image (min) | peak RSS MiB | stages s/image (global, retrieve, crops, local, attn+fusion) |"
+        "| s/image (min) | ratio to first row | peak RSS MiB | stages s/image (global, retrieve, crops, local, "
+        "attn+fusion) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         st = r["stages_per_image"]
         stages = ", ".join(f"{st[k]:.3f}" for k in st) if st else ""
         print(
             f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | {'yes' if r['channels_last'] else 'no'} "
             f"| {'yes' if r['fused'] else 'no'} | {'yes' if r['compiled'] else 'no'} | {r['allocator']} "
-            f"| {r['seconds_per_image']:.3f} | {r['seconds_min']:.3f} | {r['peak_rss_mib']:.0f} | {stages} |"
+            f"| {r['seconds_per_image']:.3f} | {r['seconds_min']:.3f} | {r['ratio_to_first']:.2f} "
+            f"| {r['peak_rss_mib']:.0f} | {stages} |"
         )
     if args.json:
         with open(args.json, "w") as f:
