@@ -214,6 +214,46 @@ def roofline() -> dict[str, Any]:
     }
 
 
+def measure(specs: list[dict[str, Any]], rounds: int = 1) -> list[dict[str, Any]]:
+    """Run each configuration in its own process, the whole list ``rounds`` times in turn (so that slow
+    phases of a shared machine fall on every row alike); one row per configuration, ``ratio_to_first`` its
+    time over the first row's."""
+    runs: list[list[dict[str, Any]]] = [[] for _ in specs]
+    for _ in range(rounds):
+        for spec, done in zip(specs, runs, strict=True):
+            res = subprocess.run(
+                [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True
+            )
+            if res.returncode != 0:
+                print(f"failed: {spec}: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            done.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(json.dumps(done[-1]), file=sys.stderr, flush=True)
+    rows = [_over_rounds(done) for done in runs if done]
+    for r in rows:
+        r["ratio_to_first"] = round(r["seconds_per_image"] / rows[0]["seconds_per_image"], 3)
+        r["rss_ratio_to_first"] = round(r["peak_rss_mib"] / rows[0]["peak_rss_mib"], 3)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        "| model | mode | batch | dtype | channels-last | fused | compiled | allocator | s/image (median) "
+        "| s/image (min) | time ratio to first row | peak RSS MiB (ratio) | stages s/image (global, retrieve, "
+        "crops, local, attn+fusion) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        st = r["stages_per_image"]
+        stages = ", ".join(f"{st[k]:.3f}" for k in st) if st else ""
+        print(
+            f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | {'yes' if r['channels_last'] else 'no'} "
+            f"| {'yes' if r['fused'] else 'no'} | {'yes' if r['compiled'] else 'no'} | {r['allocator']} "
+            f"| {r['seconds_per_image']:.3f} | {r['seconds_min']:.3f} | {r['ratio_to_first']:.2f} "
+            f"| {r['peak_rss_mib']:.0f} ({r['rss_ratio_to_first']:.2f}) | {stages} |"
+        )
+
+
 def _over_rounds(done: list[dict[str, Any]]) -> dict[str, Any]:
     """One configuration's processes in one row: the median of their medians, the minimum of their minima,
     the largest peak RSS; the rest from the first process."""
@@ -302,35 +342,8 @@ def main() -> int:
             "mmap_threshold_mib": args.mmap_threshold_mib,
         }
         specs.append(spec)
-    runs: list[list[dict[str, Any]]] = [[] for _ in specs]
-    for _ in range(args.rounds):
-        for spec, done in zip(specs, runs, strict=True):
-            res = subprocess.run(
-                [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True
-            )
-            if res.returncode != 0:
-                print(f"failed: {spec}: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-                continue
-            done.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(json.dumps(done[-1]), file=sys.stderr, flush=True)
-    rows = [_over_rounds(done) for done in runs if done]
-    for r in rows:
-        r["ratio_to_first"] = round(r["seconds_per_image"] / rows[0]["seconds_per_image"], 3)
-    print(
-        "| model | mode | batch | dtype | channels-last | fused | compiled | allocator | s/image (median) "
-        "| s/image (min) | ratio to first row | peak RSS MiB | stages s/image (global, retrieve, crops, local, "
-        "attn+fusion) |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        st = r["stages_per_image"]
-        stages = ", ".join(f"{st[k]:.3f}" for k in st) if st else ""
-        print(
-            f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | {'yes' if r['channels_last'] else 'no'} "
-            f"| {'yes' if r['fused'] else 'no'} | {'yes' if r['compiled'] else 'no'} | {r['allocator']} "
-            f"| {r['seconds_per_image']:.3f} | {r['seconds_min']:.3f} | {r['ratio_to_first']:.2f} "
-            f"| {r['peak_rss_mib']:.0f} | {stages} |"
-        )
+    rows = measure(specs, args.rounds)
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
