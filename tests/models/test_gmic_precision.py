@@ -63,3 +63,28 @@ def test_bf16_autocast_training_step_backpropagates() -> None:
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32, name
+
+
+def test_bf16_cast_models_keep_heads_float32_and_close_scores() -> None:
+    """cast_for_bf16: backbones in bf16, everything after them float32, scores near the float32 model's."""
+    from mammogmic.models import cast_for_bf16, fuse_for_inference
+
+    torch.manual_seed(0)
+    cases = [
+        (GMIC(TINY).eval(), torch.randn(4, 1, 128, 96), "global_net"),
+        (
+            ResNetBaseline(BaselineConfig(arch="resnet18", width=4)).eval(),
+            torch.randn(4, 1, 64, 48),
+            "backbone",
+        ),
+    ]
+    for model, x, trunk in cases:
+        cast = cast_for_bf16(fuse_for_inference(model))
+        assert all(p.dtype == torch.bfloat16 for p in getattr(cast, trunk).parameters())
+        heads = [p for n, p in cast.named_parameters() if not n.startswith((trunk, "local_net"))]
+        assert heads and all(p.dtype == torch.float32 for p in heads)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # the original is untouched
+        with torch.inference_mode():
+            ours, ref = cast(x).prediction, model(x).prediction
+        assert ours.dtype == torch.float32
+        assert 0 < float((ours - ref).abs().max()) < 0.02, type(model).__name__
