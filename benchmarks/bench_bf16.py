@@ -3,11 +3,11 @@
     python benchmarks/bench_bf16.py                  # 3 rounds x 5 passes, markdown table on stdout
     python benchmarks/bench_bf16.py --rounds 5 --json bf16.json
 
-The first row is the stand-in for the official GMIC release, which cannot run beside this torch build: our plain
-model (NCHW, BatchNorms unfused, float32, glibc's own allocator) runs the official sequence of operations
+The first row is the stand-in for the official GMIC release (not part of this repository, and it imports
+torchvision, which does not install beside this CPU torch build): our plain model (NCHW, BatchNorms unfused, float32, glibc's own allocator) runs the official sequence of operations
 (equal outputs to float32 rounding, tests/models/test_conformance.py). Then what ``mammogmic predict`` runs:
-float32 (BN folded, channels-last, lean allocator), bf16 autocast on that model, and ``--amp bf16``
-(bf16 backbone weights cast once, :func:`mammogmic.models.cast_for_bf16`) with each allocator profile; then
+float32 (BN folded, channels-last, lean allocator), bf16 autocast on that model and ``--amp bf16`` (bf16
+backbone weights cast once, :func:`mammogmic.models.cast_for_bf16`), each with both allocator profiles; then
 one training step at batch 1 (float32, and bf16 autocast as ``mammogmic train`` runs it with
 ``runtime.amp: bf16``, channels-last, fast allocator). Each configuration is its own process; the list runs
 ``--rounds`` times in turn, and a row gives the median over rounds of each process's median time per image,
@@ -49,6 +49,7 @@ def main() -> int:
         _spec("infer", "fp32", False, False, r),  # the official stand-in
         _spec("infer", "fp32", True, True, r),  # predict's default
         _spec("infer", "bf16", True, True, r),  # autocast
+        _spec("infer", "bf16", True, False, r),  # ... with mammogmic --allocator fast
         _spec("infer", "bf16-cast", True, True, r),  # predict --amp bf16
         _spec("infer", "bf16-cast", True, False, r),  # ... with mammogmic --allocator fast
     ]

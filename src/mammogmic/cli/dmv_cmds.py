@@ -447,7 +447,7 @@ def _run_dmv_predict(args: argparse.Namespace, stack: Any) -> int:
             for member in members:
                 member.contract = dataclasses.replace(member.contract, crop_iterations=args.crop_iterations)
         gmic = (
-            _load_members(argparse.Namespace(**{**vars(args), "models": gmic_paths}), device)
+            _load_members(argparse.Namespace(**{**vars(args), "models": gmic_paths}), device, dtype)
             if gmic_paths
             else []
         )

@@ -699,7 +699,7 @@ def _check_out_folder(args: argparse.Namespace, command: str, items: list[Any]) 
     return OutputFolder(args.out, layout, force=args.force, wait=args.wait)
 
 
-def _load_members(args: argparse.Namespace, device: str) -> list[Any]:
+def _load_members(args: argparse.Namespace, device: str, dtype: str = "fp32") -> list[Any]:
     from mammogmic.errors import MammogmicError
     from mammogmic.evaluation.inference import load_member
 
@@ -713,7 +713,9 @@ def _load_members(args: argparse.Namespace, device: str) -> list[Any]:
     for path in args.models:
         t = next(ts, None) if path.suffix == ".p" else None
         members.append(
-            load_member(path, percent_t=t, device=device, fuse=not args.no_fuse, compile=args.compile)
+            load_member(
+                path, percent_t=t, device=device, fuse=not args.no_fuse, compile=args.compile, dtype=dtype
+            )
         )
     names = [m.name for m in members]
     for i, m in enumerate(members):
@@ -815,7 +817,7 @@ def _run_inference(
 
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args, device)
-    members = _load_members(args, device)
+    members = _load_members(args, device, dtype)
     _apply_contract_overrides(args, members)
     attach_heatmap_folder(args, items, [m.source for m in members if m.contract.heatmaps])
     tta = args.tta

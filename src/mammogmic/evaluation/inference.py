@@ -181,6 +181,7 @@ class Member:
     percent_t: float | None = None
     contract: InputContract = OFFICIAL_CONTRACT
     sha256: str | None = None
+    dtype: str = "fp32"  # "bf16": the model's backbones already hold bf16 weights (cast_for_bf16)
 
 
 def model_contract(path: Path) -> InputContract:
@@ -216,6 +217,7 @@ def load_member(
     device: str = "cpu",
     fuse: bool = True,
     compile: bool = False,
+    dtype: str = "fp32",
 ) -> Member:
     """Load our ``.safetensors`` model or an official ``.p`` file, with its input contract.
 
@@ -224,6 +226,8 @@ def load_member(
     (:func:`mammogmic.models.fuse_for_inference`) and the weights are made channels-last: same outputs to
     float32 rounding, faster. With ``compile`` the model also goes through
     :func:`mammogmic.models.compile_for_inference` (TorchInductor; compiles on the first batch of each shape).
+    With ``dtype="bf16"`` a GMIC or baseline model gets bf16 backbone weights
+    (:func:`mammogmic.models.cast_for_bf16`) before any compilation.
 
     Raises:
         CheckpointError: unreadable/unsafe file, an official file whose t is unknown, or ``percent_t`` given
@@ -231,7 +235,10 @@ def load_member(
         MammogmicError: ``compile`` without a C++ compiler.
     """
     from mammogmic.models import (
+        GMIC,
         PatchClassifier,
+        ResNetBaseline,
+        cast_for_bf16,
         compile_for_inference,
         fuse_for_inference,
         load_model,
@@ -269,6 +276,9 @@ def load_member(
             f"{path}: the model takes {channels} input channel(s) ({needs}), but its input contract "
             f"{'has' if contract.heatmaps else 'has no'} heat-map channels"
         )
+    prepared = "fp32"
+    if dtype == "bf16" and isinstance(model, (GMIC, ResNetBaseline)):
+        model, prepared = cast_for_bf16(model), "bf16"
     if compile:
         model = compile_for_inference(model)
     return Member(
@@ -278,15 +288,18 @@ def load_member(
         percent_t=percent_t,
         contract=contract,
         sha256=sha256_file(path),
+        dtype=prepared,
     )
 
 
-def _in_dtype(model: Any, dtype: str) -> tuple[Any, bool]:
-    """The model to run for ``dtype`` and whether it needs bf16 autocast: a bf16 copy of a GMIC or baseline
-    model (weights cast once), autocast for any other model, the model itself for fp32."""
+def _in_dtype(member: Member, dtype: str) -> tuple[Any, bool]:
+    """The model to run for ``dtype`` and whether it needs bf16 autocast: the member's model when it was
+    loaded for ``dtype``, else for bf16 a bf16 copy of a GMIC or baseline model (weights cast once) or
+    autocast for any other model."""
     from mammogmic.models import GMIC, ResNetBaseline, cast_for_bf16
 
-    if dtype != "bf16":
+    model = member.model
+    if dtype != "bf16" or member.dtype == "bf16":
         return model, False
     if isinstance(model, (GMIC, ResNetBaseline)):
         return cast_for_bf16(model), False
@@ -381,7 +394,7 @@ def predict_items(
         collate_fn=list,
         shuffle=False,
     )
-    models, autocast = zip(*(_in_dtype(m.model, dtype) for m in members), strict=True)
+    models, autocast = zip(*(_in_dtype(m, dtype) for m in members), strict=True)
     results: list[ImageResult] = []
     for batch in loader:
         good = [p for p in batch if p.error is None]
