@@ -388,3 +388,15 @@ def test_a_failed_start_leaves_no_folder_but_never_removes_one_that_existed(tmp_
         (tmp_path / "kept").mkdir()
         (tmp_path / "kept" / "config.yaml").write_text("x")
     assert (tmp_path / "kept" / "config.yaml").exists()
+
+
+def test_precision_is_part_of_the_run_key() -> None:
+    """fp32, bf16 and the former bf16 autocast runs (no "bf16" entry) have three different keys."""
+    from mammogmic.evaluation.inference import Member
+    from mammogmic.evaluation.outputs import run_key, run_settings
+
+    members = [Member(name="m", model=None, source="m.safetensors", percent_t=0.03, sha256="ab" * 32)]
+    fp32, bf16 = run_settings(members, 1, 0, "fp32"), run_settings(members, 1, 0, "bf16")
+    assert "bf16" not in fp32 and bf16["bf16"] == "cast"
+    autocast_era = {k: v for k, v in bf16.items() if k != "bf16"}
+    assert len({run_key(fp32), run_key(bf16), run_key(autocast_era)}) == 3

@@ -170,6 +170,9 @@ def run_settings(members: Sequence[Member], tta: int, seed: int, dtype: str) -> 
         "tta": int(tta),
         "seed": int(seed) if tta > 1 else None,
         "dtype": dtype,
+        # bf16 runs since the backbones' weights are cast once (cast_for_bf16) score differently from the
+        # earlier autocast ones by bf16 rounding: their key differs, so a rerun does not mix the two.
+        **({"bf16": "cast"} if dtype == "bf16" else {}),
     }
 
 
