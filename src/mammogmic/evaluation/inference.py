@@ -292,20 +292,6 @@ def load_member(
     )
 
 
-def _in_dtype(member: Member, dtype: str) -> tuple[Any, bool]:
-    """The model to run for ``dtype`` and whether it needs bf16 autocast: the member's model when it was
-    loaded for ``dtype``, else for bf16 a bf16 copy of a GMIC or baseline model (weights cast once) or
-    autocast for any other model."""
-    from mammogmic.models import GMIC, ResNetBaseline, cast_for_bf16
-
-    model = member.model
-    if dtype != "bf16" or member.dtype == "bf16":
-        return model, False
-    if isinstance(model, (GMIC, ResNetBaseline)):
-        return cast_for_bf16(model), False
-    return model, True
-
-
 @dataclass
 class ImageResult:
     """Averaged prediction of one image and, for the first member and window, its explanation."""
@@ -363,9 +349,8 @@ def predict_items(
         settings: preprocessing.
         batch_size: images per forward pass (each image contributes ``tta`` windows).
         device: torch device string.
-        dtype: ``fp32`` or ``bf16``: GMIC and baseline models run with bf16 backbone weights and activations
-            (:func:`mammogmic.models.cast_for_bf16`, heads in float32); other models (compiled ones) under
-            bf16 autocast.
+        dtype: ``fp32`` or ``bf16``: members loaded with ``load_member(dtype="bf16")`` run their bf16
+            backbone weights as they are; any other member runs under bf16 autocast.
         workers: preprocessing worker processes (0: in this process).
         keep_explanations: keep saliency and patches of the first member on the first window.
         keep_images: keep the first window (for figures).
@@ -394,7 +379,7 @@ def predict_items(
         collate_fn=list,
         shuffle=False,
     )
-    models, autocast = zip(*(_in_dtype(m, dtype) for m in members), strict=True)
+    autocast = [dtype == "bf16" and m.dtype != "bf16" for m in members]
     results: list[ImageResult] = []
     for batch in loader:
         good = [p for p in batch if p.error is None]
@@ -415,7 +400,7 @@ def predict_items(
                     torch.inference_mode(),
                     torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast[m_index]),
                 ):
-                    out = models[m_index](xs[member_input[m_index]])
+                    out = member.model(xs[member_input[m_index]])
                 # Scores in float64 whatever the compute precision; windows of an image are averaged.
                 pred = out.prediction.float().cpu().double()
                 per_image = torch.stack([chunk.mean(0) for chunk in torch.split(pred, counts)])

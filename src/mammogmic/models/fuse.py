@@ -122,7 +122,8 @@ def cast_for_bf16(model: GMIC | ResNetBaseline) -> GMIC | ResNetBaseline:
     needs float32 stays float32: the 1x1 saliency head and its sigmoid, top-t pooling, the gated attention
     and its softmax, the classifiers and their sigmoids (the model converts the backbones' outputs back to
     float32 before them). Use it on a :func:`fuse_for_inference` model; run it without autocast.
-    Accuracy on the official fixture images: tests/models/test_bf16_inference.py.
+    Accuracy on the official fixture images:
+    ``tests/models/test_conformance.py::test_bf16_inference_path_holds_accuracy``.
     """
     cast = copy.deepcopy(model).eval()
     nets = [cast.global_net, cast.local_net] if isinstance(cast, GMIC) else [cast.backbone]

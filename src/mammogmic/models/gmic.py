@@ -55,21 +55,13 @@ def _full_precision(layer: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tens
         return layer(x.to(layer.weight.dtype))
 
 
-def _trunk_dtype(net: nn.Module) -> torch.dtype:
-    """The dtype of a backbone's weights: float32, or bfloat16 after :func:`mammogmic.models.fuse.cast_for_bf16`."""
-    return next(net.parameters()).dtype
-
-
-def _to_trunk(x: torch.Tensor, net: nn.Module) -> torch.Tensor:
-    """``x`` in ``net``'s weight dtype (a no-op for a float32 model, with or without autocast)."""
-    dtype = _trunk_dtype(net)
-    return x if dtype == torch.float32 else x.to(dtype)
-
-
-def _from_trunk(y: torch.Tensor, net: nn.Module) -> torch.Tensor:
-    """A bf16-cast backbone's output back in float32 for the heads; unchanged for a float32 backbone, so the
-    autocast path (bf16 activations from float32 weights) is untouched."""
-    return y if _trunk_dtype(net) == torch.float32 else y.float()
+def _run_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``net(x)`` for a backbone: a float32 backbone runs as it is (so autocast works as usual); one cast to
+    bf16 (:func:`mammogmic.models.fuse.cast_for_bf16`) gets its input in bf16 and returns float32 for the heads."""
+    dtype = next(net.parameters()).dtype
+    if dtype == torch.float32:
+        return net(x)
+    return net(x.to(dtype)).float()
 
 
 @dataclass
@@ -163,15 +155,13 @@ class GMIC(nn.Module):
     # -- stages -------------------------------------------------------------------------------------------
     def forward_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global network: ``h_g`` (N, D_g, h, w), saliency (N, C, h, w), ``y_global`` (N, C)."""
-        h_g = _from_trunk(self.global_net(_to_trunk(x, self.global_net)), self.global_net)
+        h_g = _run_trunk(self.global_net, x)
         saliency = torch.sigmoid(_full_precision(self.saliency_head, h_g))
         cfg = self.config
         if cfg.saliency_symmetry == "point":
             net = self.global_net
             grid_hw = (saliency.shape[2], saliency.shape[3])
-            turned = _from_trunk(
-                net(_to_trunk(point_reflect(x, grid_hw, net.stride, net.cell_origin), net)), net
-            )
+            turned = _run_trunk(net, point_reflect(x, grid_hw, net.stride, net.cell_origin))
             turned_saliency = torch.sigmoid(_full_precision(self.saliency_head, turned)).flip(-2, -1)
             saliency = (saliency + turned_saliency) / 2
         t = {"top_t": cfg.percent_t, "gap": 1.0, "gmp": 0.0}[cfg.aggregation]
@@ -202,9 +192,7 @@ class GMIC(nn.Module):
         flat = patches.reshape(n * k, c, *patches.shape[3:])
         if c == 1 and self.local_net.conv1.in_channels == 3:
             flat = flat.expand(-1, 3, -1, -1)
-        features = _from_trunk(self.local_net(_to_trunk(flat, self.local_net)), self.local_net).mean(
-            dim=(2, 3)
-        )
+        features = _run_trunk(self.local_net, flat).mean(dim=(2, 3))
         return features.view(n, k, -1)
 
     def forward(self, x: torch.Tensor) -> GMICOutput:
@@ -255,7 +243,7 @@ class ResNetBaseline(nn.Module):
         self.classifier = nn.Linear(self.backbone.out_channels, cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> BaselineOutput:
-        features = _from_trunk(self.backbone(_to_trunk(x, self.backbone)), self.backbone)
+        features = _run_trunk(self.backbone, x)
         pooled = features.mean(dim=(2, 3)) if self.config.pooling == "gap" else features.amax(dim=(2, 3))
         logits = _full_precision(self.classifier, pooled)
         return BaselineOutput(prediction=torch.sigmoid(logits), logits=logits, feature_map=features)
