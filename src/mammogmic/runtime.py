@@ -24,14 +24,26 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Final
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ALLOCATOR_PROFILES", "AMP_MODES", "cpu_has_fast_bf16", "resolve_amp", "tune_allocator"]
+__all__ = [
+    "ALLOCATOR_PROFILES",
+    "AMP_MODES",
+    "SCORING_AMP",
+    "cpu_has_fast_bf16",
+    "resolve_amp",
+    "tune_allocator",
+]
 
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 ALLOCATOR_PROFILES = ("lean", "fast")
 AMP_MODES = ("auto", "bf16", "none")  # every command's --amp
+# The precision a model is scored in unless the user asks otherwise: ``mammogmic predict``'s default, and the
+# trainer's and the demo's for validation and test whatever they train in, so that the figures a run reports
+# are the ones ``predict`` gives its model (bf16 rounding can move a patch pick on a flat saliency map).
+SCORING_AMP: Final = "none"
 
 
 def cpu_has_fast_bf16() -> bool:

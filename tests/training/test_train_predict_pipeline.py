@@ -269,3 +269,64 @@ def test_label_level_breast(trained: tuple[Path, Path], tmp_path: Path) -> None:
     assert epochs.loc[0, "val_malignant_auroc"] == pytest.approx(per_breast["malignant_auroc"], abs=1e-12)
     per_image = classification_metrics(val, probs, "image")
     assert per_image["malignant_auroc"] != pytest.approx(per_breast["malignant_auroc"], abs=1e-6)
+
+
+def test_a_bf16_run_reports_what_predict_gives(tmp_path: Path) -> None:
+    """``runtime.amp: bf16`` trains in bf16, but validation and test are scored as ``mammogmic predict`` scores
+    by default (float32, ``runtime.eval_amp``): the run's test predictions are predict's, row for row, and the
+    epoch it selected was ranked on float32 scores."""
+    manifest = write_blob_manifest(tmp_path / "data", n_exams=8)
+    run = tmp_path / "run"
+    args = ["train", "tiny_cpu", "--set", f"data.manifest={manifest}", "--set", "schedule.epochs=2"]
+    assert main([*args, "--set", "runtime.amp=bf16", "--out", str(run), "--no-progress"]) == 0
+    path = run / "best_model.safetensors"
+    config = TrainConfig.from_dict(read_model_metadata(path)["extra"]["training_config"])
+    assert (config.runtime.amp, config.runtime.eval_amp) == ("bf16", "none")
+    reported = pd.read_csv(run / "test_predictions.csv", dtype={"image_index": str}).set_index("image_index")
+
+    test_manifest = tmp_path / "data" / "test.csv"
+    table = pd.read_csv(manifest, dtype=str)
+    table[table["split"] == "test"].to_csv(test_manifest, index=False)
+    out = tmp_path / "pred"
+    rc = main(
+        ["predict", "--manifest", str(test_manifest), "--model", str(path), "--out", str(out), "--no-progress",
+         "--workers", "0"]
+    )  # fmt: skip
+    assert rc == 0
+    preds = pd.read_csv(out / "image_predictions.csv", dtype={"image_index": str}).set_index("image_index")
+    assert sorted(preds.index) == sorted(reported.index)
+    for col in ("benign_pred", "malignant_pred"):
+        assert (
+            preds.loc[reported.index, col] - reported[col]
+        ).abs().max() < 1e-4  # fused inference: rounding
+
+    # The check can fail: scored in bf16, the same model's test predictions are further off than that.
+    model = load_model(path)
+    test_images = split_dataset(config, "test")
+    bf16, _ = predict(model, test_images, amp="bf16")
+    ours = reported.loc[test_images.image_ids, "malignant_pred"].to_numpy()
+    assert np.abs(bf16[:, 1] - ours).max() > 2e-4
+
+    # The selected epoch was ranked on float32 validation scores: its logged AUROC and loss are float32's.
+    from mammogmic.training.loss import GMICLoss
+
+    result = json.loads((run / "result.json").read_text())
+    logged = pd.read_csv(run / "epochs.csv").set_index("epoch").loc[result["best_epoch"]]
+    val = split_dataset(config, "val")
+    fp32, _ = predict(model, val)
+    assert logged["val_malignant_auroc"] == pytest.approx(
+        classification_metrics(val, fp32)["malignant_auroc"], abs=1e-12
+    )
+    x = torch.stack([val.load(i)["image"] for i in range(len(val))])
+    y = torch.as_tensor(val.labels, dtype=torch.float32)
+    loss_fn = GMICLoss(config.loss, prediction=config.model.prediction)
+    with torch.inference_mode():
+        losses = {amp: float(loss_fn(_scored(model, x, amp), y).total) for amp in ("none", "bf16")}
+    assert logged["val_loss"] == pytest.approx(losses["none"], abs=1e-5)
+    assert abs(losses["bf16"] - losses["none"]) > 1e-4  # the check can fail
+
+
+def _scored(model: torch.nn.Module, x: torch.Tensor, amp: str) -> object:
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+        return model(x)

@@ -67,3 +67,31 @@ def test_demo_dice_is_the_library_dice_of_the_dice_selected_model(tmp_path: Path
         else:
             assert reported == pytest.approx(expected, abs=1e-9)
         assert metrics["test_dice_selected_model"][key] == reported
+
+
+def test_a_bf16_demo_scores_its_test_split_as_predict_does(tmp_path: Path) -> None:
+    """Trained in bf16, the demo reports float32 scores (``runtime.eval_amp``), ``mammogmic predict``'s default."""
+    import numpy as np
+    import pandas as pd
+
+    from mammogmic.models import load_model, read_model_metadata
+    from mammogmic.training.config import TrainConfig
+    from mammogmic.training.data import split_dataset
+    from mammogmic.training.loop import predict
+
+    out = tmp_path / "demo"
+    settings = DemoSettings(
+        n_exams=12, size=(256, 160), epochs=2, workers=1, threads=1, amp="bf16", n_figures=0
+    )
+    run_demo(out, settings)
+    path = out / "run" / "best_model.safetensors"
+    config = TrainConfig.from_dict(read_model_metadata(path)["extra"]["training_config"])
+    assert config.runtime.amp == "bf16"
+    test = split_dataset(config, "test")
+    reported = pd.read_csv(out / "predictions.csv", dtype={"image_id": str}).set_index("image_id")
+    ours = reported.loc[test.image_ids, ["benign_pred", "malignant_pred"]].to_numpy()
+    model = load_model(path)
+    fp32, _ = predict(model, test)
+    np.testing.assert_allclose(ours, fp32, atol=1e-6)  # the file's six decimals
+    bf16, _ = predict(model, test, amp="bf16")
+    assert np.abs(bf16 - ours).max() > 2e-4  # the check can fail: bf16 scores are further off

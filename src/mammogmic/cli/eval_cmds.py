@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mammogmic.cli import deprecated_alias, progress_bar
-from mammogmic.runtime import AMP_MODES
+from mammogmic.runtime import AMP_MODES, SCORING_AMP
 
 if TYPE_CHECKING:
     from mammogmic._outdir import OutputFolder
@@ -302,8 +302,9 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--amp",
         choices=AMP_MODES,
-        default="none",
-        help="bf16 autocast: bf16, none (the default: float32) or auto (bf16 where the device computes it natively)",
+        default=SCORING_AMP,
+        help="bf16 autocast: bf16, none (the default: float32, what training runs score in) or auto (bf16 "
+        "where the device computes it natively)",
     )
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (4)")
     p.add_argument(

@@ -68,6 +68,7 @@ __all__ = [
     "run_key",
     "run_settings",
     "settings_differences",
+    "table_csv",
     "unescape_csv_text",
 ]
 
@@ -136,8 +137,8 @@ def _escaped(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _csv(table: pd.DataFrame, **kwargs: Any) -> str:
-    """A table as CSV text with its text cells escaped against formula injection."""
+def table_csv(table: pd.DataFrame, **kwargs: Any) -> str:
+    """A table as CSV text with its text cells escaped against formula injection (every CSV we write)."""
     return _escaped(table).to_csv(index=False, **kwargs)
 
 
@@ -495,7 +496,7 @@ class PredictionWriter:
 
     def flush(self) -> None:
         """Rewrite the image CSV (called after each batch)."""
-        self._write(IMAGE_CSV, _csv(self.image_table(), float_format=FLOAT_FORMAT))
+        self._write(IMAGE_CSV, table_csv(self.image_table(), float_format=FLOAT_FORMAT))
 
     def finish(self, run_info: dict[str, Any]) -> dict[str, Path]:
         """Write every output file; returns name → path of what was written."""
@@ -504,7 +505,7 @@ class PredictionWriter:
         errors = pd.DataFrame(
             self.errors + self.output_errors, columns=["image_id", "path", "stage", "error"]
         )
-        written["errors"] = self._write(ERRORS_CSV, _csv(errors))
+        written["errors"] = self._write(ERRORS_CSV, table_csv(errors))
         images = self.image_table()
         with_side = (
             images.dropna(subset=["laterality"]) if "laterality" in images.columns else images.iloc[0:0]
@@ -518,7 +519,7 @@ class PredictionWriter:
                 ("breast_predictions_metarepository.csv", metarepository_breast_table(breasts)),
                 ("exam_summary.csv", exam_level(breasts, score_columns=scores, label_columns=labels)),
             ):
-                written[name] = self._write(name, _csv(table, float_format=FLOAT_FORMAT))
+                written[name] = self._write(name, table_csv(table, float_format=FLOAT_FORMAT))
         else:
             for name in DERIVED_TABLES[:3]:  # nothing to group: no table of an earlier run may stay
                 self._remove(name)

@@ -30,6 +30,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from mammogmic.errors import ConfigError
+from mammogmic.runtime import SCORING_AMP
 
 __all__ = [
     "FREEZE_PARTS",
@@ -272,8 +273,12 @@ class RuntimeConfig:
 
     Attributes:
         device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-        amp: autocast dtype: ``none``, ``bf16`` (GPU, or CPUs that support it) or ``fp16`` (GPU only, with a
-            gradient scaler).
+        amp: autocast dtype of training: ``none``, ``bf16`` (GPU, or CPUs that support it) or ``fp16`` (GPU
+            only, with a gradient scaler).
+        eval_amp: autocast dtype of validation and test scoring. Default ``none`` (float32,
+            :data:`mammogmic.runtime.SCORING_AMP`): what ``mammogmic predict`` runs by default, so the figures a
+            run reports (and the checkpoint it selects) are the ones ``predict`` gives its model, whatever
+            ``amp`` trained it in. ``bf16`` scores faster and reports bf16 figures.
         grad_accum: micro-batches accumulated per optimizer step.
         channels_last: use the channels-last memory format (faster convolutions on recent GPUs).
         activation_checkpointing: recompute backbone activations in backward (less memory, ~30% slower).
@@ -293,6 +298,7 @@ class RuntimeConfig:
 
     device: str = "auto"
     amp: AmpMode = "none"
+    eval_amp: AmpMode = SCORING_AMP
     grad_accum: int = 1
     channels_last: bool = False
     activation_checkpointing: bool = False
@@ -529,8 +535,9 @@ class TrainConfig:
                 f"{t} differs from model.percent_t {model_t}; both are the t of top-t% pooling (--percent-t "
                 "sets both)",
             )
-        if self.runtime.amp == "fp16" and self.runtime.device == "cpu":
-            raise _fail("runtime.amp", "fp16 autocast needs a GPU; use bf16 or none on CPU")
+        for key in ("amp", "eval_amp"):
+            if getattr(self.runtime, key) == "fp16" and self.runtime.device == "cpu":
+                raise _fail(f"runtime.{key}", "fp16 autocast needs a GPU; use bf16 or none on CPU")
         if self.schedule.t_warmup_epochs > 0 and getattr(self.model, "aggregation", None) != "top_t":
             raise _fail(
                 "schedule.t_warmup_epochs", "warms up top-t% pooling; it needs a GMIC with aggregation top_t"

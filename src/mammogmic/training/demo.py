@@ -64,9 +64,10 @@ class DemoSettings:
         workers: processes generating the data.
         epochs: training epochs.
         threads: torch CPU threads (``None`` = torch default).
-        amp: ``auto`` (the default: bf16 autocast where the CPU has native bf16/AMX, else float32), ``bf16`` or
-            ``none`` (float32). (An earlier bf16 NaN was the loss's 0/0 gradient at saturated probabilities,
-            fixed in ``GMICLoss``.)
+        amp: training precision: ``auto`` (the default: bf16 autocast where the CPU has native bf16/AMX, else
+            float32), ``bf16`` or ``none`` (float32). Validation and test are scored in float32 either way
+            (``runtime.eval_amp``), as ``mammogmic predict`` scores the model by default. (An earlier bf16 NaN
+            was the loss's 0/0 gradient at saturated probabilities, fixed in ``GMICLoss``.)
         n_figures: explanation figures to draw.
     """
 
@@ -327,7 +328,7 @@ def evaluate_with_localization(
         model,
         images,
         batch_size=d.eval_batch_size,
-        amp=config.runtime.amp,
+        amp=config.runtime.eval_amp,
         on_batch=on_batch,
         callback=callback,
     )
@@ -376,7 +377,7 @@ def evaluate_with_localization(
                     images.image_ids[i],
                     images.breast_ids[i],
                     *(_fmt(v) for v in labels[i]),
-                    *(f"{v:.4f}" for v in probs[i]),
+                    *(f"{v:.6f}" for v in probs[i]),  # as predict writes them (outputs.FLOAT_FORMAT)
                     _fmt(hard[i, 1]),
                     _fmt(hard[i, 0]),
                 ]

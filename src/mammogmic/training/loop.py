@@ -14,6 +14,8 @@ Run folder layout (written by rank 0 only)::
     RUN_DIR/epochs.csv         one row per epoch (train loss, validation metrics, lr, seconds)
     RUN_DIR/tensorboard/       the same scalars for TensorBoard
     RUN_DIR/result.json        final summary (best epoch/metric, test metrics)
+    RUN_DIR/test_predictions.csv   GMIC: the best model's test-split predictions, as ``mammogmic predict`` writes
+                               them (its ``image_predictions.csv`` columns; scored in ``runtime.eval_amp``)
     RUN_DIR/replaced-<time>/   an earlier run's files, moved aside by ``fit(overwrite=True)``
 
 A fresh run never starts among another run's files (refused, or moved aside with ``overwrite``); SIGINT, SIGTERM
@@ -87,6 +89,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+TEST_PREDICTIONS = "test_predictions.csv"
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -635,8 +639,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        if rt.amp == "fp16" and device.type != "cuda":
-            raise MammogmicError("runtime.amp: fp16 autocast needs a CUDA device; use bf16 or none")
+        for key in ("amp", "eval_amp"):
+            if getattr(rt, key) == "fp16" and device.type != "cuda":
+                raise MammogmicError(f"runtime.{key}: fp16 autocast needs a CUDA device; use bf16 or none")
         return info, device
 
     def _datasets(self) -> tuple[Any, Any]:
@@ -1117,7 +1122,7 @@ class Trainer:
             label_level=cfg.data.label_level,
             batch_size=cfg.data.eval_batch_size,
             device=device,
-            amp=cfg.runtime.amp,
+            amp=cfg.runtime.eval_amp,
             tta=1,
             channels_last=cfg.runtime.channels_last,
             num_workers=cfg.runtime.num_workers,
@@ -1161,7 +1166,7 @@ class Trainer:
             label_level=cfg.data.label_level,
             batch_size=cfg.data.eval_batch_size,
             device=r.device,
-            amp=cfg.runtime.amp,
+            amp=cfg.runtime.eval_amp,
             tta=cfg.data.tta,
             seed=cfg.runtime.seed,
             channels_last=cfg.runtime.channels_last,
@@ -1169,6 +1174,12 @@ class Trainer:
             callback=self.callback if r.info.is_main else None,
             dist=r.info,
         )
+        if r.info.is_main and res.probs.shape[1] == 2 and hasattr(test_images, "items"):
+            from mammogmic._outdir import atomic_write_text
+            from mammogmic.evaluation.outputs import FLOAT_FORMAT, table_csv
+
+            table = prediction_table(test_images, res.probs)
+            atomic_write_text(self.run_dir / TEST_PREDICTIONS, table_csv(table, float_format=FLOAT_FORMAT))
         return res.metrics
 
     def _export_model(self, model: nn.Module, path: Path, metadata: dict[str, Any]) -> None:
@@ -1227,6 +1238,7 @@ _RUN_OUTPUTS = (
     "epochs.csv",
     "tensorboard",
     "result.json",
+    TEST_PREDICTIONS,
     "init.json",
 )
 
