@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> N
     assert state["global_step"] == 2 and state["epoch"] == 0 and state["batches_done"] == 2
     with pytest.raises(MammogmicError, match="--resume"):
         Trainer(cfg, run, train_images=BlobImages(16), tensorboard=False).fit()
+    # TensorBoard reads a folder's event files in name order, and a name is the creation second, then host, pid
+    # and a per-process writer counter compared as text (".10" < ".9"). A real resume is a later process and
+    # second; in this one process the resumed file could sort first (seen once), so it is made a later second.
+    second = int(time.time())
+    while int(time.time()) == second:
+        time.sleep(0.02)
     resumed = Trainer(
         cfg, run, train_images=BlobImages(16), val_images=BlobImages(8, seed=1), tensorboard=True
     )
