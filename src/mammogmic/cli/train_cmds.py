@@ -167,7 +167,8 @@ def add_parser(subparsers: Any) -> None:
         "--amp",
         choices=AMP_MODES,
         default=None,
-        help="auto (default: bf16 autocast where the CPU has native bf16/AMX, else float32), bf16 or none (float32)",
+        help="training precision: auto (default: bf16 autocast where the CPU has native bf16/AMX, else float32), "
+        "bf16 or none (float32); validation and test are scored in float32 either way, as predict scores",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=run_demo_cmd, allocator_profile="fast")
