@@ -7,7 +7,7 @@ Each configuration runs in its own process so that peak RSS (``ru_maxrss``) belo
     python benchmarks/bench_model.py --json results.json
     python benchmarks/bench_model.py --roofline            # GFLOP per image and this CPU's GEMM peak
 
-Columns: seconds per image (median over repeats, after one warm-up), per-stage seconds per image for GMIC
+Columns: seconds per image (median over repeats, after ``--warmup`` untimed passes, one by default), per-stage seconds per image for GMIC
 (global network + saliency + top-t, retrieve_roi, crop gather, local network, attention + fusion; from a
 separate staged pass, so they need not add up exactly), and the process's peak RSS in MiB. ``--compile yes``
 (inference only) runs :func:`mammogmic.models.compile_for_inference`; its warm-up call is the compilation,
@@ -86,12 +86,16 @@ def run_single(
     fuse: bool = False,
     compile: bool = False,
     mmap_threshold_mib: float = 1.0,
+    warmup: int = 1,
+    thp: bool = True,
 ) -> dict[str, Any]:
     import torch
 
     from mammogmic.runtime import tune_allocator
 
     # What the mammogmic command-line tools do: huge pages always; "lean" also fixes glibc's mmap threshold.
+    if not thp:  # glibc as it comes: tune_allocator leaves a THP_MEM_ALLOC_ENABLE it finds set
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
     tune_allocator("lean" if tune else "fast", int(mmap_threshold_mib * 2**20))
 
     torch.manual_seed(0)
@@ -136,7 +140,9 @@ def run_single(
     model.train(mode == "train")
     t = time.perf_counter()
     step()  # warm-up (and, with compile, the compilation)
-    warmup = time.perf_counter() - t
+    compile_s = time.perf_counter() - t
+    for _ in range(warmup - 1):  # oneDNN and the allocator settle over the first few passes
+        step()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -156,12 +162,13 @@ def run_single(
         "stages_per_image": stages,
         "peak_rss_mib": round(_peak_mib(), 1),
         "threads": torch.get_num_threads(),
-        "allocator": "lean" if tune else "fast",
+        "allocator": ("lean" if tune else "fast") + ("" if thp else ", no THP"),
         "mmap_threshold_mib": mmap_threshold_mib if tune else None,
         "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "fused": fuse,
         "compiled": compile,
-        "compile_s": round(warmup, 1) if compile else None,
+        "compile_s": round(compile_s, 1) if compile else None,
+        "warmup": warmup,
         "seconds_min": round(min(times) / batch, 4),
         "torch": torch.__version__,
     }
@@ -286,6 +293,7 @@ def main() -> int:
     )
     p.add_argument("--channels-last", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes before the timed ones (1)")
     p.add_argument(
         "--fuse", nargs="+", default=["no"], choices=["no", "yes"], help="BN folding (inference only)"
     )
@@ -340,6 +348,7 @@ def main() -> int:
             "fuse": fuse == "yes",
             "compile": comp == "yes",
             "mmap_threshold_mib": args.mmap_threshold_mib,
+            "warmup": args.warmup,
         }
         specs.append(spec)
     rows = measure(specs, args.rounds)
