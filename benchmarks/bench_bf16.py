@@ -11,8 +11,8 @@ backbone weights cast once, :func:`mammogmic.models.cast_for_bf16`), each with b
 one training step at batch 1 (float32, and bf16 autocast as ``mammogmic train`` runs it with
 ``runtime.amp: bf16``, channels-last, fast allocator). Each configuration is its own process, which runs
 ``--warmup`` untimed passes (3: the first two bf16 passes are 10-40% slower than the rest) and ``--repeats``
-timed ones; the list runs ``--rounds`` times in turn, and a row gives the median over rounds of each process's median time per image,
-its ratio to the first row of its mode, and the largest peak RSS.
+timed ones; the list runs ``--rounds`` times in turn, and a row gives the median over rounds of each process's
+median time per image, its ratio to the first row of its mode, and the largest peak RSS.
 """
 
 from __future__ import annotations

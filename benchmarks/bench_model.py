@@ -7,11 +7,12 @@ Each configuration runs in its own process so that peak RSS (``ru_maxrss``) belo
     python benchmarks/bench_model.py --json results.json
     python benchmarks/bench_model.py --roofline            # GFLOP per image and this CPU's GEMM peak
 
-Columns: seconds per image (median over repeats, after ``--warmup`` untimed passes, one by default), per-stage seconds per image for GMIC
-(global network + saliency + top-t, retrieve_roi, crop gather, local network, attention + fusion; from a
-separate staged pass, so they need not add up exactly), and the process's peak RSS in MiB. ``--compile yes``
-(inference only) runs :func:`mammogmic.models.compile_for_inference`; its warm-up call is the compilation,
-reported as ``compile_s``, and it has no stage breakdown (the staged pass would run the eager modules).
+Columns: seconds per image (median over repeats, after ``--warmup`` untimed passes, one by default), per-stage
+seconds per image for GMIC (global network + saliency + top-t, retrieve_roi, crop gather, local network,
+attention + fusion; from a separate staged pass, so they need not add up exactly), and the process's peak RSS
+in MiB. ``--compile yes`` (inference only) runs :func:`mammogmic.models.compile_for_inference`; its warm-up call
+is the compilation, reported as ``compile_s``, and it has no stage breakdown (the staged pass would run the eager
+modules).
 
 ``--roofline`` prints the arithmetic lower bound instead: the model's floating-point operations per image
 (``torch.utils.flop_counter``; convolutions are >99.9% of them) divided by the throughput of a large matrix

@@ -282,6 +282,7 @@ def evaluate_with_localization(
     global/local average, all from this one model.
     """
     from mammogmic.evaluation.localization import DiceResult, PeakOffsets, dice_scores, peak_offsets
+    from mammogmic.evaluation.outputs import FLOAT_FORMAT
     from mammogmic.models import GMIC, load_model
     from mammogmic.training.checkpoint import load_checkpoint
 
@@ -377,7 +378,7 @@ def evaluate_with_localization(
                     images.image_ids[i],
                     images.breast_ids[i],
                     *(_fmt(v) for v in labels[i]),
-                    *(f"{v:.6f}" for v in probs[i]),  # as predict writes them (outputs.FLOAT_FORMAT)
+                    *(FLOAT_FORMAT % v for v in probs[i]),  # as predict writes them
                     _fmt(hard[i, 1]),
                     _fmt(hard[i, 0]),
                 ]
