@@ -102,22 +102,16 @@ def run_single(
     torch.manual_seed(0)
     model = _build(model_name)
     x = torch.randn(batch, 1, 2944, 1920)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if fuse:
-        from mammogmic.models import fuse_for_inference
+    channels_last = channels_last or fuse  # predict's fused model is always channels-last
+    if fuse or compile or dtype == "bf16-cast":
+        # Exactly what `predict` runs (fused implies channels-last there); bf16-cast is `predict --amp bf16`:
+        # bf16 backbone weights cast once, no autocast.
+        from mammogmic.models import prepare_for_inference
 
-        model = fuse_for_inference(model)
+        model = prepare_for_inference(model, fuse=fuse, bf16=dtype == "bf16-cast", compile=compile)
         x = x.contiguous(memory_format=torch.channels_last)
-    if dtype == "bf16-cast":
-        # What `predict --amp bf16` runs: bf16 backbone weights cast once, no autocast.
-        from mammogmic.models import cast_for_bf16
-
-        model = cast_for_bf16(model)
-    if compile:
-        from mammogmic.models import compile_for_inference
-
-        model = compile_for_inference(model.eval())
+    elif channels_last:
+        model = model.to(memory_format=torch.channels_last)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     labels = torch.rand(batch, 2).round()
     stages: dict[str, float] = {}
@@ -163,7 +157,7 @@ def run_single(
         "stages_per_image": stages,
         "peak_rss_mib": round(_peak_mib(), 1),
         "threads": torch.get_num_threads(),
-        "allocator": ("lean" if tune else "fast") + ("" if thp else ", no THP"),
+        "allocator": ("lean" if tune else "fast") + ("" if thp else ", 4 KiB pages"),
         "mmap_threshold_mib": mmap_threshold_mib if tune else None,
         "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "fused": fuse,

@@ -14,7 +14,12 @@ from mammogmic.models.checkpoint import (
 )
 from mammogmic.models.config import BaselineConfig, GMICConfig
 from mammogmic.models.dmv import DMV_LABELS, DMV_VIEWS, DMVConfig, DMVModel, DMVOutput
-from mammogmic.models.fuse import cast_for_bf16, compile_for_inference, fuse_for_inference
+from mammogmic.models.fuse import (
+    cast_for_bf16,
+    compile_for_inference,
+    fuse_for_inference,
+    prepare_for_inference,
+)
 from mammogmic.models.gmic import GMIC, BaselineOutput, GatedAttention, GMICOutput, ResNetBaseline
 from mammogmic.models.patch import PatchClassifier, PatchConfig
 
@@ -37,6 +42,7 @@ __all__ = [
     "compile_for_inference",
     "cast_for_bf16",
     "fuse_for_inference",
+    "prepare_for_inference",
     "load_model",
     "load_official_checkpoint",
     "load_official_dmv_checkpoint",

@@ -9,6 +9,9 @@ pre-activation global network only ``bn2`` (after ``conv1``) follows a convoluti
 act on residual sums and stay. Every BN of the local ResNet folds, and for 1-channel inputs the local stem's
 kernel is summed over its three (identical) input channels. Results agree with the unfused model to float32
 rounding (measured on the fixture checkpoint: y_fusion 1.5e-7, saliency 3e-7, h_crops 1.5e-5).
+
+The fused copy also pools without computing argmax indices (:class:`mammogmic.models.resnet.MaxPool3x3s2`:
+the same values, faster).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 
 from mammogmic.errors import MammogmicError
 from mammogmic.models.gmic import GMIC, ResNetBaseline
-from mammogmic.models.resnet import BasicBlock, Bottleneck, PreActBlock, ResNetV1
+from mammogmic.models.resnet import BasicBlock, Bottleneck, MaxPool3x3s2, PreActBlock, ResNet22, ResNetV1
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -77,11 +80,22 @@ def fuse_for_inference(model: GMIC | ResNetBaseline) -> GMIC | ResNetBaseline:
             # convolution at a third of the cost.
             stem = fused.local_net.conv1
             one = copy.deepcopy(stem)
-            one.weight = nn.Parameter(stem.weight.detach().sum(dim=1, keepdim=True))
+            summed = stem.weight.detach().sum(dim=1, keepdim=True)
+            if stem.weight.is_contiguous(memory_format=torch.channels_last):
+                # A 1-channel kernel is "contiguous" in both layouts, but oneDNN picks the output layout from
+                # its strides: without channels-last strides the local stem, its max pool and the first
+                # residual adds run NCHW (the max pool alone 9x slower, 2026-12-01 profile).
+                summed = summed.clone(memory_format=torch.channels_last)
+            one.weight = nn.Parameter(summed)
             one.in_channels = 1
             fused.local_net.conv1 = one
     else:
         _fold_v1(fused.backbone)
+    for module in fused.modules():
+        if isinstance(module, ResNet22):
+            module.stem_pool = MaxPool3x3s2()
+        elif isinstance(module, ResNetV1):
+            module.maxpool = MaxPool3x3s2(padding=1)
     object.__setattr__(fused, "inference_only", True)
     for p in fused.parameters():
         p.requires_grad_(False)
@@ -132,3 +146,22 @@ def cast_for_bf16(model: GMIC | ResNetBaseline) -> GMIC | ResNetBaseline:
     for p in cast.parameters():
         p.requires_grad_(False)
     return cast
+
+
+def prepare_for_inference(
+    model: nn.Module, fuse: bool = True, bf16: bool = False, compile: bool = False
+) -> nn.Module:
+    """The model ``predict`` runs: put in eval mode; with ``fuse``, BatchNorms folded
+    (:func:`fuse_for_inference`) and weights channels-last; with ``bf16``, a GMIC or baseline model's backbones
+    cast to bfloat16 (:func:`cast_for_bf16`; other models stay float32); with ``compile``, then compiled
+    (:func:`compile_for_inference`). The one recipe for ``predict`` and ``benchmarks/bench_model.py``, so that
+    the benchmark times the layouts ``predict`` gets.
+    """
+    model.eval()
+    if fuse:
+        model = fuse_for_inference(model).to(memory_format=torch.channels_last)  # type: ignore[arg-type, call-overload]
+    if bf16 and isinstance(model, (GMIC, ResNetBaseline)):
+        model = cast_for_bf16(model)
+    if compile:
+        model = compile_for_inference(model)  # type: ignore[arg-type]
+    return model

@@ -1,0 +1,103 @@
+"""The inference path's memory layout and pooling: what keeps ``predict`` on oneDNN's fast kernels.
+
+A 1-channel tensor is "contiguous" in both layouts, and oneDNN picks a convolution's output layout from the
+strides of its input and kernel. A local stem whose summed 1-channel kernel lost its channels-last strides ran
+the local network's stem, max pool and first residual adds in NCHW: the max pool alone took 19 ms instead of
+2 ms per image (bf16, 2026-12-01 profile), and the benchmark, which fused a channels-last model, timed that
+slow path while ``predict`` did not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mammogmic import GMIC, GMICConfig
+from mammogmic.models import fuse_for_inference, prepare_for_inference
+from mammogmic.models.resnet import MaxPool3x3s2
+
+TINY = GMICConfig(global_width=4, local_width=8, crop_size=(32, 32), attention_dim=8, num_patches=2)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_max_pool_equals_atens(padding: int, dtype: torch.dtype, channels_last: bool) -> None:
+    pool = MaxPool3x3s2(padding)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for h in range(3, 12):
+            for w in (3, 4, 7, 10):
+                x = torch.randn(2, 5, h, w, dtype=dtype)
+                x[0, 1, h // 2, w // 2] = float("nan")  # NaN propagates as in ATen
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                ours, aten = pool(x), F.max_pool2d(x, 3, 2, padding)
+                assert ours.shape == aten.shape
+                assert torch.equal(ours.nan_to_num(7.0), aten.nan_to_num(7.0)), (h, w)
+                assert torch.equal(ours.isnan(), aten.isnan())
+                if channels_last and x.shape[2] > 3:
+                    assert ours.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_strided_max_pool_trains_through_atens_pooling() -> None:
+    x = torch.randn(1, 3, 9, 8, requires_grad=True)
+    MaxPool3x3s2(1)(x).sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    F.max_pool2d(ref, 3, 2, 1).sum().backward()
+    assert x.grad is not None and ref.grad is not None
+    assert torch.equal(x.grad, ref.grad)
+
+
+def _local_stem_output(model: torch.nn.Module) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    handle = model.local_net.maxpool.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.randn(1, 1, 128, 96))
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("order", ["channels-last, then fused", "fused, then channels-last", "prepare"])
+def test_fused_local_stem_runs_channels_last_whatever_the_order(order: str) -> None:
+    torch.manual_seed(0)
+    model = GMIC(TINY).eval()
+    if order == "channels-last, then fused":
+        fused = fuse_for_inference(model.to(memory_format=torch.channels_last))
+    elif order == "fused, then channels-last":
+        fused = fuse_for_inference(model).to(memory_format=torch.channels_last)
+    else:
+        fused = prepare_for_inference(model)
+    stem = fused.local_net.conv1.weight
+    assert stem.shape[1] == 1  # summed over the 3 identical input channels
+    assert stem.stride()[1] == 1, "the 1-channel stem kernel lost its channels-last strides"
+    act = _local_stem_output(fused)
+    assert act.shape[1] == 8 and act.stride()[1] == 1, "the local stem's output is NCHW"
+
+
+def test_prepare_for_inference_is_predicts_bf16_model() -> None:
+    torch.manual_seed(0)
+    model = GMIC(TINY).eval()
+    prepared = prepare_for_inference(model, bf16=True)
+    assert next(prepared.global_net.parameters()).dtype == torch.bfloat16
+    assert next(prepared.local_net.parameters()).dtype == torch.bfloat16
+    assert prepared.saliency_head.weight.dtype == torch.float32
+    with torch.no_grad():
+        x = torch.randn(2, 1, 128, 96)
+        assert torch.allclose(prepared(x).y_fusion, model(x).y_fusion, atol=0.02)
+
+
+def test_only_the_inference_copy_swaps_atens_max_pool() -> None:
+    """The trainable model (and the benchmark's stand-in for the official release) pools as the official
+    code does; the fused copy uses the index-free pool."""
+    model = GMIC(TINY.replace(global_arch="resnet10")).eval()
+    for net in (GMIC(TINY).eval(), model):
+        pools = [m for m in net.modules() if isinstance(m, torch.nn.MaxPool2d)]
+        assert len(pools) == 2 and all(type(m) is torch.nn.MaxPool2d for m in pools)
+        fused = fuse_for_inference(net)
+        pools = [m for m in fused.modules() if isinstance(m, torch.nn.MaxPool2d)]
+        assert len(pools) == 2 and all(type(m) is MaxPool3x3s2 for m in pools)
+        x = torch.randn(1, 1, 128, 96)
+        with torch.no_grad():
+            assert torch.allclose(fused(x).y_fusion, net(x).y_fusion, atol=1e-5)
