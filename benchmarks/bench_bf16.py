@@ -7,7 +7,8 @@ The first row is the stand-in for the official GMIC release (not part of this re
 torchvision, which does not install beside this CPU torch build): our plain model (NCHW, BatchNorms unfused, float32, glibc's own allocator) runs the official sequence of operations
 (equal outputs to float32 rounding, tests/models/test_conformance.py). Then what ``mammogmic predict`` runs:
 float32 (BN folded, channels-last, lean allocator), bf16 autocast on that model and ``--amp bf16`` (bf16
-backbone weights cast once, :func:`mammogmic.models.cast_for_bf16`), each with both allocator profiles; then
+backbone weights cast once, :func:`mammogmic.models.cast_for_bf16`), each with both allocator profiles, and
+``--amp bf16`` as it runs by default (fast profile on 4 KiB pages: ``mammogmic.runtime.default_allocator``); then
 one training step at batch 1 (float32, and bf16 autocast as ``mammogmic train`` runs it with
 ``runtime.amp: bf16``, channels-last, fast allocator). Each configuration is its own process, which runs
 ``--warmup`` untimed passes (3: the first two bf16 passes are 10-40% slower than the rest) and ``--repeats``
@@ -61,9 +62,10 @@ def main() -> int:
         _spec("infer", "fp32", True, True, *r),  # predict's default
         _spec("infer", "bf16", True, True, *r),  # autocast
         _spec("infer", "bf16", True, False, *r),  # ... with mammogmic --allocator fast
-        _spec("infer", "bf16-cast", True, True, *r),  # predict --amp bf16
-        _spec("infer", "bf16-cast", True, False, *r),  # ... with mammogmic --allocator fast
-        _spec("infer", "bf16-cast", True, False, *r, thp=False),  # ... and THP_MEM_ALLOC_ENABLE=0
+        _spec("infer", "bf16-cast", True, True, *r),  # mammogmic --allocator lean predict --amp bf16
+        _spec("infer", "bf16-cast", True, False, *r),  # mammogmic --allocator fast predict --amp bf16
+        # predict --amp bf16 as it comes: fast on 4 KiB pages (mammogmic.runtime.default_allocator)
+        _spec("infer", "bf16-cast", True, False, *r, thp=False),
     ]
     rows = measure(infer, args.rounds)
     if not args.no_train:

@@ -63,3 +63,45 @@ def test_cli_picks_fast_for_training_and_lean_otherwise() -> None:
     smoke = parser.parse_args(["smoke"])
     assert getattr(smoke, "allocator_profile", "lean") == "lean" and smoke.allocator is None
     assert parser.parse_args(["--allocator", "fast", "smoke"]).allocator == "fast"
+
+
+def test_bf16_inference_on_the_cpu_runs_the_fast_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``main`` hands to ``tune_allocator`` for a command line: the profile the benchmark's bf16 row runs."""
+    import mammogmic.cli.main as cli
+    import mammogmic.runtime as runtime
+
+    chosen: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(profile: str, huge_pages: bool = True) -> bool:
+        chosen.append(profile if huge_pages else f"{profile}, 4 KiB pages")
+        raise Stop
+
+    monkeypatch.setattr(cli, "tune_allocator", record)
+    predict = ["predict", "--manifest", "a.csv", "--model", "m.safetensors", "--out", "o"]
+    for fast_cpu in (False, True):
+        monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda fast=fast_cpu: fast)
+        for argv in (
+            predict,
+            [*predict, "--amp", "bf16"],
+            [*predict, "--amp", "auto"],
+            ["--allocator", "lean", *predict, "--amp", "bf16"],
+            ["smoke"],
+        ):
+            with pytest.raises(Stop):
+                cli.main(argv)
+    bf16 = "fast, 4 KiB pages"
+    assert chosen == [
+        "lean",
+        bf16,
+        "lean",
+        "lean",
+        "lean",  # a CPU without native bf16: auto is float32
+        "lean",
+        bf16,
+        bf16,
+        "lean",
+        "lean",  # with it: auto is bf16
+    ]
