@@ -292,6 +292,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_runtime.py::test_bf16_inference_on_the_cpu_runs_the_fast_profile",),
     ),
     Mutation(
+        "fusion-pooling-ignored",
+        "fusion_pooling: top_t silently pools with max",
+        "models/gmic.py",
+        '        if self.config.fusion_pooling == "top_t":\n',
+        '        if self.config.fusion_pooling == "never":\n',
+        ("tests/models/test_gmic.py::test_top_t_fusion_pooling_trains_every_top_cell_of_a_feature",),
+    ),
+    Mutation(
         "demo-zero-exams",
         "demo --exams 0 accepted again",
         "cli/train_cmds.py",

@@ -328,3 +328,44 @@ def test_stride_16_global_network_has_the_same_parameters_and_a_finer_grid() -> 
     assert ((out_fine.patch_locations >= 0) & (out_fine.patch_locations <= torch.tensor([448, 256]))).all()
     with pytest.raises(ConfigError, match="global_stride"):
         GMICConfig(global_stride=16)  # ResNet-22 keeps the official stride 64
+
+
+def test_top_t_fusion_pooling_trains_every_top_cell_of_a_feature(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``fusion_pooling: top_t`` feeds the fusion head each feature's mean over its top ``t·h·w`` cells, so its
+    gradient reaches those cells; ``max`` (the paper) reaches one cell per feature."""
+    from mammogmic import load_model, save_model
+    from mammogmic.models.roi import top_t_count, top_t_pool
+
+    torch.manual_seed(0)
+    cfg = GMICConfig(
+        global_arch="resnet10",
+        global_width=4,
+        local_width=4,
+        crop_size=(64, 64),
+        num_patches=2,
+        percent_t=0.1,
+    )
+    x = torch.randn(2, 1, 512, 320)
+    k = top_t_count(16, 10, 0.1)
+    for pooling, cells in (("max", 1), ("top_t", k)):
+        model = GMIC(cfg.replace(fusion_pooling=pooling)).eval()
+        out = model(x)
+        out.h_g.retain_grad()
+        out.logits_fusion.sum().backward()
+        grad = out.h_g.grad
+        assert grad is not None
+        touched = (grad != 0).flatten(2).sum(dim=2)  # (N, D_g) cells per feature
+        # features whose top `cells` cells are unambiguous (a ReLU-dead feature ties everywhere)
+        top = out.h_g.detach().flatten(2).sort(dim=2, descending=True).values
+        clear = top[:, :, cells - 1] > top[:, :, cells]
+        assert int(clear.sum()) >= 20
+        assert torch.equal(touched[clear], torch.full_like(touched[clear], cells)), pooling
+        if pooling == "top_t":
+            pooled = top_t_pool(out.h_g.detach(), 0.1)
+            expected = model.fusion(torch.cat([pooled, out.z.detach()], dim=1))
+            assert torch.allclose(out.logits_fusion.detach(), expected, atol=1e-6)
+            path = save_model(model, tmp_path / "m.safetensors")
+            assert load_model(path).config.fusion_pooling == "top_t"
+    assert GMICConfig().fusion_pooling == "max"  # the released models
+    with pytest.raises(ConfigError, match="fusion_pooling"):
+        GMICConfig(fusion_pooling="mean")

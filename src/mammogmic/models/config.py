@@ -17,6 +17,7 @@ PREDICTIONS = ("fusion", "global", "local", "average")
 OVERLAPS = ("forbid", "official")
 ALIGNMENTS = ("official", "centered")
 SYMMETRIES = ("none", "point")
+FUSION_POOLINGS = ("max", "top_t")
 
 
 #: Upper bounds of the size fields. Far above every published or tuned setting (paper: widths 16 and 64,
@@ -98,6 +99,10 @@ class GMICConfig:
         attention_dim: M, hidden size of the gated attention.
         prediction: which head is the model's prediction: ``"fusion"`` (paper), ``"global"``, ``"local"`` or
             ``"average"`` of global and local.
+        fusion_pooling: how the fusion head pools the global features ``h_g`` over the cells: ``"max"`` (the
+            paper and the released models) or ``"top_t"``: each channel's mean over its ``t·h·w`` highest cells
+            (:func:`mammogmic.models.roi.top_t_pool` with ``percent_t``), so that the fusion head's gradient
+            reaches every cell that sees a lesion, not only each channel's argmax (docs/localization.md).
 
     Every field is type- and range-checked on construction (the ``MAX_*`` bounds of this module), so a config
     read from an untrusted file is refused with the field named before anything is built from it.
@@ -121,6 +126,7 @@ class GMICConfig:
     attention: str = "gated"
     attention_dim: int = 128
     prediction: str = "fusion"
+    fusion_pooling: str = "max"
 
     def __post_init__(self) -> None:
         c = self.in_channels
@@ -135,6 +141,7 @@ class GMICConfig:
         _choice("saliency_symmetry", self.saliency_symmetry, SYMMETRIES)
         _choice("attention", self.attention, ATTENTIONS)
         _choice("prediction", self.prediction, PREDICTIONS)
+        _choice("fusion_pooling", self.fusion_pooling, FUSION_POOLINGS)
         _positive_int("global_width", self.global_width, MAX_GLOBAL_WIDTH)
         stride = self.global_stride
         if stride is not None and (

@@ -208,7 +208,10 @@ class GMIC(nn.Module):
         h_crops = self.forward_local(patches)
         z, alpha = self.attention(h_crops)
         logits_local = _full_precision(self.local_classifier, z)
-        global_vec = h_g.flatten(2).amax(dim=2)  # (N, D_g)
+        if self.config.fusion_pooling == "top_t":
+            global_vec = top_t_pool(h_g, self.config.percent_t)  # (N, D_g)
+        else:
+            global_vec = h_g.flatten(2).amax(dim=2)  # (N, D_g)
         logits_fusion = _full_precision(self.fusion, torch.cat([global_vec, z], dim=1))
         y_local, y_fusion = torch.sigmoid(logits_local), torch.sigmoid(logits_fusion)
         heads = {"fusion": y_fusion, "global": y_global, "local": y_local}

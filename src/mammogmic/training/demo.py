@@ -118,6 +118,10 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 "percent_t": 0.03,
                 "num_patches": 4,
                 "patch_alignment": "centered",
+                # The fusion head pools each global feature over its top-t cells instead of its single
+                # largest one: every cell that sees the lesion then learns from the fusion head, and the
+                # malignant maps land on the lesions on more seeds (docs/localization.md, "Fusion pooling").
+                "fusion_pooling": "top_t",
                 "crop_size": [64, 64],
                 "attention_dim": 32,
             },
