@@ -33,7 +33,7 @@ def _max3_stride2(x: torch.Tensor, dim: int, padding: int) -> torch.Tensor:
 
     def tap(k: int) -> tuple[int, int, torch.Tensor]:
         # Output o reads input 2o + k - padding; keep the outputs for which that index exists.
-        o0 = max(0, -((k - padding) // 2)) if k < padding else 0
+        o0 = max(0, (padding - k + 1) // 2)
         o1 = min(out, (n - 1 - k + padding) // 2 + 1)
         every_other = [slice(None)] * x.dim()
         every_other[dim] = slice(None, None, 2)
@@ -64,9 +64,8 @@ class MaxPool3x3s2(nn.MaxPool2d):
         self.pad = padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        exporting = (
-            torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        )  # keep one MaxPool node in graphs
+        # Traced and exported graphs keep one MaxPool node.
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         if exporting or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4:
             return super().forward(x)
         return _max3_stride2(_max3_stride2(x, 2, self.pad), 3, self.pad)
