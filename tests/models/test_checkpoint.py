@@ -71,6 +71,31 @@ def test_resnet10_global_network_round_trips_but_has_no_official_form(tmp_path: 
         save_official_checkpoint(fine, tmp_path / "r18s16.p")
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("fusion_pooling", "top_t"),
+        ("patch_alignment", "centered"),
+        ("saliency_symmetry", "point"),
+        ("aggregation", "gap"),
+        ("attention", "uniform"),
+        ("prediction", "local"),
+        ("patch_selection", "random"),
+    ],
+)
+def test_options_the_official_code_lacks_are_not_written_as_official_files(
+    tmp_path: Path, field: str, value: str
+) -> None:
+    # A .p file holds weights only: loading it back (here or in the official code) would run them the released
+    # way, e.g. max fusion pooling under weights trained with top-t pooling, and give other predictions.
+    model = GMIC(TINY.replace(**{field: value}))
+    with pytest.raises(CheckpointError, match=f"{field}: {value} has no official equivalent"):
+        save_official_checkpoint(model, tmp_path / "m.p")
+    assert not (tmp_path / "m.p").exists()
+    # The official settings of the other fields still export (the round trip above covers the outputs).
+    assert "fusion_dnn.weight" in official_state_dict(GMIC(TINY.replace(patch_overlap="official")))
+
+
 def test_official_key_problems_are_named(tmp_path: Path) -> None:
     state = official_state_dict(GMIC(TINY))
     del state["fusion_dnn.bias"]

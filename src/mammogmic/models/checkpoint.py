@@ -531,13 +531,41 @@ def load_official_patch_classifier(path: str | os.PathLike[str]) -> PatchClassif
     return model.float().eval()
 
 
+#: Settings that change what a GMIC computes without changing its weights, and that the official code has no
+#: option for: a model that sets any of them away from the released value cannot be written as an official file.
+_BEHAVIOUR_WITHOUT_OFFICIAL_FORM = (
+    "aggregation",
+    "patch_selection",
+    "patch_alignment",
+    "saliency_symmetry",
+    "attention",
+    "prediction",
+    "fusion_pooling",
+)
+
+
 def official_state_dict(model: GMIC) -> dict[str, torch.Tensor]:
     """Our model's weights under the official key names (the reverse of :func:`load_official_checkpoint`).
 
     Raises:
-        CheckpointError: the architecture has no official equivalent (``global_arch: resnet10``).
+        CheckpointError: the architecture has no official equivalent (``global_arch: resnet10``,
+            ``global_stride: 16``), or the model runs an option the official code does not have (a non-default
+            ``aggregation``, ``patch_selection``, ``patch_alignment``, ``saliency_symmetry``, ``attention``,
+            ``prediction`` or ``fusion_pooling``): a ``.p`` file carries weights only, so the official code, or
+            :func:`load_official_checkpoint`, would run those weights another way than they were trained.
     """
     cfg = model.config
+    released = GMICConfig()
+    changed = [
+        f"{name}: {getattr(cfg, name)}"
+        for name in _BEHAVIOUR_WITHOUT_OFFICIAL_FORM
+        if getattr(cfg, name) != getattr(released, name)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{', '.join(changed)} has no official equivalent: an official .p file holds weights only, and the "
+            "official code would run them as the released models do; keep this model as .safetensors"
+        )
     if cfg.global_arch == "resnet10" or cfg.global_stride is not None:
         what = (
             f"global_arch {cfg.global_arch}"
