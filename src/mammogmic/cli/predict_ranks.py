@@ -64,7 +64,11 @@ def run_predict_ranks(args: argparse.Namespace) -> int:
         return 2
     info = init_distributed(args.device)
     try:
-        return _run(args, info)
+        rc = _run(args, info)
+        # The groups go together: a gloo rank that destroys its group while another still holds its own open
+        # (here: rank 0 closing its output folder) aborts at exit now and then (see run_train).
+        dist.barrier()
+        return rc
     finally:
         dist.destroy_process_group()
 

