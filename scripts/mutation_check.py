@@ -288,7 +288,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "bf16 CPU inference keeps the lean allocator (1.5x slower than the fast one)",
         "runtime.py",
         '        return "fast", False\n',
-        '        return command_default, True\n',
+        "        return command_default, True\n",
         ("tests/test_runtime.py::test_bf16_inference_on_the_cpu_runs_the_fast_profile",),
     ),
     Mutation(

@@ -182,6 +182,20 @@ def test_lesion_centred_profile_by_hand() -> None:
     saliency[0, 1, 3, 1], saliency[0, 1, 3, 2], saliency[0, 1, 0, 0] = 1.0, 0.5, 0.25
     masks = np.zeros((1, 2, 64, 40), np.uint8)
     masks[0, 1, 22:27, 14:19] = 1
+    # The blob: cells >= half the maximum connected to the peak: (3, 1) at 1.0 and the lesion's cell (3, 2) at
+    # 0.5, not the corner. Its centroid, column (1 * 1.0 + 2 * 0.5) / 1.5 = 4/3, lies 16 - 8 * 4/3 px from the
+    # lesion, between the two cells; the peak lies a whole cell (8 px) away.
+    centred = peak_offsets(saliency, masks)
+    assert centred.peak_aligned[0] == 8.0
+    assert centred.centroid_aligned[0] == pytest.approx(16 - 8 * 4 / 3)
+    assert centred.summary()["median_centroid_aligned_cells"] == pytest.approx((16 - 8 * 4 / 3) / 8)
+    split = saliency.copy()
+    split[0, 1, 3, 2] = 0.49  # below half the maximum: the blob is the peak's cell alone
+    assert peak_offsets(split, masks).centroid_aligned[0] == 8.0
+    diagonal = saliency.copy()
+    diagonal[0, 1, 3, 2], diagonal[0, 1, 4, 2] = 0.0, 1.0  # 8-connected to the peak through a corner
+    assert peak_offsets(diagonal, masks).centroid_aligned[0] == pytest.approx(np.hypot(4, 4))
+    assert peak_offsets(np.zeros_like(saliency), masks).centroid_aligned[0] == pytest.approx(np.hypot(24, 16))
     small = peak_offsets(2 * saliency, masks, radius=1)  # divided by the image's maximum
     expected = np.zeros((3, 3))
     expected[1, 0], expected[1, 1] = 1.0, 0.5

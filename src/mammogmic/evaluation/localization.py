@@ -241,6 +241,10 @@ class PeakOffsets:
         lesion_radius: the lesion's equivalent radius ``sqrt(area / π)`` in pixels (``NaN`` without a lesion):
             the summary's ``median_peak_aligned_radii`` says whether the peak lies on the lesion's body (< 1) or
             beside it, on its margin or spicules (docs/localization.md).
+        centroid_aligned: distance to the centroid of the peak's blob: the saliency-weighted mean position
+            (cells placed as in ``peak_aligned``) of the cells at or above half the map's maximum that are
+            8-connected to the peak. Unlike the peak, it can fall between cells: a blob spread evenly over the
+            lesion's cell and a neighbour has its centroid between them.
     """
 
     peak_aligned: NDArray[np.float64]
@@ -251,6 +255,7 @@ class PeakOffsets:
     inward_cosine: NDArray[np.float64]
     profile: NDArray[np.float64]
     lesion_radius: NDArray[np.float64]
+    centroid_aligned: NDArray[np.float64]
 
     @classmethod
     def concatenate(cls, parts: Sequence[PeakOffsets]) -> PeakOffsets:
@@ -266,13 +271,14 @@ class PeakOffsets:
             np.concatenate([p.inward_cosine for p in parts]),
             np.concatenate([p.profile for p in parts]),
             np.concatenate([p.lesion_radius for p in parts]),
+            np.concatenate([p.centroid_aligned for p in parts]),
         )
 
     def summary(self) -> dict[str, Any]:
         """Medians in pixels and in saliency cells (mean stride), over the images with a lesion."""
         cell = float(np.mean(self.stride))
         out: dict[str, Any] = {"n_images": int(np.isfinite(self.peak_aligned).sum()), "stride_px": cell}
-        for name in ("peak_aligned", "peak_nearest", "patch_nearest"):
+        for name in ("peak_aligned", "peak_nearest", "patch_nearest", "centroid_aligned"):
             values = getattr(self, name)
             median = float(np.nanmedian(values)) if np.isfinite(values).any() else None
             out[f"median_{name}_px"] = median
@@ -337,6 +343,7 @@ def peak_offsets(
     side = 2 * radius + 1
     profile = np.full((n, side, side), np.nan)
     lesion_radius = np.full(n, np.nan)
+    blob_centroid = np.full(n, np.nan)
     pixels = None if images is None else _to_numpy(images)[:, 0]
     locations = None if patch_locations is None else _to_numpy(patch_locations)
     for i in range(n):
@@ -348,6 +355,7 @@ def peak_offsets(
         pi, pj = divmod(int(np.argmax(sal[i])), w)
         signed[i] = np.array([sy * pi, sx * pj]) - centroid
         peak_aligned[i] = np.hypot(*signed[i])
+        blob_centroid[i] = np.hypot(*(_blob_centroid(sal[i], pi, pj) * (sy, sx) - centroid))
         # the lesion's cell: receptive-field centre (s·i, s·j) nearest the centroid, as peak_aligned places cells
         ci, cj = (
             int(np.clip(np.rint(centroid[0] / sy), 0, h - 1)),
@@ -370,5 +378,35 @@ def peak_offsets(
             centres = locations[i].astype(np.float64) + (np.asarray(crop_size, np.float64) - 1) / 2
             patch_nearest[i] = float(np.min(np.hypot(*(centres - centroid).T)))
     return PeakOffsets(
-        peak_aligned, peak_nearest, patch_nearest, (sy, sx), signed, inward, profile, lesion_radius
+        peak_aligned,
+        peak_nearest,
+        patch_nearest,
+        (sy, sx),
+        signed,
+        inward,
+        profile,
+        lesion_radius,
+        blob_centroid,
+    )
+
+
+def _blob_centroid(saliency: NDArray[np.float64], row: int, col: int) -> NDArray[np.float64]:
+    """Saliency-weighted mean (row, col), in cells, of the cells >= half the maximum 8-connected to the peak
+    ``(row, col)``; the peak itself when the map is flat at zero."""
+    import cv2
+
+    top = saliency[row, col]
+    if not top > 0:
+        return np.array([row, col], np.float64)
+    _, labels = cv2.connectedComponents((saliency >= top / 2).astype(np.uint8), connectivity=8)
+    weights = np.where(labels == labels[row, col], saliency, 0.0)
+    total = weights.sum()
+    return (
+        np.array(
+            [
+                weights.sum(axis=1) @ np.arange(saliency.shape[0]),
+                weights.sum(axis=0) @ np.arange(saliency.shape[1]),
+            ]
+        )
+        / total
     )

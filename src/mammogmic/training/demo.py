@@ -239,7 +239,8 @@ def run_demo(
             "bilinearly to the input with each cell centred on its receptive-field centre (pixel stride*i), "
             "thresholded at 0.5, Dice vs the malignant lesion mask, mean over test images with a malignant "
             "lesion; malignant_dice_nearest: same with the paper's nearest-neighbour blocks; *_soft_*: without "
-            "threshold; malignant_offsets: median distance from the lesion centroid to the saliency peak"
+            "threshold; malignant_offsets: median distance from the lesion centroid to the saliency peak, and to "
+            "the centroid of the peak's half-maximum blob (centroid_aligned)"
         ),
         "report": {
             "roc": "roc.png",
