@@ -300,6 +300,36 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/models/test_gmic.py::test_top_t_fusion_pooling_trains_every_top_cell_of_a_feature",),
     ),
     Mutation(
+        "official-export-any-option",
+        "a model with top-t fusion pooling or centred patches written as an official .p again",
+        "models/checkpoint.py",
+        "    if changed:\n",
+        "    if False:\n",
+        (
+            "tests/models/test_checkpoint.py::"
+            "test_options_the_official_code_lacks_are_not_written_as_official_files",
+        ),
+    ),
+    Mutation(
+        "ddp-destroy-unsynchronised",
+        "train destroys its process group without the barrier after fit",
+        "cli/train_cmds.py",
+        "            barrier(trainer.dist)\n",
+        "            pass\n",
+        (
+            "tests/training/test_training_ddp.py::"
+            "test_ddp_cli_logs_mean_loss_evaluates_in_shards_and_prints_once",
+        ),
+    ),
+    Mutation(
+        "blob-centroid-is-peak",
+        "the blob centroid offset reports the peak's",
+        "evaluation/localization.py",
+        "    weights = np.where(labels == labels[row, col], saliency, 0.0)\n",
+        "    weights = np.where(labels == -1, saliency, 0.0) + (np.arange(saliency.size) == row * saliency.shape[1] + col).reshape(saliency.shape)\n",
+        ("tests/evaluation/test_localization.py::test_lesion_centred_profile_by_hand",),
+    ),
+    Mutation(
         "demo-zero-exams",
         "demo --exams 0 accepted again",
         "cli/train_cmds.py",
