@@ -330,6 +330,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/evaluation/test_localization.py::test_lesion_centred_profile_by_hand",),
     ),
     Mutation(
+        "demo-epochs-help-stale",
+        "the demo's default epochs change and its --help still quotes the old number",
+        "training/demo.py",
+        "    epochs: int = 24\n",
+        "    epochs: int = 12\n",
+        ("tests/training/test_training_cli.py::test_demo_and_ablate_help_give_the_settings_defaults",),
+    ),
+    Mutation(
         "demo-zero-exams",
         "demo --exams 0 accepted again",
         "cli/train_cmds.py",

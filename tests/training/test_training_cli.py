@@ -104,3 +104,44 @@ def test_demo_passes_given_values_through(tmp_path: Path, monkeypatch: pytest.Mo
     assert (settings.seed, settings.threads, settings.amp) == (0, 1, "none")
     main(["demo", "--out", str(tmp_path / "e"), "--no-progress"])
     assert seen[1] == demo.DemoSettings()  # nothing given: the documented defaults
+
+
+def test_demo_and_ablate_help_give_the_settings_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """The parsers leave the defaults to DemoSettings / AblationSettings (so ``--help`` stays torch-free) and
+    only quote them: the quoted numbers must be the dataclasses' (the demo's epochs once changed without its
+    help text)."""
+    from mammogmic.training.ablate import AblationSettings
+    from mammogmic.training.demo import DemoSettings
+
+    quoted = {}
+    for command in ("demo", "ablate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        quoted[command] = " ".join(capsys.readouterr().out.split())
+    demo, ablation = DemoSettings(), AblationSettings()
+    assert f"synthetic exams (default {demo.n_exams})" in quoted["demo"]
+    assert f"training epochs (default {demo.epochs})" in quoted["demo"]
+    assert f"seed (default {demo.seed})" in quoted["demo"]
+    assert f"data-generation processes (default {demo.workers})" in quoted["demo"]
+    assert f"(default {ablation.n_exams}, the demo's)" in quoted["ablate"]
+    assert f"epochs per run (default {ablation.epochs}, the demo's)" in quoted["ablate"]
+    assert ablation.epochs == demo.epochs and ablation.n_exams == demo.n_exams
+
+
+def test_ablate_passes_given_epochs_and_keeps_the_demo_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mammogmic.training.ablate as ablate
+    from mammogmic.errors import MammogmicError
+    from mammogmic.training.demo import DemoSettings
+
+    seen = []
+
+    def fake_run_ablations(out: Path, settings: ablate.AblationSettings, **kwargs: object) -> None:
+        seen.append(settings)
+        raise MammogmicError("stop here")
+
+    monkeypatch.setattr(ablate, "run_ablations", fake_run_ablations)
+    assert main(["ablate", "--out", str(tmp_path / "a"), "--epochs", "3", "--no-progress"]) == 2
+    assert main(["ablate", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert [s.epochs for s in seen] == [3, DemoSettings().epochs]

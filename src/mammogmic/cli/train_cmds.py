@@ -8,6 +8,7 @@ Heavy imports (torch, optuna) happen inside each ``run`` so that ``mammogmic --h
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -155,7 +156,7 @@ def add_parser(subparsers: Any) -> None:
     )
     d.add_argument("--out", required=True, type=Path, help="report folder (must be new or empty)")
     d.add_argument("--exams", type=positive_int, default=None, help="synthetic exams (default 600)")
-    d.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 12)")
+    d.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 24)")
     d.add_argument("--seed", type=non_negative_int, default=None, help="seed (default 0)")
     d.add_argument(
         "-j", "--workers", type=positive_int, default=None, help="data-generation processes (default 2)"
@@ -192,7 +193,9 @@ def add_parser(subparsers: Any) -> None:
     a.add_argument(
         "--exams", type=positive_int, default=600, help="synthetic exams per seed (default 600, the demo's)"
     )
-    a.add_argument("--epochs", type=positive_int, default=12, help="epochs per run (default 12, the demo's)")
+    a.add_argument(
+        "--epochs", type=positive_int, default=None, help="epochs per run (default 24, the demo's)"
+    )
     a.add_argument(
         "--seeds",
         default="0,1,2",
@@ -491,7 +494,9 @@ def run_ablate(args: argparse.Namespace) -> int:
         )
 
     try:
-        settings = AblationSettings(n_exams=args.exams, epochs=args.epochs, seeds=seeds, groups=groups)
+        settings = AblationSettings(n_exams=args.exams, seeds=seeds, groups=groups)
+        if args.epochs is not None:
+            settings = dataclasses.replace(settings, epochs=args.epochs)
         with removed_if_unused(args.out):
             run_ablations(args.out, settings, data=args.data, callback=progress, on_run=on_run)
     except MammogmicError as exc:

@@ -75,7 +75,7 @@ class DemoSettings:
     size: tuple[int, int] = (512, 320)
     seed: int = 0
     workers: int = 2
-    epochs: int = 12
+    epochs: int = 24
     threads: int | None = None
     amp: str = "auto"
     n_figures: int = 4
