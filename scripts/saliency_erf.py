@@ -11,18 +11,13 @@ mask is read: this checks the cell -> pixel mapping of the trained network, not 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
-import yaml
+from saliency_offsets import load_run, run_parser  # the sibling script (scripts/ is on sys.path)
 
-from mammogmic.models.checkpoint import load_model
 from mammogmic.models.gmic import GMIC
-from mammogmic.training.config import TrainConfig
-from mammogmic.training.data import split_dataset
 
 
 def erf_offsets(model: GMIC, x: torch.Tensor, cells: list[tuple[int, int]]) -> torch.Tensor:
@@ -44,18 +39,10 @@ def erf_offsets(model: GMIC, x: torch.Tensor, cells: list[tuple[int, int]]) -> t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("run", type=Path, help="run folder holding config.yaml and the model")
-    parser.add_argument("--model", default="best_dice_model.safetensors", help="model file inside RUN")
-    parser.add_argument("--split", default="val", help="manifest split (val)")
+    parser = run_parser(__doc__)
     parser.add_argument("--images", type=int, default=40, help="first N images of the split (40)")
     args = parser.parse_args(argv)
-
-    config = TrainConfig.from_dict(yaml.safe_load((args.run / "config.yaml").read_text()))
-    images = split_dataset(config, args.split)
-    model = load_model(args.run / args.model).eval()
+    images, model = load_run(args, masks=False)
     parts = []
     for index in range(min(args.images, len(images))):
         x = images.load(index)["image"][None]

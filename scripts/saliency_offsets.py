@@ -15,30 +15,39 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
+from mammogmic.data.dataset import MammogramDataset
 from mammogmic.evaluation.localization import DiceResult, PeakOffsets, dice_scores, peak_offsets
 from mammogmic.models.checkpoint import load_model
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.data import split_dataset
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def run_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every saliency script takes: a run folder, a model file inside it and a split."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="run folder holding config.yaml and the model")
     parser.add_argument("--model", default="best_dice_model.safetensors", help="model file inside RUN")
     parser.add_argument("--split", default="val", help="manifest split (val)")
+    return parser
+
+
+def load_run(args: argparse.Namespace, *, masks: bool) -> tuple[MammogramDataset, Any]:
+    """The split's images through the run's input contract, and the run's model in eval mode."""
+    config = TrainConfig.from_dict(yaml.safe_load((args.run / "config.yaml").read_text()))
+    return split_dataset(config, args.split, masks=masks), load_model(args.run / args.model).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = run_parser(__doc__)
     parser.add_argument("--limit", type=int, default=None, help="at most N images with a lesion")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
-
-    config = TrainConfig.from_dict(yaml.safe_load((args.run / "config.yaml").read_text()))
-    images = split_dataset(config, args.split, masks=True)
-    model = load_model(args.run / args.model).eval()
+    images, model = load_run(args, masks=True)
     with_lesion = [
         i
         for i in range(len(images))

@@ -95,3 +95,33 @@ def test_a_bf16_demo_scores_its_test_split_as_predict_does(tmp_path: Path) -> No
     np.testing.assert_allclose(ours, fp32, atol=1e-6)  # the file's six decimals
     bf16, _ = predict(model, test, amp="bf16")
     assert np.abs(bf16 - ours).max() > 2e-4  # the check can fail: bf16 scores are further off
+
+
+def test_saliency_scripts_read_a_demo_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """scripts/saliency_offsets.py and scripts/saliency_erf.py (docs/localization.md's measurements) run on a
+    demo run folder and print well-formed figures."""
+    out = tmp_path / "demo"
+    settings = DemoSettings(
+        n_exams=12, size=(256, 160), epochs=2, workers=1, threads=1, amp="none", n_figures=0
+    )
+    run_demo(out, settings)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
+    import saliency_erf
+    import saliency_offsets
+
+    assert saliency_offsets.main([str(out / "run"), "--split", "test"]) == 0
+    offsets = json.loads(capsys.readouterr().out)
+    assert offsets["split"] == "test" and offsets["images"] > 0
+    assert set(offsets["dice"]) == {"aligned", "nearest"}
+    assert offsets["offsets"]["malignant"]["stride_px"] == 32.0
+
+    assert saliency_erf.main([str(out / "run"), "--split", "test", "--images", "2"]) == 0
+    erf = json.loads(capsys.readouterr().out)
+    assert erf["cells"] == 2 * 4 and erf["stride_px"] == 32
+    for name in ("benign", "malignant"):
+        for stat in ("median", "mean"):
+            rows, cols = erf["offset_rows_cols_px"][name][stat]
+            # a gradient centroid lies inside the 256x160 input, so within its size of the cell's centre
+            assert math.isfinite(rows) and math.isfinite(cols) and abs(rows) < 256 and abs(cols) < 160
