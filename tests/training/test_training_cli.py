@@ -125,11 +125,12 @@ def test_demo_and_ablate_help_give_the_settings_defaults(capsys: pytest.CaptureF
     assert f"data-generation processes (default {demo.workers})" in quoted["demo"]
     assert f"(default {ablation.n_exams}, the demo's)" in quoted["ablate"]
     assert f"epochs per run (default {ablation.epochs}, the demo's)" in quoted["ablate"]
+    assert f"K values of the k group (default {','.join(map(str, ablation.ks))};" in quoted["ablate"]
     assert ablation.epochs == demo.epochs and ablation.n_exams == demo.n_exams
 
 
-def test_ablate_passes_given_epochs_and_keeps_the_demo_default(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_ablate_passes_given_settings_and_keeps_the_demo_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import mammogmic.training.ablate as ablate
     from mammogmic.errors import MammogmicError
@@ -142,6 +143,13 @@ def test_ablate_passes_given_epochs_and_keeps_the_demo_default(
         raise MammogmicError("stop here")
 
     monkeypatch.setattr(ablate, "run_ablations", fake_run_ablations)
-    assert main(["ablate", "--out", str(tmp_path / "a"), "--epochs", "3", "--no-progress"]) == 2
+    given = ["--epochs", "3", "--exams", "20", "--ks", "1,6", "--seeds", "4"]
+    assert main(["ablate", "--out", str(tmp_path / "a"), *given, "--no-progress"]) == 2
     assert main(["ablate", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
-    assert [s.epochs for s in seen] == [3, DemoSettings().epochs]
+    assert [(s.epochs, s.n_exams, s.ks, s.seeds) for s in seen] == [
+        (3, 20, (1, 6), (4,)),
+        (DemoSettings().epochs, DemoSettings().n_exams, ablate.AblationSettings().ks, (0, 1, 2)),
+    ]
+    assert main(["ablate", "--out", str(tmp_path / "c"), "--ks", "1,x", "--no-progress"]) == 2
+    assert "--ks: expected comma-separated integers, got '1,x'" in capsys.readouterr().err
+    assert len(seen) == 2

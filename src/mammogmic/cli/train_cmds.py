@@ -191,7 +191,10 @@ def add_parser(subparsers: Any) -> None:
         "--data", type=Path, default=None, help="reuse a generated synthetic set (folder or manifest)"
     )
     a.add_argument(
-        "--exams", type=positive_int, default=600, help="synthetic exams per seed (default 600, the demo's)"
+        "--exams",
+        type=positive_int,
+        default=None,
+        help="synthetic exams per seed (default 600, the demo's)",
     )
     a.add_argument(
         "--epochs", type=positive_int, default=None, help="epochs per run (default 24, the demo's)"
@@ -205,6 +208,12 @@ def add_parser(subparsers: Any) -> None:
         "--groups",
         default="head,attention,patches,aggregation,k",
         help="comma-separated subset of head,attention,patches,aggregation,k",
+    )
+    a.add_argument(
+        "--ks",
+        default=None,
+        help="comma-separated K values of the k group (default 1,2,3,4,5,6; the base run's K is not trained "
+        "twice)",
     )
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.set_defaults(func=run_ablate, allocator_profile="fast")
@@ -467,6 +476,17 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
 
 
 # -- ablate -----------------------------------------------------------------------------------------------
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    """``"1,2,3"`` -> ``(1, 2, 3)``; a ValueError naming ``option`` otherwise (an empty list included)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise ValueError(f"{option}: expected comma-separated integers, got {text!r}")
+    return values
+
+
 def run_ablate(args: argparse.Namespace) -> int:
     from mammogmic._outdir import removed_if_unused
     from mammogmic.errors import MammogmicError
@@ -479,9 +499,10 @@ def run_ablate(args: argparse.Namespace) -> int:
             ValueError(f"--groups: expected a subset of {','.join(sorted(valid))}, got {args.groups!r}")
         )
     try:
-        seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
-    except ValueError:
-        return _fail(ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}"))
+        seeds = _int_list("--seeds", args.seeds)
+        ks = _int_list("--ks", args.ks) if args.ks is not None else AblationSettings.ks
+    except ValueError as exc:
+        return _fail(exc)
     progress = _Progress(args.no_progress)
 
     def on_run(name: str, row: dict[str, Any]) -> None:
@@ -494,9 +515,9 @@ def run_ablate(args: argparse.Namespace) -> int:
         )
 
     try:
-        settings = AblationSettings(n_exams=args.exams, seeds=seeds, groups=groups)
-        if args.epochs is not None:
-            settings = dataclasses.replace(settings, epochs=args.epochs)
+        settings = AblationSettings(seeds=seeds, groups=groups, ks=ks)
+        given = {"n_exams": args.exams, "epochs": args.epochs}
+        settings = dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
         with removed_if_unused(args.out):
             run_ablations(args.out, settings, data=args.data, callback=progress, on_run=on_run)
     except MammogmicError as exc:
