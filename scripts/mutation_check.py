@@ -338,6 +338,39 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/training/test_training_cli.py::test_demo_and_ablate_help_give_the_settings_defaults",),
     ),
     Mutation(
+        "symmetry-at-inference-ignored",
+        "saliency_symmetry: point_at_inference gives the plain maps in eval mode",
+        "models/gmic.py",
+        '        if symmetry == "point" or (symmetry == "point_at_inference" and not self.training):\n',
+        '        if symmetry == "point":\n',
+        (
+            "tests/models/test_gmic.py::"
+            "test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass",
+        ),
+    ),
+    Mutation(
+        "symmetry-at-inference-trains",
+        "saliency_symmetry: point_at_inference symmetrises the training maps too",
+        "models/gmic.py",
+        '        if symmetry == "point" or (symmetry == "point_at_inference" and not self.training):\n',
+        '        if symmetry in ("point", "point_at_inference"):\n',
+        (
+            "tests/models/test_gmic.py::"
+            "test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass",
+        ),
+    ),
+    Mutation(
+        "ablate-ks-ignored",
+        "ablate --ks parsed but the default K sweep run",
+        "cli/train_cmds.py",
+        "        settings = AblationSettings(seeds=seeds, groups=groups, ks=ks)\n",
+        "        settings = AblationSettings(seeds=seeds, groups=groups)\n",
+        (
+            "tests/training/test_training_cli.py::"
+            "test_ablate_passes_given_settings_and_keeps_the_demo_defaults",
+        ),
+    ),
+    Mutation(
         "demo-zero-exams",
         "demo --exams 0 accepted again",
         "cli/train_cmds.py",

@@ -196,6 +196,26 @@ def test_lesion_centred_profile_by_hand() -> None:
     diagonal[0, 1, 3, 2], diagonal[0, 1, 4, 2] = 0.0, 1.0  # 8-connected to the peak through a corner
     assert peak_offsets(diagonal, masks).centroid_aligned[0] == pytest.approx(np.hypot(4, 4))
     assert peak_offsets(np.zeros_like(saliency), masks).centroid_aligned[0] == pytest.approx(np.hypot(24, 16))
+    # The plateau: cells at >= 0.9 of the maximum. One cell here (the peak), the lesion's cell (0.5) off it.
+    summary = centred.summary()
+    assert centred.plateau_cells[0] == 1.0 and summary["median_plateau_cells"] == 1.0
+    assert (
+        summary["fraction_lesion_cell_in_plateau"] == 0.0 and summary["fraction_peak_on_lesion_cell"] == 0.0
+    )
+    saturated = saliency.copy()
+    saturated[0, 1, 3, 2], saturated[0, 1, 2, 1] = (
+        0.95,
+        0.92,
+    )  # a near-tie over three cells; the lesion's loses
+    tie = peak_offsets(saturated, masks)
+    assert tie.plateau_cells[0] == 3.0 and tie.summary()["fraction_lesion_cell_in_plateau"] == 1.0
+    assert tie.summary()["fraction_peak_on_lesion_cell"] == 0.0
+    saturated[0, 1, 2, 1] = 0.89  # under 0.9 of the maximum: off the plateau
+    assert peak_offsets(saturated, masks).plateau_cells[0] == 2.0
+    saturated[0, 1, 3, 1] = 0.9  # now the lesion's cell holds the maximum
+    won = peak_offsets(saturated, masks)
+    assert won.summary()["fraction_peak_on_lesion_cell"] == 1.0 and won.peak_aligned[0] == 0.0
+    assert np.isnan(peak_offsets(np.zeros_like(saliency), masks).plateau_cells[0])
     small = peak_offsets(2 * saliency, masks, radius=1)  # divided by the image's maximum
     expected = np.zeros((3, 3))
     expected[1, 0], expected[1, 1] = 1.0, 0.5

@@ -77,6 +77,7 @@ def test_resnet10_global_network_round_trips_but_has_no_official_form(tmp_path: 
         ("fusion_pooling", "top_t"),
         ("patch_alignment", "centered"),
         ("saliency_symmetry", "point"),
+        ("saliency_symmetry", "point_at_inference"),
         ("aggregation", "gap"),
         ("attention", "uniform"),
         ("prediction", "local"),

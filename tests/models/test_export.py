@@ -169,3 +169,26 @@ def test_baseline_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
     assert result.outputs == ("prediction",) and result.check is not None and result.check.ok
     assert result.check.n_images == 4
     assert OnnxSession(result.path).metadata["model_type"] == "resnet_baseline"
+
+
+@pytest.mark.slow
+def test_gmic_with_symmetric_maps_at_inference_exports(tmp_path: Path) -> None:
+    # The demo's models read the mean of the maps of the image and of its 180-degree turn at inference: the
+    # second global pass (a flip, a shift, replicate padding) must be in the graph and give the same outputs.
+    torch.manual_seed(0)
+    cfg = GMICConfig(
+        global_arch="resnet10",
+        global_width=4,
+        local_width=4,
+        crop_size=(64, 64),
+        num_patches=2,
+        saliency_symmetry="point_at_inference",
+    )
+    model = fuse_for_inference(GMIC(cfg).eval())
+    x = np.random.default_rng(0).standard_normal((2, 1, 512, 320)).astype(np.float32)
+    result = export_onnx(model, tmp_path / "g.onnx", (512, 320), check_inputs=[x])
+    assert result.check is not None and result.check.ok and result.check.same_locations
+    plain = fuse_for_inference(GMIC(cfg.replace(saliency_symmetry="none")).eval())
+    plain.load_state_dict(model.state_dict())
+    got, without = OnnxSession(result.path)(x), torch_outputs(plain, x)
+    assert not np.allclose(got["saliency"], without["saliency"], atol=1e-3)  # the turned pass is in the graph

@@ -303,6 +303,13 @@ def test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass(
     with pytest.raises(ConfigError, match="saliency_symmetry"):
         GMICConfig(saliency_symmetry="mirror")
 
+    # At inference only: the paper's maps while training, the symmetric ones in eval mode, same parameters.
+    at_inference = GMIC(cfg.replace(saliency_symmetry="point_at_inference"))
+    at_inference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(at_inference.eval()(x).saliency, own)
+        assert torch.equal(at_inference.train().forward_global(x)[1], plain.train().forward_global(x)[1])
+
 
 def test_stride_16_global_network_has_the_same_parameters_and_a_finer_grid() -> None:
     torch.manual_seed(0)

@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "PLATEAU_SHARE",
     "UPSAMPLING",
     "DiceResult",
     "PeakOffsets",
@@ -41,6 +42,8 @@ __all__ = [
 
 Upsampling = Literal["nearest", "aligned"]
 UPSAMPLING: tuple[str, ...] = ("nearest", "aligned")
+#: A cell at or above this share of its map's maximum is on the map's plateau (:attr:`PeakOffsets.plateau_cells`).
+PLATEAU_SHARE = 0.9
 
 
 def _to_numpy(x: Any) -> NDArray[Any]:
@@ -245,6 +248,11 @@ class PeakOffsets:
             (cells placed as in ``peak_aligned``) of the cells at or above half the map's maximum that are
             8-connected to the peak. Unlike the peak, it can fall between cells: a blob spread evenly over the
             lesion's cell and a neighbour has its centroid between them.
+        plateau_cells: how many cells hold at least :data:`PLATEAU_SHARE` of the map's maximum (``NaN``
+            without a lesion). A map saturated over several cells (sigmoid near 1) has a near-tie there, and its
+            argmax peak is any one of them; the summary's ``fraction_lesion_cell_in_plateau`` and
+            ``fraction_peak_on_lesion_cell`` say how often the lesion's own cell is among them and how often it
+            holds the maximum.
     """
 
     peak_aligned: NDArray[np.float64]
@@ -256,6 +264,7 @@ class PeakOffsets:
     profile: NDArray[np.float64]
     lesion_radius: NDArray[np.float64]
     centroid_aligned: NDArray[np.float64]
+    plateau_cells: NDArray[np.float64]
 
     @classmethod
     def concatenate(cls, parts: Sequence[PeakOffsets]) -> PeakOffsets:
@@ -272,6 +281,7 @@ class PeakOffsets:
             np.concatenate([p.profile for p in parts]),
             np.concatenate([p.lesion_radius for p in parts]),
             np.concatenate([p.centroid_aligned for p in parts]),
+            np.concatenate([p.plateau_cells for p in parts]),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -295,6 +305,12 @@ class PeakOffsets:
         inward = self.inward_cosine[np.isfinite(self.inward_cosine)]
         out["median_inward_cosine"] = float(np.median(inward)) if len(inward) else None
         out["fraction_peak_inward"] = float(np.mean(inward > 0)) if len(inward) else None
+        plateau = self.plateau_cells[np.isfinite(self.plateau_cells)]
+        out["median_plateau_cells"] = float(np.median(plateau)) if len(plateau) else None
+        own = self.profile[:, self.profile.shape[1] // 2, self.profile.shape[2] // 2]
+        own = own[np.isfinite(own)]  # the lesion's cell over its map's maximum
+        out["fraction_lesion_cell_in_plateau"] = float(np.mean(own >= PLATEAU_SHARE)) if len(own) else None
+        out["fraction_peak_on_lesion_cell"] = float(np.mean(own == 1.0)) if len(own) else None
         mean_profile = self.mean_profile()
         out["lesion_centred_saliency"] = None if mean_profile is None else np.round(mean_profile, 3).tolist()
         return out
@@ -344,6 +360,7 @@ def peak_offsets(
     profile = np.full((n, side, side), np.nan)
     lesion_radius = np.full(n, np.nan)
     blob_centroid = np.full(n, np.nan)
+    plateau = np.full(n, np.nan)
     pixels = None if images is None else _to_numpy(images)[:, 0]
     locations = None if patch_locations is None else _to_numpy(patch_locations)
     for i in range(n):
@@ -363,6 +380,7 @@ def peak_offsets(
         )
         top = sal[i].max()
         scaled = sal[i] / top if top > 0 else np.zeros_like(sal[i])
+        plateau[i] = float(np.count_nonzero(scaled >= PLATEAU_SHARE)) if top > 0 else np.nan
         r0, r1 = max(ci - radius, 0), min(ci + radius + 1, h)
         c0, c1 = max(cj - radius, 0), min(cj + radius + 1, w)
         profile[i, r0 - ci + radius : r1 - ci + radius, c0 - cj + radius : c1 - cj + radius] = scaled[
@@ -387,6 +405,7 @@ def peak_offsets(
         profile,
         lesion_radius,
         blob_centroid,
+        plateau,
     )
 
 

@@ -16,7 +16,7 @@ ATTENTIONS = ("gated", "uniform")
 PREDICTIONS = ("fusion", "global", "local", "average")
 OVERLAPS = ("forbid", "official")
 ALIGNMENTS = ("official", "centered")
-SYMMETRIES = ("none", "point")
+SYMMETRIES = ("none", "point", "point_at_inference")
 FUSION_POOLINGS = ("max", "top_t")
 
 
@@ -95,6 +95,8 @@ class GMICConfig:
             network's maps on the input and on the input rotated by 180 degrees about a cell centre (rotated
             back), so a map that lies to one side of a lesion is halved and mirrored to the other side, and only
             a map centred on the lesion keeps its full height (docs/localization.md). Costs a second global pass.
+            ``"point_at_inference"``: the same in eval mode only (a test-time augmentation): training sees the
+            paper's maps, and validation, prediction and the figures the symmetric ones.
         attention: ``"gated"`` attention MIL or ``"uniform"`` weights (ablation).
         attention_dim: M, hidden size of the gated attention.
         prediction: which head is the model's prediction: ``"fusion"`` (paper), ``"global"``, ``"local"`` or

@@ -4,8 +4,9 @@ Shapes for the paper's setting (input 2944x1920, K=6, 256x256 patches, ResNet-18
 
     x            (N, 1, 2944, 1920)
     h_g          (N, 256, 46, 30)      global network f_g (stride 64)
-    saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant (saliency_symmetry "point":
-                                       its mean with the maps of the input turned by 180 degrees)
+    saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant (saliency_symmetry "point",
+                                       or "point_at_inference" in eval mode: its mean with the maps of
+                                       the input turned by 180 degrees)
     y_global     (N, 2)                top-t% pooling of each map
     locations    (N, 6, 2)             upper-left (row, col) of each patch, input pixels
     patches      (N, 6, 1, 256, 256)   cut from x at full resolution
@@ -158,7 +159,8 @@ class GMIC(nn.Module):
         h_g = _run_trunk(self.global_net, x)
         saliency = torch.sigmoid(_full_precision(self.saliency_head, h_g))
         cfg = self.config
-        if cfg.saliency_symmetry == "point":
+        symmetry = cfg.saliency_symmetry
+        if symmetry == "point" or (symmetry == "point_at_inference" and not self.training):
             net = self.global_net
             grid_hw = (saliency.shape[2], saliency.shape[3])
             turned = _run_trunk(net, point_reflect(x, grid_hw, net.stride, net.cell_origin))
