@@ -360,6 +360,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "symmetry-at-inference-mean",
+        "saliency_symmetry: point_at_inference averages the two maps (half of a turned-only mark survives)",
+        "models/gmic.py",
+        "                saliency = torch.exp((F.logsigmoid(logits) + F.logsigmoid(turned_logits)) / 2)\n",
+        "                saliency = (saliency + torch.sigmoid(turned_logits)) / 2\n",
+        (
+            "tests/models/test_gmic.py::"
+            "test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass",
+        ),
+    ),
+    Mutation(
         "ablate-ks-ignored",
         "ablate --ks parsed but the default K sweep run",
         "cli/train_cmds.py",

@@ -1,17 +1,23 @@
 """Where a trained model's saliency peaks lie relative to the lesions of one split (docs/localization.md).
 
     python scripts/saliency_offsets.py RUN_DIR [--model best_dice_model.safetensors] [--split val] [--limit N]
+        [--symmetry none|point|point_at_inference]
 
 RUN_DIR is a ``mammogmic train`` / ``mammogmic demo`` run folder (its ``config.yaml`` gives the manifest and the
 input contract). Prints one JSON object: hard Dice with both upsamplings, and
 :func:`mammogmic.evaluation.localization.peak_offsets`' summary (distance from each lesion's centroid to the
 saliency peak in pixels and cells, its signed rows/cols components, and how often it points into the breast),
-for the malignant and the benign class, over the split's images that hold a lesion of any class.
+for the malignant and the benign class, over the split's images that hold a lesion of any class; and, over the
+split's images labelled without any finding (``normal_images``), the median of each map's maximum and the share of maps
+that reach 0.5 (a mark on a normal breast). ``--symmetry`` reads the same weights with another
+``saliency_symmetry`` (the model runs in eval mode, so ``point`` is the mean of the maps of the image and of its
+180-degree turn, ``point_at_inference`` their geometric mean).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,6 +29,7 @@ import yaml
 from mammogmic.data.dataset import MammogramDataset
 from mammogmic.evaluation.localization import DiceResult, PeakOffsets, dice_scores, peak_offsets
 from mammogmic.models.checkpoint import load_model
+from mammogmic.models.config import SYMMETRIES
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.data import split_dataset
 
@@ -46,14 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = run_parser(__doc__)
     parser.add_argument("--limit", type=int, default=None, help="at most N images with a lesion")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--symmetry", choices=SYMMETRIES, default=None, help="saliency_symmetry to read with")
     args = parser.parse_args(argv)
     images, model = load_run(args, masks=True)
-    with_lesion = [
-        i
-        for i in range(len(images))
-        if images.items[i].malignant_mask_path or images.items[i].benign_mask_path
-    ]
-    indices = with_lesion[: args.limit]
+    if args.symmetry is not None:
+        model.config = dataclasses.replace(model.config, saliency_symmetry=args.symmetry)
+    lesion = [bool(item.malignant_mask_path or item.benign_mask_path) for item in images.items]
+    indices = [i for i in range(len(images)) if lesion[i]][: args.limit]
     dice: dict[str, list[DiceResult]] = {"aligned": [], "nearest": []}
     offsets: dict[str, list[PeakOffsets]] = {"benign": [], "malignant": []}
     with torch.no_grad():
@@ -70,11 +76,29 @@ def main(argv: list[str] | None = None) -> int:
                         out.saliency, masks, out.patch_locations, model.config.crop_size, class_index, x
                     )
                 )
+    maxima = []
+    normal = [i for i in range(len(images)) if not images.labels[i].any()][: args.limit]  # no finding
+    with torch.no_grad():
+        for start in range(0, len(normal), args.batch_size):
+            x = torch.stack([images.load(i)["image"] for i in normal[start : start + args.batch_size]])
+            maxima.append(model(x).saliency.flatten(2).amax(dim=2))
+    peaks = torch.cat(maxima) if maxima else torch.zeros(0, 2)
     result = {
         "run": str(args.run),
         "model": args.model,
+        "saliency_symmetry": model.config.saliency_symmetry,
         "split": args.split,
         "images": len(indices),
+        "normal_images": {
+            "n_images": len(normal),
+            **{
+                name: {
+                    "median_map_maximum": float(peaks[:, c].median()) if len(normal) else None,
+                    "fraction_marked": float((peaks[:, c] >= 0.5).float().mean()) if len(normal) else None,
+                }
+                for c, name in enumerate(("benign", "malignant"))
+            },
+        },
         "dice": {mode: DiceResult.concatenate(parts).summary() for mode, parts in dice.items()},
         "offsets": {name: PeakOffsets.concatenate(parts).summary() for name, parts in offsets.items()},
     }

@@ -95,8 +95,11 @@ class GMICConfig:
             network's maps on the input and on the input rotated by 180 degrees about a cell centre (rotated
             back), so a map that lies to one side of a lesion is halved and mirrored to the other side, and only
             a map centred on the lesion keeps its full height (docs/localization.md). Costs a second global pass.
-            ``"point_at_inference"``: the same in eval mode only (a test-time augmentation): training sees the
-            paper's maps, and validation, prediction and the figures the symmetric ones.
+            ``"point_at_inference"``: in eval mode only (a test-time augmentation; training sees the paper's
+            maps), the *geometric* mean of the two maps, so a cell stays high only where both orientations mark
+            it: a map leaning to one side of a lesion keeps the lesion's cell, and a mark the network makes on
+            the turned image alone (a breast lying the way no training image did, e.g. along its skin line)
+            vanishes, where the plain mean would keep half of it. Validation, prediction and the figures read it.
         attention: ``"gated"`` attention MIL or ``"uniform"`` weights (ablation).
         attention_dim: M, hidden size of the gated attention.
         prediction: which head is the model's prediction: ``"fusion"`` (paper), ``"global"``, ``"local"`` or

@@ -4,9 +4,9 @@ Shapes for the paper's setting (input 2944x1920, K=6, 256x256 patches, ResNet-18
 
     x            (N, 1, 2944, 1920)
     h_g          (N, 256, 46, 30)      global network f_g (stride 64)
-    saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant (saliency_symmetry "point",
-                                       or "point_at_inference" in eval mode: its mean with the maps of
-                                       the input turned by 180 degrees)
+    saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant (saliency_symmetry "point": its mean
+                                       with the maps of the input turned by 180 degrees; "point_at_inference":
+                                       their geometric mean, in eval mode only)
     y_global     (N, 2)                top-t% pooling of each map
     locations    (N, 6, 2)             upper-left (row, col) of each patch, input pixels
     patches      (N, 6, 1, 256, 256)   cut from x at full resolution
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mammogmic.models.config import BaselineConfig, GMICConfig
 from mammogmic.models.resnet import ResNet22, ResNetV1
@@ -157,15 +158,20 @@ class GMIC(nn.Module):
     def forward_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global network: ``h_g`` (N, D_g, h, w), saliency (N, C, h, w), ``y_global`` (N, C)."""
         h_g = _run_trunk(self.global_net, x)
-        saliency = torch.sigmoid(_full_precision(self.saliency_head, h_g))
+        logits = _full_precision(self.saliency_head, h_g)
+        saliency = torch.sigmoid(logits)
         cfg = self.config
         symmetry = cfg.saliency_symmetry
         if symmetry == "point" or (symmetry == "point_at_inference" and not self.training):
             net = self.global_net
             grid_hw = (saliency.shape[2], saliency.shape[3])
             turned = _run_trunk(net, point_reflect(x, grid_hw, net.stride, net.cell_origin))
-            turned_saliency = torch.sigmoid(_full_precision(self.saliency_head, turned)).flip(-2, -1)
-            saliency = (saliency + turned_saliency) / 2
+            turned_logits = _full_precision(self.saliency_head, turned).flip(-2, -1)
+            if symmetry == "point":
+                saliency = (saliency + torch.sigmoid(turned_logits)) / 2
+            else:  # only what both orientations mark (the turned breast lies the way no training image did)
+                # sqrt(sigmoid(a) * sigmoid(b)) in log space: no underflow to 0, finite gradients
+                saliency = torch.exp((F.logsigmoid(logits) + F.logsigmoid(turned_logits)) / 2)
         t = {"top_t": cfg.percent_t, "gap": 1.0, "gmp": 0.0}[cfg.aggregation]
         y_global = saliency.flatten(2).amax(dim=2) if t == 0.0 else top_t_pool(saliency, t)
         return h_g, saliency, y_global
