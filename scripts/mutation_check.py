@@ -341,7 +341,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "symmetry-at-inference-ignored",
         "saliency_symmetry: point_at_inference gives the plain maps in eval mode",
         "models/gmic.py",
-        '        if symmetry == "point" or (symmetry == "point_at_inference" and not self.training):\n',
+        '        if symmetry == "point" or (symmetry.endswith("_at_inference") and not self.training):\n',
         '        if symmetry == "point":\n',
         (
             "tests/models/test_gmic.py::"
@@ -352,8 +352,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "symmetry-at-inference-trains",
         "saliency_symmetry: point_at_inference symmetrises the training maps too",
         "models/gmic.py",
-        '        if symmetry == "point" or (symmetry == "point_at_inference" and not self.training):\n',
-        '        if symmetry in ("point", "point_at_inference"):\n',
+        '        if symmetry == "point" or (symmetry.endswith("_at_inference") and not self.training):\n',
+        '        if symmetry != "none":\n',
         (
             "tests/models/test_gmic.py::"
             "test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass",
@@ -363,12 +363,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         "symmetry-at-inference-mean",
         "saliency_symmetry: point_at_inference averages the two maps (half of a turned-only mark survives)",
         "models/gmic.py",
-        "                saliency = torch.exp((F.logsigmoid(logits) + F.logsigmoid(turned_logits)) / 2)\n",
-        "                saliency = (saliency + torch.sigmoid(turned_logits)) / 2\n",
+        "                saliency = torch.exp(torch.stack([F.logsigmoid(v) for v in views]).mean(dim=0))\n",
+        "                saliency = torch.stack([torch.sigmoid(v) for v in views]).mean(dim=0)\n",
         (
             "tests/models/test_gmic.py::"
             "test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass",
         ),
+    ),
+    Mutation(
+        "flips-at-inference-drops-a-view",
+        "saliency_symmetry: flips_at_inference leaves out the top-bottom mirror image",
+        "models/config.py",
+        '    "flips_at_inference": ((-1,), (-2,), (-2, -1)),\n',
+        '    "flips_at_inference": ((-1,), (-2, -1)),\n',
+        ("tests/models/test_gmic.py::test_flips_at_inference_keep_what_every_mirror_image_marks",),
+    ),
+    Mutation(
+        "reflection-ignores-dims",
+        "reflect_on_cells turns the input by 180 degrees whichever axes it is asked to mirror",
+        "models/roi.py",
+        "    flipped = x.flip(dims)[..., shift[-2] :, shift[-1] :]\n",
+        "    flipped = x.flip(-2, -1)[..., shift[-2] :, shift[-1] :]\n",
+        ("tests/models/test_roi.py::test_reflection_takes_each_cell_centre_to_the_mirrored_cell",),
     ),
     Mutation(
         "ablate-ks-ignored",

@@ -1,7 +1,7 @@
 """Where a trained model's saliency peaks lie relative to the lesions of one split (docs/localization.md).
 
     python scripts/saliency_offsets.py RUN_DIR [--model best_dice_model.safetensors] [--split val] [--limit N]
-        [--symmetry none|point|point_at_inference]
+        [--symmetry none|point|point_at_inference|flips_at_inference]
 
 RUN_DIR is a ``mammogmic train`` / ``mammogmic demo`` run folder (its ``config.yaml`` gives the manifest and the
 input contract). Prints one JSON object: hard Dice with both upsamplings, and
@@ -11,7 +11,8 @@ for the malignant and the benign class, over the split's images that hold a lesi
 split's images labelled without any finding (``normal_images``), the median of each map's maximum and the share of maps
 that reach 0.5 (a mark on a normal breast). ``--symmetry`` reads the same weights with another
 ``saliency_symmetry`` (the model runs in eval mode, so ``point`` is the mean of the maps of the image and of its
-180-degree turn, ``point_at_inference`` their geometric mean).
+180-degree turn, ``point_at_inference`` their geometric mean, ``flips_at_inference`` the geometric mean over the
+image, its left-right and top-bottom mirror images and its 180-degree turn).
 """
 
 from __future__ import annotations

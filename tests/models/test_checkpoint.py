@@ -78,6 +78,7 @@ def test_resnet10_global_network_round_trips_but_has_no_official_form(tmp_path: 
         ("patch_alignment", "centered"),
         ("saliency_symmetry", "point"),
         ("saliency_symmetry", "point_at_inference"),
+        ("saliency_symmetry", "flips_at_inference"),
         ("aggregation", "gap"),
         ("attention", "uniform"),
         ("prediction", "local"),

@@ -172,12 +172,13 @@ def test_baseline_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_gmic_with_symmetric_maps_at_inference_exports(tmp_path: Path) -> None:
-    # The demo's models read the mean of the maps of the image and of its 180-degree turn at inference: the
-    # second global pass (a flip, a shift, replicate padding) must be in the graph and give the same outputs.
+@pytest.mark.parametrize("symmetry", ["point_at_inference", "flips_at_inference"])
+def test_gmic_with_symmetric_maps_at_inference_exports(tmp_path: Path, symmetry: str) -> None:
+    # The demo's models read the geometric mean of the maps of the image and of its mirror images at inference:
+    # the extra global passes (flips, shifts, replicate padding) must be in the graph and give the same outputs.
     torch.manual_seed(0)
     cfg = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2)
-    cfg = cfg.replace(saliency_symmetry="point_at_inference")
+    cfg = cfg.replace(saliency_symmetry=symmetry)
     model = fuse_for_inference(GMIC(cfg).eval())
     x = np.random.default_rng(0).standard_normal((2, 1, 512, 320)).astype(np.float32)
     result = export_onnx(model, tmp_path / "g.onnx", (512, 320), check_inputs=[x])

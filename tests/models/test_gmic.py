@@ -238,19 +238,21 @@ def test_compile_without_a_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyP
 
 
 def _symmetrise_kernels(module: torch.nn.Module) -> None:
-    """Make every convolution kernel equal to itself turned by 180 degrees."""
+    """Make every convolution kernel equal to its left-right and its top-bottom mirror image."""
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, torch.nn.Conv2d):
-                m.weight.copy_((m.weight + m.weight.flip(-2, -1)) / 2)
+                w = m.weight
+                m.weight.copy_((w + w.flip(-1) + w.flip(-2) + w.flip(-2, -1)) / 4)
 
 
 @pytest.mark.parametrize(("arch", "stride"), [("resnet10", None), ("resnet10", 16), ("resnet22", None)])
-def test_point_reflection_lands_on_the_networks_own_cells(arch: str, stride: int | None) -> None:
-    """A global network with point-symmetric kernels computes, on the reflected input, its features turned by 180
-    degrees: exactly, on the cells whose receptive field stays inside the image. A plain flip does not (it is
-    a cell off). This is what checks ``stride`` and ``cell_origin`` against the real layers."""
-    from mammogmic.models.roi import point_reflect
+def test_reflections_land_on_the_networks_own_cells(arch: str, stride: int | None) -> None:
+    """A global network with mirror-symmetric kernels computes, on the input mirrored about cell centres (left-
+    right, top-bottom, both: a 180-degree turn), its features mirrored the same way: exactly, on the cells whose
+    receptive field stays inside the image. A plain flip does not (it is a cell off). This is what checks
+    ``stride`` and ``cell_origin`` against the real layers."""
+    from mammogmic.models.roi import reflect_on_cells
 
     torch.manual_seed(0)
     width = 4 if arch == "resnet10" else 2
@@ -262,10 +264,10 @@ def test_point_reflection_lands_on_the_networks_own_cells(arch: str, stride: int
     x = torch.randn(1, 1, *hw)
     net = model.global_net
 
-    def disagreement(turned_input: torch.Tensor) -> float:
+    def disagreement(mirrored_input: torch.Tensor, dims: tuple[int, ...]) -> float:
         with torch.no_grad():
             own = net(x)
-            back = net(turned_input).flip(-2, -1)
+            back = net(mirrored_input).flip(dims)
         h, w = own.shape[-2:]
         m = max(3, 96 // net.stride)  # cells away from every border (as many pixels at stride 16 as at 32)
         inner = (slice(None), slice(None), slice(m, h - m), slice(m, w - m))
@@ -273,14 +275,17 @@ def test_point_reflection_lands_on_the_networks_own_cells(arch: str, stride: int
 
     with torch.no_grad():
         grid = tuple(net(x).shape[-2:])
-    turned = point_reflect(x, grid, net.stride, net.cell_origin)
-    assert disagreement(turned) > 0.1  # random kernels are not symmetric
+    all_dims = [(-2, -1), (-2,), (-1,)]
+    for dims in all_dims:  # random kernels are not symmetric
+        assert disagreement(reflect_on_cells(x, grid, net.stride, net.cell_origin, dims), dims) > 0.1
     _symmetrise_kernels(net)
-    # ResNet-22's receptive field reaches the borders from every cell of this small input: a small remainder.
-    assert disagreement(turned) < (1e-4 if arch == "resnet10" else 1e-2)
-    assert disagreement(x.flip(-2, -1)) > 0.1
-    if net.cell_origin:
-        assert disagreement(point_reflect(x, grid, net.stride, 0)) > 0.1  # the 2-pixel origin matters
+    for dims in all_dims:
+        mirrored = reflect_on_cells(x, grid, net.stride, net.cell_origin, dims)
+        # ResNet-22's receptive field reaches the borders from every cell of this small input: a small remainder.
+        assert disagreement(mirrored, dims) < (1e-4 if arch == "resnet10" else 1e-2)
+        assert disagreement(x.flip(dims), dims) > 0.1
+        if net.cell_origin:  # the 2-pixel origin matters
+            assert disagreement(reflect_on_cells(x, grid, net.stride, 0, dims), dims) > 0.1
 
 
 def test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass() -> None:
@@ -312,6 +317,30 @@ def test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass(
         assert torch.allclose(agreed, (single * single_back).sqrt(), atol=1e-6)
         assert torch.allclose(agreed[inner], agreed_back[inner], atol=1e-6)
         assert torch.equal(at_inference.train().forward_global(x)[1], plain.train().forward_global(x)[1])
+
+
+def test_flips_at_inference_keep_what_every_mirror_image_marks() -> None:
+    from mammogmic.models.roi import reflect_on_cells
+
+    torch.manual_seed(0)
+    cfg = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2)
+    model = GMIC(cfg.replace(saliency_symmetry="flips_at_inference")).eval()
+    plain = GMIC(cfg).eval()
+    plain.load_state_dict(model.state_dict())  # same parameters: the option adds none
+    x = torch.randn(2, 1, 512, 320)
+    all_dims = [(), (-1,), (-2,), (-2, -1)]
+    with torch.no_grad():
+        views = [plain(reflect_on_cells(x, (16, 10), 32, 0, d)).saliency.flip(d) for d in all_dims]
+        agreed = model(x).saliency
+        assert torch.allclose(agreed, torch.stack(views).prod(dim=0) ** 0.25, atol=1e-6)
+        # equivariant under each mirroring on the cells the shifted-in edges cannot reach, random weights
+        inner = (slice(None), slice(None), slice(0, 12), slice(0, 6))
+        for dims in all_dims[1:]:
+            back = model(reflect_on_cells(x, (16, 10), 32, 0, dims)).saliency.flip(dims)
+            assert torch.allclose(agreed[inner], back[inner], atol=1e-6)
+            assert not torch.allclose(views[0][inner], views[all_dims.index(dims)][inner], atol=1e-2)
+        # training reads the paper's maps
+        assert torch.equal(model.train().forward_global(x)[1], plain.train().forward_global(x)[1])
 
 
 def test_stride_16_global_network_has_the_same_parameters_and_a_finer_grid() -> None:

@@ -12,6 +12,7 @@ from mammogmic.models.roi import (
     grid_to_pixels,
     normalize_saliency,
     point_reflect,
+    reflect_on_cells,
     top_t_count,
     top_t_pool,
     window_on_grid,
@@ -160,20 +161,26 @@ def test_centered_patches_sit_on_the_cells_they_were_chosen_for() -> None:
         grid_to_pixels(grid_pos, (8, 5), (256, 160), centered=True)
 
 
+@pytest.mark.parametrize("dims", [(-2, -1), (-2,), (-1,)])
 @pytest.mark.parametrize(
     ("hw", "grid", "stride", "origin"),
     [((512, 320), (16, 10), 32, 0), ((256, 192), (4, 3), 64, 2), ((500, 300), (16, 10), 32, 0)],
 )
-def test_point_reflection_takes_each_cell_centre_to_the_mirrored_cell(
-    hw: tuple[int, int], grid: tuple[int, int], stride: int, origin: int
+def test_reflection_takes_each_cell_centre_to_the_mirrored_cell(
+    hw: tuple[int, int], grid: tuple[int, int], stride: int, origin: int, dims: tuple[int, ...]
 ) -> None:
     for i, j in [(0, 0), (1, 2), (grid[0] - 1, grid[1] - 1)]:
         x = torch.zeros(1, 1, *hw)
         x[0, 0, stride * i + origin, stride * j + origin] = 1.0
-        centre = [stride * (n - 1) + 2 * origin for n in grid]  # p goes to centre - p
-        turned = point_reflect(x, grid, stride, origin)[0, 0, : centre[0] + 1, : centre[1] + 1]
-        hit = (turned == 1).nonzero().tolist()  # (beyond centre the edge repeats, a (0, 0) impulse with it)
-        assert hit == [[stride * (grid[0] - 1 - i) + origin, stride * (grid[1] - 1 - j) + origin]]
+        centre = [stride * (n - 1) + 2 * origin for n in grid]  # p goes to centre - p along a mirrored axis
+        mirrored = reflect_on_cells(x, grid, stride, origin, dims)
+        if dims == (-2, -1):
+            assert torch.equal(mirrored, point_reflect(x, grid, stride, origin))
+        # (beyond centre the edge repeats, a (0, 0) impulse with it)
+        hit = (mirrored[0, 0, : centre[0] + 1, : centre[1] + 1] == 1).nonzero().tolist()
+        row = stride * (grid[0] - 1 - i) + origin if -2 in dims else stride * i + origin
+        col = stride * (grid[1] - 1 - j) + origin if -1 in dims else stride * j + origin
+        assert hit == [[row, col]]
 
 
 def test_point_reflection_undoes_itself_up_to_the_centre_line() -> None:

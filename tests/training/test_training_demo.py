@@ -116,15 +116,15 @@ def test_saliency_scripts_read_a_demo_run(
     assert offsets["split"] == "test" and offsets["images"] > 0
     assert set(offsets["dice"]) == {"aligned", "nearest"}
     assert offsets["offsets"]["malignant"]["stride_px"] == 32.0
-    assert offsets["saliency_symmetry"] == "point_at_inference"  # the demo's own
+    assert offsets["saliency_symmetry"] == "flips_at_inference"  # the demo's own
     # The training split of 12 exams holds normal images (the test split's 2 exams may not).
-    for symmetry in ("point_at_inference", "none"):
+    for symmetry in ("flips_at_inference", "none"):
         assert saliency_offsets.main([str(out / "run"), "--split", "train", "--symmetry", symmetry]) == 0
         read = json.loads(capsys.readouterr().out)
         assert read["saliency_symmetry"] == symmetry and read["normal_images"]["n_images"] > 0
         assert 0 <= read["normal_images"]["malignant"]["fraction_marked"] <= 1
         maxima = read["normal_images"]["malignant"]["median_map_maximum"]
-        if symmetry == "point_at_inference":
+        if symmetry == "flips_at_inference":
             agreed = maxima
     assert maxima != agreed  # the same weights read another way
 

@@ -16,7 +16,15 @@ ATTENTIONS = ("gated", "uniform")
 PREDICTIONS = ("fusion", "global", "local", "average")
 OVERLAPS = ("forbid", "official")
 ALIGNMENTS = ("official", "centered")
-SYMMETRIES = ("none", "point", "point_at_inference")
+#: The mirrorings of the input whose saliency maps each ``saliency_symmetry`` combines with the input's own
+#: (the tensor dims flipped: -2 the rows, -1 the columns, both a 180-degree turn; GMICConfig's docstring).
+REFLECTIONS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": (),
+    "point": ((-2, -1),),
+    "point_at_inference": ((-2, -1),),
+    "flips_at_inference": ((-1,), (-2,), (-2, -1)),
+}
+SYMMETRIES = tuple(REFLECTIONS)
 FUSION_POOLINGS = ("max", "top_t")
 
 
@@ -100,6 +108,10 @@ class GMICConfig:
             it: a map leaning to one side of a lesion keeps the lesion's cell, and a mark the network makes on
             the turned image alone (a breast lying the way no training image did, e.g. along its skin line)
             vanishes, where the plain mean would keep half of it. Validation, prediction and the figures read it.
+            ``"flips_at_inference"``: the same with four orientations: the geometric mean of the maps of the
+            input, of its left-right and top-bottom mirror images and of its 180-degree turn (each about cell
+            centres, mapped back): a map leaning any way from a lesion keeps the lesion's cell. Costs three
+            more global passes in eval mode.
         attention: ``"gated"`` attention MIL or ``"uniform"`` weights (ablation).
         attention_dim: M, hidden size of the gated attention.
         prediction: which head is the model's prediction: ``"fusion"`` (paper), ``"global"``, ``"local"`` or

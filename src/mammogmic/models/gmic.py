@@ -6,7 +6,8 @@ Shapes for the paper's setting (input 2944x1920, K=6, 256x256 patches, ResNet-18
     h_g          (N, 256, 46, 30)      global network f_g (stride 64)
     saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant (saliency_symmetry "point": its mean
                                        with the maps of the input turned by 180 degrees; "point_at_inference":
-                                       their geometric mean, in eval mode only)
+                                       their geometric mean, in eval mode only; "flips_at_inference": the
+                                       geometric mean over the input and its three mirrorings, eval mode only)
     y_global     (N, 2)                top-t% pooling of each map
     locations    (N, 6, 2)             upper-left (row, col) of each patch, input pixels
     patches      (N, 6, 1, 256, 256)   cut from x at full resolution
@@ -32,15 +33,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mammogmic.models.config import BaselineConfig, GMICConfig
+from mammogmic.models.config import REFLECTIONS, BaselineConfig, GMICConfig
 from mammogmic.models.resnet import ResNet22, ResNetV1
 from mammogmic.models.roi import (
     crop_patches,
     greedy_windows,
     grid_to_pixels,
     normalize_saliency,
-    point_reflect,
     random_windows,
+    reflect_on_cells,
     top_t_pool,
     window_on_grid,
 )
@@ -162,16 +163,18 @@ class GMIC(nn.Module):
         saliency = torch.sigmoid(logits)
         cfg = self.config
         symmetry = cfg.saliency_symmetry
-        if symmetry == "point" or (symmetry == "point_at_inference" and not self.training):
+        if symmetry == "point" or (symmetry.endswith("_at_inference") and not self.training):
             net = self.global_net
             grid_hw = (saliency.shape[2], saliency.shape[3])
-            turned = _run_trunk(net, point_reflect(x, grid_hw, net.stride, net.cell_origin))
-            turned_logits = _full_precision(self.saliency_head, turned).flip(-2, -1)
+            views = [logits]
+            for dims in REFLECTIONS[symmetry]:
+                mirrored = _run_trunk(net, reflect_on_cells(x, grid_hw, net.stride, net.cell_origin, dims))
+                views.append(_full_precision(self.saliency_head, mirrored).flip(dims))
             if symmetry == "point":
-                saliency = (saliency + torch.sigmoid(turned_logits)) / 2
-            else:  # only what both orientations mark (the turned breast lies the way no training image did)
-                # sqrt(sigmoid(a) * sigmoid(b)) in log space: no underflow to 0, finite gradients
-                saliency = torch.exp((F.logsigmoid(logits) + F.logsigmoid(turned_logits)) / 2)
+                saliency = (saliency + torch.sigmoid(views[1])) / 2
+            else:  # only what every orientation marks (the mirrored breasts lie the way no training image did)
+                # the geometric mean of the sigmoids in log space: no underflow to 0, finite gradients
+                saliency = torch.exp(torch.stack([F.logsigmoid(v) for v in views]).mean(dim=0))
         t = {"top_t": cfg.percent_t, "gap": 1.0, "gmp": 0.0}[cfg.aggregation]
         y_global = saliency.flatten(2).amax(dim=2) if t == 0.0 else top_t_pool(saliency, t)
         return h_g, saliency, y_global

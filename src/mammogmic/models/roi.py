@@ -15,30 +15,41 @@ import torch.nn.functional as F
 _FORBIDDEN = -1.0e4
 
 
-def point_reflect(x: torch.Tensor, grid_hw: tuple[int, int], stride: int, origin: int = 0) -> torch.Tensor:
-    """``x`` (N, C, H, W) rotated by 180 degrees about the point that takes saliency cell ``(i, j)`` of an
-    ``(h, w)`` grid onto cell ``(h-1-i, w-1-j)``.
+def reflect_on_cells(
+    x: torch.Tensor,
+    grid_hw: tuple[int, int],
+    stride: int,
+    origin: int = 0,
+    dims: tuple[int, ...] = (-2, -1),
+) -> torch.Tensor:
+    """``x`` (N, C, H, W) mirrored along ``dims`` (``-2`` rows, ``-1`` columns) about the lines that take
+    saliency cell ``i`` of an ``h``-cell axis onto cell ``h-1-i``; both axes: a 180-degree rotation.
 
-    Cell ``i`` is centred on pixel ``stride * i + origin``, so the rotation maps pixel ``p`` to ``c - p`` with
+    Cell ``i`` is centred on pixel ``stride * i + origin``, so the reflection maps pixel ``p`` to ``c - p`` with
     ``c = stride * (h - 1) + 2 * origin``: a plain flip shifted by ``H - 1 - c`` pixels, the pixels shifted in at
-    the far edge repeating the edge. The maps computed on the result, flipped, lie on the input's own cells
-    exactly; a plain flip would leave them ``H - 1 - c`` pixels (about a cell) off.
+    the far edge repeating the edge. The maps computed on the result, flipped along ``dims``, lie on the input's
+    own cells exactly; a plain flip would leave them ``H - 1 - c`` pixels (about a cell) off.
 
     Raises:
-        ValueError: the grid's last cell centre lies outside the input (``H - 1 < c``).
+        ValueError: the grid's last cell centre lies outside the input (``H - 1 < c``) along a mirrored axis.
     """
-    height, width = x.shape[-2:]
-    shift = [
-        size - 1 - (stride * (cells - 1) + 2 * origin)
-        for size, cells in zip((height, width), grid_hw, strict=True)
-    ]
-    if min(shift) < 0:
+    shift = {-2: 0, -1: 0}
+    for d, cells in zip((-2, -1), grid_hw, strict=True):
+        if d in dims:
+            shift[d] = x.shape[d] - 1 - (stride * (cells - 1) + 2 * origin)
+    if min(shift.values()) < 0:
         raise ValueError(
             f"a {grid_hw[0]}x{grid_hw[1]} grid of stride {stride} (origin {origin}) does not fit a "
-            f"{height}x{width} input"
+            f"{x.shape[-2]}x{x.shape[-1]} input"
         )
-    flipped = x.flip(-2, -1)[..., shift[0] :, shift[1] :]
-    return F.pad(flipped, (0, shift[1], 0, shift[0]), mode="replicate")
+    flipped = x.flip(dims)[..., shift[-2] :, shift[-1] :]
+    return F.pad(flipped, (0, shift[-1], 0, shift[-2]), mode="replicate")
+
+
+def point_reflect(x: torch.Tensor, grid_hw: tuple[int, int], stride: int, origin: int = 0) -> torch.Tensor:
+    """``x`` rotated by 180 degrees about the point that takes saliency cell ``(i, j)`` of an ``(h, w)`` grid
+    onto cell ``(h-1-i, w-1-j)``: :func:`reflect_on_cells` along both axes."""
+    return reflect_on_cells(x, grid_hw, stride, origin, (-2, -1))
 
 
 def top_t_count(h: int, w: int, percent_t: float) -> int:

@@ -122,11 +122,11 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 # largest one: every cell that sees the lesion then learns from the fusion head, and the
                 # malignant maps land on the lesions on more seeds (docs/localization.md, "Fusion pooling").
                 "fusion_pooling": "top_t",
-                # Validation, test and predict read the geometric mean of the maps of the image and of the
-                # image turned by 180 degrees: a mark leaning to one side of the lesion is mirrored to the
-                # other, and only the lesion's cell is high in both (docs/localization.md, "A symmetric map at
-                # inference").
-                "saliency_symmetry": "point_at_inference",
+                # Validation, test and predict read the geometric mean of the maps of the image and of its
+                # left-right, top-bottom and 180-degree mirror images: a mark leaning to one side of the lesion
+                # is mirrored to the others, and only the lesion's cell is high in all four
+                # (docs/localization.md, "A symmetric map at inference").
+                "saliency_symmetry": "flips_at_inference",
                 "crop_size": [64, 64],
                 "attention_dim": 32,
             },
