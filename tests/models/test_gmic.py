@@ -288,15 +288,22 @@ def test_reflections_land_on_the_networks_own_cells(arch: str, stride: int | Non
             assert disagreement(reflect_on_cells(x, grid, net.stride, 0, dims), dims) > 0.1
 
 
+def _symmetric_and_plain(symmetry: str) -> tuple[GMIC, GMIC, torch.Tensor]:
+    """A tiny GMIC with ``saliency_symmetry``, the same weights without it (the option adds no parameters), both
+    in eval mode, and a batch of two 512x320 inputs (a 16x10 grid of stride 32)."""
+    torch.manual_seed(0)
+    cfg = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2)
+    model = GMIC(cfg.replace(saliency_symmetry=symmetry)).eval()
+    plain = GMIC(cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    return model, plain, torch.randn(2, 1, 512, 320)
+
+
 def test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass() -> None:
     from mammogmic.models.roi import point_reflect
 
-    torch.manual_seed(0)
-    cfg = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2)
-    model = GMIC(cfg.replace(saliency_symmetry="point")).eval()
-    plain = GMIC(cfg).eval()
-    plain.load_state_dict(model.state_dict())  # same parameters: the option adds none
-    x = torch.randn(2, 1, 512, 320)
+    model, plain, x = _symmetric_and_plain("point")
+    cfg = plain.config
     turned = point_reflect(x, (16, 10), 32)
     with torch.no_grad():
         own, back = model(x).saliency, model(turned).saliency.flip(-2, -1)
@@ -322,12 +329,7 @@ def test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass(
 def test_flips_at_inference_keep_what_every_mirror_image_marks() -> None:
     from mammogmic.models.roi import reflect_on_cells
 
-    torch.manual_seed(0)
-    cfg = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2)
-    model = GMIC(cfg.replace(saliency_symmetry="flips_at_inference")).eval()
-    plain = GMIC(cfg).eval()
-    plain.load_state_dict(model.state_dict())  # same parameters: the option adds none
-    x = torch.randn(2, 1, 512, 320)
+    model, plain, x = _symmetric_and_plain("flips_at_inference")
     all_dims = [(), (-1,), (-2,), (-2, -1)]
     with torch.no_grad():
         views = [plain(reflect_on_cells(x, (16, 10), 32, 0, d)).saliency.flip(d) for d in all_dims]
