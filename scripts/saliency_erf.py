@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = []
     for index in range(min(args.images, len(images))):
         x = images.load(index)["image"][None]
-        h, w = model.forward_global(x)[1].shape[-2:]
+        with torch.no_grad():  # the network's own cells (a model may read a finer grid at inference)
+            h, w = model.global_net(x).shape[-2:]
         # interior cells, at least three cells from every edge where the grid allows
         cells = [(h // 2 - 3, w // 2 - 1), (h // 2, w // 2), (h // 2 + 3, w // 2 + 1), (h // 2, w // 2 - 2)]
         parts.append(erf_offsets(model, x, cells))

@@ -1,7 +1,7 @@
 """Where a trained model's saliency peaks lie relative to the lesions of one split (docs/localization.md).
 
     python scripts/saliency_offsets.py RUN_DIR [--model best_dice_model.safetensors] [--split val] [--limit N]
-        [--symmetry none|point|point_at_inference|flips_at_inference]
+        [--symmetry none|point|point_at_inference|flips_at_inference] [--grid native|fine_at_inference]
 
 RUN_DIR is a ``mammogmic train`` / ``mammogmic demo`` run folder (its ``config.yaml`` gives the manifest and the
 input contract). Prints one JSON object: hard Dice with both upsamplings, and
@@ -12,7 +12,8 @@ split's images labelled without any finding (``normal_images``), the median of e
 that reach 0.5 (a mark on a normal breast). ``--symmetry`` reads the same weights with another
 ``saliency_symmetry`` (the model runs in eval mode, so ``point`` is the mean of the maps of the image and of its
 180-degree turn, ``point_at_inference`` their geometric mean, ``flips_at_inference`` the geometric mean over the
-image, its left-right and top-bottom mirror images and its 180-degree turn).
+image, its left-right and top-bottom mirror images and its 180-degree turn); ``--grid`` with another
+``saliency_grid``. The ``_cells`` figures are in the global network's own cells (its stride), also on a finer grid.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import yaml
 from mammogmic.data.dataset import MammogramDataset
 from mammogmic.evaluation.localization import DiceResult, PeakOffsets, dice_scores, peak_offsets
 from mammogmic.models.checkpoint import load_model
-from mammogmic.models.config import SYMMETRIES
+from mammogmic.models.config import SALIENCY_GRIDS, SYMMETRIES
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.data import split_dataset
 
@@ -55,10 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="at most N images with a lesion")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--symmetry", choices=SYMMETRIES, default=None, help="saliency_symmetry to read with")
+    parser.add_argument("--grid", choices=SALIENCY_GRIDS, default=None, help="saliency_grid to read with")
     args = parser.parse_args(argv)
     images, model = load_run(args, masks=True)
     if args.symmetry is not None:
         model.config = dataclasses.replace(model.config, saliency_symmetry=args.symmetry)
+    if args.grid is not None:
+        model.config = dataclasses.replace(model.config, saliency_grid=args.grid)
     lesion = [bool(item.malignant_mask_path or item.benign_mask_path) for item in images.items]
     indices = [i for i in range(len(images)) if lesion[i]][: args.limit]
     dice: dict[str, list[DiceResult]] = {"aligned": [], "nearest": []}
@@ -74,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             for class_index, name in enumerate(("benign", "malignant")):
                 offsets[name].append(
                     peak_offsets(
-                        out.saliency, masks, out.patch_locations, model.config.crop_size, class_index, x
+                        out.saliency,
+                        masks,
+                        out.patch_locations,
+                        model.config.crop_size,
+                        class_index,
+                        x,
+                        cell_px=model.global_net.stride,
                     )
                 )
     maxima = []
@@ -88,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": str(args.run),
         "model": args.model,
         "saliency_symmetry": model.config.saliency_symmetry,
+        "saliency_grid": model.config.saliency_grid,
         "split": args.split,
         "images": len(indices),
         "normal_images": {

@@ -117,6 +117,7 @@ def test_saliency_scripts_read_a_demo_run(
     assert set(offsets["dice"]) == {"aligned", "nearest"}
     assert offsets["offsets"]["malignant"]["stride_px"] == 32.0
     assert offsets["saliency_symmetry"] == "flips_at_inference"  # the demo's own
+    assert offsets["saliency_grid"] == "fine_at_inference"  # cells in the network's 32 pixels (stride_px above)
     # The training split of 12 exams holds normal images (the test split's 2 exams may not).
     for symmetry in ("flips_at_inference", "none"):
         assert saliency_offsets.main([str(out / "run"), "--split", "train", "--symmetry", symmetry]) == 0

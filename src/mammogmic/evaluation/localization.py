@@ -233,7 +233,8 @@ class PeakOffsets:
         peak_aligned: peak cell placed at its receptive-field centre ``(s·i, s·j)``.
         peak_nearest: peak cell placed at its nearest-neighbour block centre ``(s·i + (s-1)/2, …)``.
         patch_nearest: centre of the retrieved patch closest to the lesion centroid (``NaN`` without patches).
-        stride: pixels per saliency cell (rows, cols).
+        stride: pixels per saliency cell (rows, cols), the unit of the summary's ``_cells`` figures: the map's
+            spacing, or the network's stride when the map is finer (``peak_offsets``' ``cell_px``).
         peak_signed: ``(N, 2)`` signed (rows, cols) offset from the lesion centroid to the aligned peak.
         inward_cosine: cosine between that offset and the direction from the lesion centroid to the breast's
             centroid (``NaN`` without images): near 1 when the peak sits on the lesion's chest-wall/interior side.
@@ -333,6 +334,7 @@ def peak_offsets(
     class_index: int = 1,
     images: Any = None,
     radius: int = 3,
+    cell_px: float | None = None,
 ) -> PeakOffsets:
     """How far the saliency peak (and the nearest retrieved patch) lies from each lesion's centroid.
 
@@ -345,6 +347,9 @@ def peak_offsets(
         images: optional ``(N, 1, H, W)`` model inputs; the breast is every pixel above the image's minimum (the
             background of a standardised, zero-padded window), for :attr:`PeakOffsets.inward_cosine`.
         radius: cells on each side of the lesion's cell in :attr:`PeakOffsets.profile`.
+        cell_px: pixels per cell for the summary's ``_cells`` figures (:attr:`PeakOffsets.stride`): the
+            network's own stride when the map is finer than its cells (``saliency_grid: fine_at_inference``);
+            by default the map's own spacing.
     """
     sal = _to_numpy(saliency)[:, class_index].astype(np.float64)
     mask = _to_numpy(masks)[:, class_index] != 0
@@ -399,7 +404,7 @@ def peak_offsets(
         peak_aligned,
         peak_nearest,
         patch_nearest,
-        (sy, sx),
+        (sy, sx) if cell_px is None else (float(cell_px), float(cell_px)),
         signed,
         inward,
         profile,

@@ -538,6 +538,7 @@ _BEHAVIOUR_WITHOUT_OFFICIAL_FORM = (
     "patch_selection",
     "patch_alignment",
     "saliency_symmetry",
+    "saliency_grid",
     "attention",
     "prediction",
     "fusion_pooling",
@@ -550,9 +551,10 @@ def official_state_dict(model: GMIC) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: the architecture has no official equivalent (``global_arch: resnet10``,
             ``global_stride: 16``), or the model runs an option the official code does not have (a non-default
-            ``aggregation``, ``patch_selection``, ``patch_alignment``, ``saliency_symmetry``, ``attention``,
-            ``prediction`` or ``fusion_pooling``): a ``.p`` file carries weights only, so the official code, or
-            :func:`load_official_checkpoint`, would run those weights another way than they were trained.
+            ``aggregation``, ``patch_selection``, ``patch_alignment``, ``saliency_symmetry``, ``saliency_grid``,
+            ``attention``, ``prediction`` or ``fusion_pooling``): a ``.p`` file carries weights only, so the
+            official code, or :func:`load_official_checkpoint`, would run those weights another way than they were
+            trained.
     """
     cfg = model.config
     released = GMICConfig()

@@ -25,6 +25,7 @@ REFLECTIONS: dict[str, tuple[tuple[int, ...], ...]] = {
     "flips_at_inference": ((-1,), (-2,), (-2, -1)),
 }
 SYMMETRIES = tuple(REFLECTIONS)
+SALIENCY_GRIDS = ("native", "fine_at_inference")
 FUSION_POOLINGS = ("max", "top_t")
 
 
@@ -112,6 +113,14 @@ class GMICConfig:
             input, of its left-right and top-bottom mirror images and of its 180-degree turn (each about cell
             centres, mapped back): a map leaning any way from a lesion keeps the lesion's cell. Costs three
             more global passes in eval mode.
+        saliency_grid: ``"native"`` (the paper: one cell per stride of the global network) or
+            ``"fine_at_inference"``: in eval mode only, the global network's last stage reads every cell of its
+            input grid instead of every other (:func:`mammogmic.models.resnet.finer_stage`), so the maps, ``h_g``
+            and the patch windows lie on a grid of half the stride: the network's own cells at even indices, its
+            maps of the input shifted by half a cell in between (shift-and-stitch). The argmax peak can then
+            fall between two of the network's cells. Training is unchanged; with ``saliency_symmetry`` the
+            mirrorings are about the finer grid's cell centres. Needs a global network whose last stage strides
+            (not ``global_stride: 16``).
         attention: ``"gated"`` attention MIL or ``"uniform"`` weights (ablation).
         attention_dim: M, hidden size of the gated attention.
         prediction: which head is the model's prediction: ``"fusion"`` (paper), ``"global"``, ``"local"`` or
@@ -140,6 +149,7 @@ class GMICConfig:
     patch_overlap: str = "forbid"
     patch_alignment: str = "official"
     saliency_symmetry: str = "none"
+    saliency_grid: str = "native"
     attention: str = "gated"
     attention_dim: int = 128
     prediction: str = "fusion"
@@ -156,6 +166,7 @@ class GMICConfig:
         _choice("patch_overlap", self.patch_overlap, OVERLAPS)
         _choice("patch_alignment", self.patch_alignment, ALIGNMENTS)
         _choice("saliency_symmetry", self.saliency_symmetry, SYMMETRIES)
+        _choice("saliency_grid", self.saliency_grid, SALIENCY_GRIDS)
         _choice("attention", self.attention, ATTENTIONS)
         _choice("prediction", self.prediction, PREDICTIONS)
         _choice("fusion_pooling", self.fusion_pooling, FUSION_POOLINGS)
@@ -167,6 +178,11 @@ class GMICConfig:
             raise ConfigError(
                 f"global_stride: expected null (the architecture's own) or 16 for a v1 global network "
                 f"(resnet18, resnet10), got {_show(stride)} with global_arch {self.global_arch!r}"
+            )
+        if stride is not None and self.saliency_grid != "native":
+            raise ConfigError(
+                f"saliency_grid: {self.saliency_grid} halves the last stage's stride, and global_stride 16 "
+                "has already removed it; use one of them"
             )
         _positive_int("local_width", self.local_width, MAX_LOCAL_WIDTH)
         _positive_int("num_classes", self.num_classes, MAX_NUM_CLASSES)

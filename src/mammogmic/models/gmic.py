@@ -7,7 +7,9 @@ Shapes for the paper's setting (input 2944x1920, K=6, 256x256 patches, ResNet-18
     saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant (saliency_symmetry "point": its mean
                                        with the maps of the input turned by 180 degrees; "point_at_inference":
                                        their geometric mean, in eval mode only; "flips_at_inference": the
-                                       geometric mean over the input and its three mirrorings, eval mode only)
+                                       geometric mean over the input and its three mirrorings, eval mode only;
+                                       saliency_grid "fine_at_inference": h_g and the maps 92x60, half the
+                                       stride, in eval mode only)
     y_global     (N, 2)                top-t% pooling of each map
     locations    (N, 6, 2)             upper-left (row, col) of each patch, input pixels
     patches      (N, 6, 1, 256, 256)   cut from x at full resolution
@@ -58,13 +60,14 @@ def _full_precision(layer: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tens
         return layer(x.to(layer.weight.dtype))
 
 
-def _run_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _run_trunk(net: nn.Module, x: torch.Tensor, fine: bool = False) -> torch.Tensor:
     """``net(x)`` for a backbone: a float32 backbone runs as it is (so autocast works as usual); one cast to
-    bf16 (:func:`mammogmic.models.fuse.cast_for_bf16`) gets its input in bf16 and returns float32 for the heads."""
+    bf16 (:func:`mammogmic.models.fuse.cast_for_bf16`) gets its input in bf16 and returns float32 for the heads.
+    ``fine``: the backbone's map on a grid of half its stride (:func:`mammogmic.models.resnet.finer_stage`)."""
     dtype = next(net.parameters()).dtype
     if dtype == torch.float32:
-        return net(x)
-    return net(x.to(dtype)).float()
+        return net(x, fine=fine) if fine else net(x)
+    return (net(x.to(dtype), fine=fine) if fine else net(x.to(dtype))).float()
 
 
 @dataclass
@@ -158,17 +161,19 @@ class GMIC(nn.Module):
     # -- stages -------------------------------------------------------------------------------------------
     def forward_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global network: ``h_g`` (N, D_g, h, w), saliency (N, C, h, w), ``y_global`` (N, C)."""
-        h_g = _run_trunk(self.global_net, x)
+        cfg = self.config
+        net = self.global_net
+        fine = cfg.saliency_grid == "fine_at_inference" and not self.training
+        h_g = _run_trunk(net, x, fine)
         logits = _full_precision(self.saliency_head, h_g)
         saliency = torch.sigmoid(logits)
-        cfg = self.config
         symmetry = cfg.saliency_symmetry
         if symmetry == "point" or (symmetry.endswith("_at_inference") and not self.training):
-            net = self.global_net
             grid_hw = (saliency.shape[2], saliency.shape[3])
+            stride = net.stride // 2 if fine else net.stride
             views = [logits]
             for dims in REFLECTIONS[symmetry]:
-                mirrored = _run_trunk(net, reflect_on_cells(x, grid_hw, net.stride, net.cell_origin, dims))
+                mirrored = _run_trunk(net, reflect_on_cells(x, grid_hw, stride, net.cell_origin, dims), fine)
                 views.append(_full_precision(self.saliency_head, mirrored).flip(dims))
             if symmetry == "point":
                 saliency = (saliency + torch.sigmoid(views[1])) / 2

@@ -7,11 +7,13 @@
   (:class:`Bottleneck`, stride on the 3x3 conv) in the torchvision parameter layout, used as the local
   network (and as the optional v1 global network and the paper's ResNet-34 baseline).
 
-Both return the last feature map (no pooling, no classifier).
+Both return the last feature map (no pooling, no classifier); ``forward(x, fine=True)`` returns it on a grid
+twice as fine (:func:`finer_stage`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +49,39 @@ def _max3_stride2(x: torch.Tensor, dim: int, padding: int) -> torch.Tensor:
         part = r.narrow(dim, o0, o1 - o0)
         torch.maximum(part, values, out=part)
     return r
+
+
+def finer_stage(stage: nn.Module) -> nn.Module:
+    """A view of a trunk's last stage that reads every position of its input grid, not every other one.
+
+    Its stride-2 convolutions run at stride 1 and every later convolution wider than 1x1 is dilated by 2 (its
+    padding doubled), so output cell ``k`` of the view is centred on the input grid's cell ``k``: at even ``k``
+    it is the stage's own output cell ``k / 2``, at odd ``k`` the output cell the stage gives for the input
+    shifted by one input cell, half an output cell (shift-and-stitch, computed in one pass; only the zero
+    padding at the far border differs from really shifting the image). The weights are the stage's own: the
+    view is made of shallow copies that share their parameters and buffers, so it is built per call and never
+    saved or trained.
+
+    Raises:
+        ValueError: the stage has no stride-2 convolution (a grid that is already fine, e.g. ``ResNetV1`` with
+            ``stride=16``).
+    """
+    strided = [m for m in stage.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    if not strided:
+        raise ValueError("the last stage does not stride, so it has no finer grid to read")
+
+    def view(module: nn.Module) -> nn.Module:
+        twin = copy.copy(module)  # shares _parameters and _buffers with the original
+        twin._modules = {name: None if m is None else view(m) for name, m in module._modules.items()}
+        if isinstance(twin, nn.Conv2d):
+            if twin.stride == (2, 2):
+                twin.stride = (1, 1)
+            elif twin.kernel_size != (1, 1):
+                twin.dilation = (2 * twin.dilation[0], 2 * twin.dilation[1])
+                twin.padding = (2 * int(twin.padding[0]), 2 * int(twin.padding[1]))  # type: ignore[index]
+        return twin
+
+    return view(stage)
 
 
 class MaxPool3x3s2(nn.MaxPool2d):
@@ -168,10 +203,11 @@ class ResNet22(nn.Module):
         first: PreActBlock = self.stages[0][0]  # type: ignore[index]
         return first.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fine: bool = False) -> torch.Tensor:
+        """The last feature map; ``fine``: the last stage read by :func:`finer_stage` (half the stride)."""
         x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
+        for i, stage in enumerate(self.stages):
+            x = (finer_stage(stage) if fine and i == len(self.stages) - 1 else stage)(x)
         return self.relu(self.final_bn(x))
 
 
@@ -272,6 +308,8 @@ class ResNetV1(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fine: bool = False) -> torch.Tensor:
+        """The last feature map; ``fine``: ``layer4`` read by :func:`finer_stage` (half the stride)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return (finer_stage(self.layer4) if fine else self.layer4)(x)

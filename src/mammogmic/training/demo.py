@@ -127,6 +127,10 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 # is mirrored to the others, and only the lesion's cell is high in all four
                 # (docs/localization.md, "A symmetric map at inference").
                 "saliency_symmetry": "flips_at_inference",
+                # ... on a grid of 16-pixel cells: the network's own 32-pixel cells and, between them, its maps
+                # of the image shifted by half a cell, so the peak can fall between two of its cells
+                # (docs/localization.md, "Half-cell shifts").
+                "saliency_grid": "fine_at_inference",
                 "crop_size": [64, 64],
                 "attention_dim": 32,
             },
@@ -322,7 +326,12 @@ def evaluate_with_localization(
             parts.append(dice_scores(o.saliency, batch["masks"], threshold=0.5, upsample=mode))
         offsets.append(
             peak_offsets(
-                o.saliency, batch["masks"], o.patch_locations, config.model.crop_size, images=batch["image"]
+                o.saliency,
+                batch["masks"],
+                o.patch_locations,
+                config.model.crop_size,
+                images=batch["image"],
+                cell_px=model.global_net.stride,
             )
         )
         head_probs["fusion"][idx] = o.y_fusion.float().numpy()
