@@ -164,6 +164,13 @@ def test_peak_offsets_by_hand() -> None:
     assert summary["median_peak_offset_rows_px"] == -4.0 and summary["median_peak_offset_cols_px"] == -16.0
     assert summary["median_peak_aligned_cells"] == pytest.approx(np.hypot(4, 16) / 8)
     assert summary["fraction_peak_inward"] == 1.0
+    # A map finer than the network's cells (saliency_grid: fine_at_inference) counts in the network's cells:
+    # the same pixels, a cell of 16.
+    coarse = peak_offsets(saliency, masks, locations, (16, 16), images=images, cell_px=16).summary()
+    assert (
+        coarse["stride_px"] == 16.0 and coarse["median_peak_aligned_px"] == summary["median_peak_aligned_px"]
+    )
+    assert coarse["median_peak_aligned_cells"] == pytest.approx(np.hypot(4, 16) / 16)
     # 25 lesion pixels: equivalent radius sqrt(25 / pi) = 2.82 px, so the peak lies 5.85 radii away, outside.
     assert result.lesion_radius[0] == pytest.approx(np.sqrt(25 / np.pi)) and np.isnan(result.lesion_radius[1])
     assert summary["median_peak_aligned_radii"] == pytest.approx(np.hypot(4, 16) / np.sqrt(25 / np.pi))

@@ -79,6 +79,7 @@ def test_resnet10_global_network_round_trips_but_has_no_official_form(tmp_path: 
         ("saliency_symmetry", "point"),
         ("saliency_symmetry", "point_at_inference"),
         ("saliency_symmetry", "flips_at_inference"),
+        ("saliency_grid", "fine_at_inference"),
         ("aggregation", "gap"),
         ("attention", "uniform"),
         ("prediction", "local"),

@@ -172,18 +172,31 @@ def test_baseline_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("symmetry", ["point_at_inference", "flips_at_inference"])
-def test_gmic_with_symmetric_maps_at_inference_exports(tmp_path: Path, symmetry: str) -> None:
-    # The demo's models read the geometric mean of the maps of the image and of its mirror images at inference:
-    # the extra global passes (flips, shifts, replicate padding) must be in the graph and give the same outputs.
+@pytest.mark.parametrize(
+    ("symmetry", "grid"),
+    [
+        ("point_at_inference", "native"),
+        ("flips_at_inference", "native"),
+        ("flips_at_inference", "fine_at_inference"),
+    ],
+)
+def test_gmic_with_symmetric_maps_at_inference_exports(tmp_path: Path, symmetry: str, grid: str) -> None:
+    # The demo's models read the geometric mean of the maps of the image and of its mirror images at inference,
+    # on the finer grid: the extra global passes (flips, shifts, replicate padding) and the last stage's
+    # stride-1 / dilated convolutions must be in the graph and give the same outputs.
     torch.manual_seed(0)
     cfg = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2)
-    cfg = cfg.replace(saliency_symmetry=symmetry)
+    cfg = cfg.replace(saliency_symmetry=symmetry, saliency_grid=grid)
     model = fuse_for_inference(GMIC(cfg).eval())
     x = np.random.default_rng(0).standard_normal((2, 1, 512, 320)).astype(np.float32)
     result = export_onnx(model, tmp_path / "g.onnx", (512, 320), check_inputs=[x])
     assert result.check is not None and result.check.ok and result.check.same_locations
-    plain = fuse_for_inference(GMIC(cfg.replace(saliency_symmetry="none")).eval())
+    plain = fuse_for_inference(GMIC(cfg.replace(saliency_symmetry="none", saliency_grid="native")).eval())
     plain.load_state_dict(model.state_dict())
     got, without = OnnxSession(result.path)(x), torch_outputs(plain, x)
-    assert not np.allclose(got["saliency"], without["saliency"], atol=1e-3)  # the turned pass is in the graph
+    if grid == "native":
+        assert not np.allclose(
+            got["saliency"], without["saliency"], atol=1e-3
+        )  # the turned pass is in the graph
+    else:
+        assert got["saliency"].shape[-2:] == (32, 20) and without["saliency"].shape[-2:] == (16, 10)

@@ -246,12 +246,22 @@ def _symmetrise_kernels(module: torch.nn.Module) -> None:
                 m.weight.copy_((w + w.flip(-1) + w.flip(-2) + w.flip(-2, -1)) / 4)
 
 
-@pytest.mark.parametrize(("arch", "stride"), [("resnet10", None), ("resnet10", 16), ("resnet22", None)])
-def test_reflections_land_on_the_networks_own_cells(arch: str, stride: int | None) -> None:
+@pytest.mark.parametrize(
+    ("arch", "stride", "fine"),
+    [
+        ("resnet10", None, False),
+        ("resnet10", 16, False),
+        ("resnet22", None, False),
+        ("resnet10", None, True),
+        ("resnet22", None, True),
+    ],
+)
+def test_reflections_land_on_the_networks_own_cells(arch: str, stride: int | None, fine: bool) -> None:
     """A global network with mirror-symmetric kernels computes, on the input mirrored about cell centres (left-
     right, top-bottom, both: a 180-degree turn), its features mirrored the same way: exactly, on the cells whose
     receptive field stays inside the image. A plain flip does not (it is a cell off). This is what checks
-    ``stride`` and ``cell_origin`` against the real layers."""
+    ``stride`` and ``cell_origin`` against the real layers; ``fine``: the same on the grid of half the stride
+    (``saliency_grid: fine_at_inference``), mirrored about its own cell centres."""
     from mammogmic.models.roi import reflect_on_cells
 
     torch.manual_seed(0)
@@ -263,29 +273,34 @@ def test_reflections_land_on_the_networks_own_cells(arch: str, stride: int | Non
     hw = (512, 320) if arch == "resnet10" else (1024, 640)
     x = torch.randn(1, 1, *hw)
     net = model.global_net
+    cell = net.stride // 2 if fine else net.stride
 
     def disagreement(mirrored_input: torch.Tensor, dims: tuple[int, ...]) -> float:
         with torch.no_grad():
-            own = net(x)
-            back = net(mirrored_input).flip(dims)
+            own = net(x, fine=fine)
+            back = net(mirrored_input, fine=fine).flip(dims)
         h, w = own.shape[-2:]
-        m = max(3, 96 // net.stride)  # cells away from every border (as many pixels at stride 16 as at 32)
+        # cells away from every border: as many pixels at stride 16 as at 32, and on the finer grid as on the own
+        m = max(3, 96 // net.stride) * (net.stride // cell)
         inner = (slice(None), slice(None), slice(m, h - m), slice(m, w - m))
         return float((own - back)[inner].abs().max() / own[inner].abs().max())
 
     with torch.no_grad():
-        grid = tuple(net(x).shape[-2:])
+        grid = tuple(net(x, fine=fine).shape[-2:])
     all_dims = [(-2, -1), (-2,), (-1,)]
     for dims in all_dims:  # random kernels are not symmetric
-        assert disagreement(reflect_on_cells(x, grid, net.stride, net.cell_origin, dims), dims) > 0.1
+        assert disagreement(reflect_on_cells(x, grid, cell, net.cell_origin, dims), dims) > 0.1
     _symmetrise_kernels(net)
     for dims in all_dims:
-        mirrored = reflect_on_cells(x, grid, net.stride, net.cell_origin, dims)
+        mirrored = reflect_on_cells(x, grid, cell, net.cell_origin, dims)
         # ResNet-22's receptive field reaches the borders from every cell of this small input: a small remainder.
         assert disagreement(mirrored, dims) < (1e-4 if arch == "resnet10" else 1e-2)
         assert disagreement(x.flip(dims), dims) > 0.1
         if net.cell_origin:  # the 2-pixel origin matters
-            assert disagreement(reflect_on_cells(x, grid, net.stride, 0, dims), dims) > 0.1
+            assert disagreement(reflect_on_cells(x, grid, cell, 0, dims), dims) > 0.1
+        if fine:  # about the network's own cell centres, the finer grid's map is half a fine cell off
+            coarse = tuple(net(x).shape[-2:])
+            assert disagreement(reflect_on_cells(x, coarse, net.stride, net.cell_origin, dims), dims) > 0.1
 
 
 def _symmetric_and_plain(symmetry: str) -> tuple[GMIC, GMIC, torch.Tensor]:
@@ -326,19 +341,27 @@ def test_point_symmetric_saliency_is_equivariant_and_costs_one_more_global_pass(
         assert torch.equal(at_inference.train().forward_global(x)[1], plain.train().forward_global(x)[1])
 
 
-def test_flips_at_inference_keep_what_every_mirror_image_marks() -> None:
+@pytest.mark.parametrize("grid", ["native", "fine_at_inference"])
+def test_flips_at_inference_keep_what_every_mirror_image_marks(grid: str) -> None:
     from mammogmic.models.roi import reflect_on_cells
 
     model, plain, x = _symmetric_and_plain("flips_at_inference")
+    model.config = model.config.replace(saliency_grid=grid)
+    plain.config = plain.config.replace(saliency_grid=grid)
+    fine = grid == "fine_at_inference"
+    cells, cell = (
+        ((32, 20), 16) if fine else ((16, 10), 32)
+    )  # mirrored about the centres of the grid it reads
     all_dims = [(), (-1,), (-2,), (-2, -1)]
     with torch.no_grad():
-        views = [plain(reflect_on_cells(x, (16, 10), 32, 0, d)).saliency.flip(d) for d in all_dims]
+        views = [plain(reflect_on_cells(x, cells, cell, 0, d)).saliency.flip(d) for d in all_dims]
         agreed = model(x).saliency
+        assert agreed.shape[-2:] == cells
         assert torch.allclose(agreed, torch.stack(views).prod(dim=0) ** 0.25, atol=1e-6)
         # equivariant under each mirroring on the cells the shifted-in edges cannot reach, random weights
-        inner = (slice(None), slice(None), slice(0, 12), slice(0, 6))
+        inner = (slice(None), slice(None), slice(0, 12 * cells[0] // 16), slice(0, 6 * cells[1] // 10))
         for dims in all_dims[1:]:
-            back = model(reflect_on_cells(x, (16, 10), 32, 0, dims)).saliency.flip(dims)
+            back = model(reflect_on_cells(x, cells, cell, 0, dims)).saliency.flip(dims)
             assert torch.allclose(agreed[inner], back[inner], atol=1e-6)
             assert not torch.allclose(views[0][inner], views[all_dims.index(dims)][inner], atol=1e-2)
         # training reads the paper's maps
@@ -369,6 +392,73 @@ def test_stride_16_global_network_has_the_same_parameters_and_a_finer_grid() -> 
     assert ((out_fine.patch_locations >= 0) & (out_fine.patch_locations <= torch.tensor([448, 256]))).all()
     with pytest.raises(ConfigError, match="global_stride"):
         GMICConfig(global_stride=16)  # ResNet-22 keeps the official stride 64
+
+
+def _geometry(module: torch.nn.Module) -> tuple[object, ...]:
+    return tuple(getattr(module, name, None) for name in ("stride", "padding", "dilation"))
+
+
+@pytest.mark.parametrize("arch", ["resnet10", "resnet18", "resnet50", "resnet22"])
+def test_fine_grid_is_the_trunk_on_the_input_shifted_by_half_a_cell(arch: str) -> None:
+    """``forward(x, fine=True)``: even cells are the trunk's own cells (to float rounding: a stride-1 convolution
+    sums in another order than a stride-2 one); odd rows / columns are the
+    trunk's cells on the input shifted by half its stride (down, right, both), on the cells whose receptive field
+    stays clear of the borders. Covers the stride-2 block (ResNet-10), later dilated blocks (ResNet-18),
+    bottlenecks (ResNet-50) and the pre-activation global network (ResNet-22, stride 64)."""
+    from mammogmic.models.resnet import ResNet22, ResNetV1
+
+    torch.manual_seed(0)
+    net = (ResNet22(1, 2) if arch == "resnet22" else ResNetV1(arch, 1, 4)).eval()
+    half = net.stride // 2
+    before, keys = [_geometry(m) for m in net.modules()], list(net.state_dict())
+    x = torch.randn(1, 1, 32 * net.stride, 20 * net.stride)  # a 32x20 grid of the trunk's own cells
+    with torch.no_grad():
+        own, fine = net(x), net(x, fine=True)
+        assert fine.shape[-2:] == (64, 40)
+        assert torch.allclose(fine[..., ::2, ::2], own, atol=1e-5 * float(own.abs().max()))
+        m = 7  # cells from every border
+        for down, right in ((1, 0), (0, 1), (1, 1)):
+            shifted = net(x[..., half * down :, half * right :])
+            between = fine[..., down::2, right::2][..., : shifted.shape[-2], : shifted.shape[-1]]
+            inner = (slice(None), slice(None), slice(m, -m), slice(m, -m))
+            scale = shifted[inner].abs().max()
+            assert float((between - shifted)[inner].abs().max() / scale) < 1e-5, (down, right)
+            assert float((between[inner] - own[inner]).abs().max() / scale) > 0.1  # not the own cells again
+    # a view: the trunk keeps its layers' geometry and its parameters
+    assert [_geometry(m) for m in net.modules()] == before
+    assert list(net.state_dict()) == keys
+    with pytest.raises(ValueError, match="does not stride"):
+        ResNetV1("resnet10", 1, 4, stride=16)(x[..., :256, :160], fine=True)
+
+
+def test_fine_grid_at_inference_refines_the_maps_and_leaves_training_alone() -> None:
+    from mammogmic.models import fuse_for_inference
+
+    torch.manual_seed(0)
+    cfg = GMICConfig(
+        global_arch="resnet10",
+        global_width=4,
+        local_width=4,
+        crop_size=(64, 64),
+        num_patches=2,
+        patch_alignment="centered",
+    )
+    model, plain = GMIC(cfg.replace(saliency_grid="fine_at_inference")).eval(), GMIC(cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 512, 320)
+    with torch.no_grad():
+        out, own = model(x), plain(x)
+        assert out.saliency.shape == (2, 2, 32, 20) and out.h_g.shape[-2:] == (32, 20)
+        assert torch.allclose(out.saliency[..., ::2, ::2], own.saliency, atol=1e-6)
+        # patches are cut where the finer map points: inside the image, on the 16-pixel grid
+        assert ((out.patch_locations >= 0) & (out.patch_locations <= torch.tensor([448, 256]))).all()
+        assert not torch.equal(out.patch_locations, own.patch_locations)
+        assert torch.allclose(fuse_for_inference(model)(x).saliency, out.saliency, atol=1e-5)
+        assert torch.equal(model.train().forward_global(x)[1], plain.train().forward_global(x)[1])
+    with pytest.raises(ConfigError, match="saliency_grid: fine_at_inference halves"):
+        cfg.replace(global_stride=16, saliency_grid="fine_at_inference")
+    with pytest.raises(ConfigError, match="saliency_grid"):
+        GMICConfig(saliency_grid="fine")
 
 
 def test_top_t_fusion_pooling_trains_every_top_cell_of_a_feature(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -117,7 +117,13 @@ def test_saliency_scripts_read_a_demo_run(
     assert set(offsets["dice"]) == {"aligned", "nearest"}
     assert offsets["offsets"]["malignant"]["stride_px"] == 32.0
     assert offsets["saliency_symmetry"] == "flips_at_inference"  # the demo's own
-    assert offsets["saliency_grid"] == "fine_at_inference"  # cells in the network's 32 pixels (stride_px above)
+    assert offsets["saliency_grid"] == "fine_at_inference"  # yet counted in the network's 32-pixel cells
+    assert saliency_offsets.main([str(out / "run"), "--split", "test", "--grid", "native"]) == 0
+    native = json.loads(capsys.readouterr().out)
+    assert native["saliency_grid"] == "native" and native["offsets"]["malignant"]["stride_px"] == 32.0
+    assert (
+        native["offsets"]["malignant"] != offsets["offsets"]["malignant"]
+    )  # the same weights read another way
     # The training split of 12 exams holds normal images (the test split's 2 exams may not).
     for symmetry in ("flips_at_inference", "none"):
         assert saliency_offsets.main([str(out / "run"), "--split", "train", "--symmetry", symmetry]) == 0
