@@ -67,6 +67,40 @@ def test_ablation_rows_divergence_and_resume(tmp_path: Path, monkeypatch: pytest
     assert len(pd.read_csv(base_run / "epochs.csv")) == 1
     assert third[0]["seconds"] != -1.0
 
+    # Read again with other inference-only settings: no training, the study untouched, the same rows.
+    trained.clear()
+    study_table = (tmp_path / "out" / "ablations.csv").read_bytes()
+    own = {"saliency_symmetry": "flips_at_inference", "saliency_grid": "fine_at_inference"}  # the demo's
+    same = ablate.reread_ablations(tmp_path / "out", tmp_path / "same", own)
+    assert trained == [] and (tmp_path / "out" / "ablations.csv").read_bytes() == study_table
+    assert [r["variant"] for r in same] == names
+    for key in ("malignant_auroc", "benign_auroc", "malignant_dice"):  # the study's own reading, reproduced
+        np.testing.assert_equal([r[key] for r in same[:4]], [r[key] for r in third[:4]], err_msg=key)
+    assert same[0]["seconds"] == third[0]["seconds"]  # the study's cost, not the re-read's
+    native = ablate.reread_ablations(tmp_path / "out", tmp_path / "native", {"saliency_grid": "native"})
+    kept_native = json.loads(
+        (tmp_path / "native" / "seed0" / "runs" / "base" / ablate.RESULT_FILE).read_text()
+    )
+    kept_own = json.loads((tmp_path / "same" / "seed0" / "runs" / "base" / ablate.RESULT_FILE).read_text())
+    assert kept_native["read_with"] == {"saliency_grid": "native"}
+    assert kept_native["test"]["malignant_offsets"] != kept_own["test"]["malignant_offsets"]  # another map
+    assert native[-1]["variant"] == "uniform attention (diverged)"
+    assert json.loads((tmp_path / "native" / "ablations.json").read_text())["read_with"] == {
+        "saliency_grid": "native"
+    }
+    # scripts/ablation_reread.py reads with the demo's current settings by default: the study's own here
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
+    import ablation_reread
+
+    assert ablation_reread.main([str(tmp_path / "out"), str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "ablations.csv").read_bytes() == (
+        tmp_path / "same" / "ablations.csv"
+    ).read_bytes()
+    with pytest.raises(ConfigError, match="overwrite the study"):
+        ablate.reread_ablations(tmp_path / "out", tmp_path / "out", own)
+    with pytest.raises(ConfigError, match="num_patches would change what the model computes"):
+        ablate.reread_ablations(tmp_path / "out", tmp_path / "k", {"num_patches": 2})
+
 
 def test_data_with_several_seeds_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="single seed"):

@@ -26,6 +26,22 @@ REFLECTIONS: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 SYMMETRIES = tuple(REFLECTIONS)
 SALIENCY_GRIDS = ("native", "fine_at_inference")
+#: GMICConfig fields that add no parameters and change how a trained model reads its saliency maps, so the same
+#: weights can be scored with another value (scripts/saliency_offsets.py, scripts/ablation_reread.py).
+INFERENCE_SETTINGS = ("saliency_symmetry", "saliency_grid")
+
+
+def check_inference_settings(settings: dict[str, Any] | Any) -> None:
+    """Refuse any key of ``settings`` that is not one of :data:`INFERENCE_SETTINGS` (values are checked when a
+    config is built with them)."""
+    unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+    if unknown:
+        raise ConfigError(
+            f"{', '.join(unknown)} would change what the model computes, not only how it reads its maps; "
+            f"expected some of {', '.join(INFERENCE_SETTINGS)}"
+        )
+
+
 FUSION_POOLINGS = ("max", "top_t")
 
 

@@ -29,20 +29,22 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from mammogmic.errors import ConfigError, ManifestError
 from mammogmic.evaluation.metrics import paired_t_test
+from mammogmic.models.config import check_inference_settings
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.demo import DemoSettings, _best_or_last, demo_synth_config, demo_train_config
 from mammogmic.training.loop import Callback, NonFiniteLossError, Trainer
 
-__all__ = ["AblationSettings", "run_ablations", "summarize_ablations"]
+__all__ = ["AblationSettings", "reread_ablations", "run_ablations", "summarize_ablations"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +123,6 @@ def _train_and_evaluate(cfg: TrainConfig, run: Path, callback: Callback | None) 
     the AUROC-selected model and its heads, with ``malignant_dice`` taken from the Dice-selected model (as the
     demo reports it), or ``diverged`` with the error when the loss became non-finite.
     """
-    from mammogmic.training.demo import evaluate_with_localization
-
     kept, last = run / RESULT_FILE, run / "last.pt"
     if kept.exists() and (not last.exists() or kept.stat().st_mtime >= last.stat().st_mtime):
         result: dict[str, Any] = json.loads(kept.read_text())
@@ -138,21 +138,94 @@ def _train_and_evaluate(cfg: TrainConfig, run: Path, callback: Callback | None) 
         kept.write_text(json.dumps(result, indent=2) + "\n")
         return result
     t_eval = time.perf_counter()
-    res = evaluate_with_localization(cfg, _best_or_last(run), run, n_figures=0, heads=True)
+    result = _evaluate_run(cfg, run, run)
+    # The run's cost: its epochs as logged (whenever they ran, across resumes) plus this evaluation.
+    result["seconds"] = round(_training_seconds(run) + time.perf_counter() - t_eval, 1)
+    kept.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _evaluate_run(
+    cfg: TrainConfig, run: Path, out: Path, inference: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A trained run's test metrics and heads (AUROC-selected model), with ``malignant_dice`` from the
+    Dice-selected model as the demo reports it; predictions written under ``out``."""
+    from mammogmic.training.demo import evaluate_with_localization
+
+    res = evaluate_with_localization(
+        cfg, _best_or_last(run), out, n_figures=0, heads=True, inference=inference
+    )
     test = dict(res["test"])
     test["malignant_dice_auroc_model"] = test["malignant_dice"]
     dice_model = run / "best_dice_model.safetensors"
     if dice_model.exists():  # localization from the Dice-selected model, as the demo reports it
-        scratch = run / "dice_model"
-        scratch.mkdir(exist_ok=True)
-        test["malignant_dice"] = evaluate_with_localization(cfg, dice_model, scratch, n_figures=0)["test"][
-            "malignant_dice"
-        ]
-    # The run's cost: its epochs as logged (whenever they ran, across resumes) plus this evaluation.
-    seconds = _training_seconds(run) + time.perf_counter() - t_eval
-    result = {"test": test, "heads": res["heads"], "seconds": round(seconds, 1)}
-    kept.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+        scratch = out / "dice_model"
+        scratch.mkdir(parents=True, exist_ok=True)
+        test["malignant_dice"] = evaluate_with_localization(
+            cfg, dice_model, scratch, n_figures=0, inference=inference
+        )["test"]["malignant_dice"]
+    return {"test": test, "heads": res["heads"]}
+
+
+def reread_ablations(
+    study_dir: str | Path,
+    out_dir: str | Path,
+    inference: Mapping[str, str],
+    *,
+    on_run: Callable[[str, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Score every evaluated run of a finished study again, read with other inference-only settings, no training.
+
+    The same weights and the same model selections (the study's ``best_model`` and ``best_dice_model`` files),
+    read e.g. with the demo's current ``saliency_symmetry`` / ``saliency_grid``
+    (:data:`mammogmic.models.config.INFERENCE_SETTINGS`). Each run is evaluated with its own ``config.yaml``; the
+    table, CSVs and per-run results are written to ``out_dir`` as ``run_ablations`` writes them (each row's minutes
+    are the study's), and the study is only read. Rows that diverged in the study stay diverged.
+    """
+    check_inference_settings(inference)
+    study, out = Path(study_dir), Path(out_dir)
+    doc_path = study / "ablations.json"
+    if not doc_path.is_file():
+        raise ConfigError(f"{study}: no ablations.json (not the output folder of `mammogmic ablate`)")
+    if out.resolve() == study.resolve():
+        raise ConfigError(f"{out}: the re-read would overwrite the study it reads; give another folder")
+    doc = json.loads(doc_path.read_text())
+    base = TrainConfig.from_dict(doc["base_config"])
+    seeds = tuple(int(k) for k in doc["settings"]["seeds"])
+    groups = {str(r["group"]) for r in doc["runs"]}
+    settings = AblationSettings(
+        n_exams=int(doc["settings"]["n_exams"]),
+        epochs=int(doc["settings"]["epochs"]),
+        seeds=seeds,
+        groups=tuple(g for g in AblationSettings().groups if g in groups),
+    )
+    rows: list[dict[str, Any]] = []
+    everything = AblationSettings(seeds=seeds)  # every variant the study may hold, in the study's order
+    for group, name, _ in _variants(base, everything):
+        for seed in seeds:
+            folder = name.replace(" ", "_").replace("=", "")
+            run = study / f"seed{seed}" / "runs" / folder
+            if not (run / RESULT_FILE).is_file():
+                continue  # not part of this study
+            kept = json.loads((run / RESULT_FILE).read_text())
+            target = out / f"seed{seed}" / "runs" / folder
+            target.mkdir(parents=True, exist_ok=True)
+            if "diverged" in kept:
+                result = kept
+            else:
+                cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+                result = _evaluate_run(cfg, run, target, inference)
+                result["seconds"] = kept.get("seconds", float("nan"))
+                result["read_with"] = dict(inference)
+            (target / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+            new = _seed_rows(group, name, seed, result, settings)
+            rows += new
+            if on_run is not None:
+                on_run(f"{name} (seed {seed})", new[0])
+            _write(out, rows, settings, base, {"read_with": dict(inference), "study": str(study)})
+    if not rows:
+        raise ConfigError(f"{study}: no evaluated runs to read again")
+    return rows
 
 
 def _training_seconds(run: Path) -> float:
@@ -316,7 +389,13 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
-def _write(out: Path, rows: list[dict[str, Any]], s: AblationSettings, base: TrainConfig) -> None:
+def _write(
+    out: Path,
+    rows: list[dict[str, Any]],
+    s: AblationSettings,
+    base: TrainConfig,
+    extra: dict[str, Any] | None = None,
+) -> None:
     summary = summarize_ablations(rows)
     _write_csv(out / "ablations_runs.csv", rows)
     _write_csv(out / "ablations.csv", summary)
@@ -331,6 +410,7 @@ def _write(out: Path, rows: list[dict[str, Any]], s: AblationSettings, base: Tra
         "settings": {"n_exams": s.n_exams, "epochs": s.epochs, "seeds": list(s.seeds)},
         "base_config": base.to_dict(),
         "test": "vs base: mean over seeds of (row - base row of the same seed), paired t-test over seeds (two-sided)",
+        **(extra or {}),
     }
     doc = {"summary": clean(summary), "runs": clean(rows), **meta}
     (out / "ablations.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ import torch
 from mammogmic.data.preprocessing import needs_flip
 from mammogmic.data.sample import scaled_crop_settings
 from mammogmic.errors import MammogmicError
+from mammogmic.models.config import check_inference_settings
 from mammogmic.runtime import resolve_amp
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.data import split_dataset
@@ -289,11 +290,14 @@ def evaluate_with_localization(
     callback: Callback | None = None,
     n_figures: int = 4,
     heads: bool = False,
+    inference: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Test AUROC + saliency Dice of the checkpoint on ``split``; writes predictions, ROC and figures to ``out``.
 
     With ``heads`` the result also holds ``heads``: AUROCs of the global, local and fusion heads and of the
-    global/local average, all from this one model.
+    global/local average, all from this one model. ``inference``: settings that change only how the model is read
+    in eval mode (:data:`mammogmic.models.config.INFERENCE_SETTINGS`), to score the same weights another way than they were selected with
+    (e.g. an older run with the demo's current maps).
     """
     from mammogmic.evaluation.localization import DiceResult, PeakOffsets, dice_scores, peak_offsets
     from mammogmic.evaluation.outputs import FLOAT_FORMAT
@@ -306,6 +310,9 @@ def evaluate_with_localization(
     else:
         model = GMIC(config.model)
         model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    if inference:
+        check_inference_settings(inference)
+        model.config = model.config.replace(**inference)
     model.eval()
     d = config.data
     images = split_dataset(config, split, masks=True)
