@@ -66,8 +66,8 @@ def _run_trunk(net: nn.Module, x: torch.Tensor, fine: bool = False) -> torch.Ten
     ``fine``: the backbone's map on a grid of half its stride (:func:`mammogmic.models.resnet.finer_stage`)."""
     dtype = next(net.parameters()).dtype
     if dtype == torch.float32:
-        return net(x, fine=fine) if fine else net(x)
-    return (net(x.to(dtype), fine=fine) if fine else net(x.to(dtype))).float()
+        return net(x, fine=fine)
+    return net(x.to(dtype), fine=fine).float()
 
 
 @dataclass
