@@ -78,7 +78,7 @@ def finer_stage(stage: nn.Module) -> nn.Module:
                 twin.stride = (1, 1)
             elif twin.kernel_size != (1, 1):
                 twin.dilation = (2 * twin.dilation[0], 2 * twin.dilation[1])
-                twin.padding = (2 * int(twin.padding[0]), 2 * int(twin.padding[1]))  # type: ignore[index]
+                twin.padding = (2 * int(twin.padding[0]), 2 * int(twin.padding[1]))
         return twin
 
     return view(stage)
