@@ -37,6 +37,18 @@ def test_activation_checkpointing_same_outputs_and_gradients() -> None:
     x = torch.stack([data.load(i)["image"] for i in range(4)])
     y = torch.stack([data.load(i)["labels"] for i in range(4)])
     loss_fn = _build_loss(cfg)
+    # Validation of a model that reads a finer grid in eval mode passes the backbone's own keyword through
+    # (before training: recomputation updates the BN statistics a second time).
+    # (A deep copy would not do: the patched forward calls the original module's.)
+    with torch.no_grad():
+        native = plain.eval()(x).saliency
+        for model in (plain, checkpointed):
+            model.config = model.config.replace(saliency_grid="fine_at_inference")
+        fine_a, fine_b = plain.eval()(x).saliency, checkpointed.eval()(x).saliency
+        for model in (plain, checkpointed):
+            model.config = model.config.replace(saliency_grid="native")
+    torch.testing.assert_close(fine_b, fine_a, rtol=0, atol=0)
+    assert all(2 * n - 1 <= f <= 2 * n for f, n in zip(fine_a.shape[-2:], native.shape[-2:], strict=True))
     results = []
     for model in (plain, checkpointed):
         stem = _count_calls(model.global_net.stem_conv)

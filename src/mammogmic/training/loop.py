@@ -259,10 +259,12 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             continue
         original = sub.forward
 
-        def wrapped(x: torch.Tensor, _f: Callable[..., torch.Tensor] = original) -> torch.Tensor:
+        def wrapped(
+            x: torch.Tensor, _f: Callable[..., torch.Tensor] = original, **kwargs: Any
+        ) -> torch.Tensor:  # kwargs: the backbones' own (fine=, for a finer grid in eval mode)
             if torch.is_grad_enabled() and x.requires_grad is not None:
-                return checkpoint(_f, x, use_reentrant=False)
-            return _f(x)
+                return checkpoint(_f, x, use_reentrant=False, **kwargs)
+            return _f(x, **kwargs)
 
         sub.forward = functools.update_wrapper(wrapped, original)
 
