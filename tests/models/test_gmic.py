@@ -8,6 +8,10 @@ from mammogmic.errors import ConfigError
 from mammogmic.training.loss import GMICLoss, LossConfig
 
 TINY = GMICConfig(global_width=4, local_width=4, crop_size=(32, 32), attention_dim=8)
+#: A v1 global network at stride 32: a 16x10 grid at 512x320, the demo's geometry at a fraction of its width.
+SMALL_V1 = GMICConfig(
+    global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2
+)
 
 
 @pytest.mark.parametrize(("hw", "k"), [((256, 192), 6), ((320, 256), 1), ((200, 150), 3), ((512, 128), 4)])
@@ -307,7 +311,7 @@ def _symmetric_and_plain(symmetry: str) -> tuple[GMIC, GMIC, torch.Tensor]:
     """A tiny GMIC with ``saliency_symmetry``, the same weights without it (the option adds no parameters), both
     in eval mode, and a batch of two 512x320 inputs (a 16x10 grid of stride 32)."""
     torch.manual_seed(0)
-    cfg = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2)
+    cfg = SMALL_V1
     model = GMIC(cfg.replace(saliency_symmetry=symmetry)).eval()
     plain = GMIC(cfg).eval()
     plain.load_state_dict(model.state_dict())
@@ -370,7 +374,7 @@ def test_flips_at_inference_keep_what_every_mirror_image_marks(grid: str) -> Non
 
 def test_stride_16_global_network_has_the_same_parameters_and_a_finer_grid() -> None:
     torch.manual_seed(0)
-    cfg = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64), num_patches=2)
+    cfg = SMALL_V1
     coarse, fine = GMIC(cfg), GMIC(cfg.replace(global_stride=16))
     assert {k: v.shape for k, v in fine.state_dict().items()} == {
         k: v.shape for k, v in coarse.state_dict().items()
@@ -435,14 +439,7 @@ def test_fine_grid_at_inference_refines_the_maps_and_leaves_training_alone() -> 
     from mammogmic.models import fuse_for_inference
 
     torch.manual_seed(0)
-    cfg = GMICConfig(
-        global_arch="resnet10",
-        global_width=4,
-        local_width=4,
-        crop_size=(64, 64),
-        num_patches=2,
-        patch_alignment="centered",
-    )
+    cfg = SMALL_V1.replace(patch_alignment="centered")
     model, plain = GMIC(cfg.replace(saliency_grid="fine_at_inference")).eval(), GMIC(cfg).eval()
     plain.load_state_dict(model.state_dict())
     x = torch.randn(2, 1, 512, 320)
@@ -468,14 +465,7 @@ def test_top_t_fusion_pooling_trains_every_top_cell_of_a_feature(tmp_path) -> No
     from mammogmic.models.roi import top_t_count, top_t_pool
 
     torch.manual_seed(0)
-    cfg = GMICConfig(
-        global_arch="resnet10",
-        global_width=4,
-        local_width=4,
-        crop_size=(64, 64),
-        num_patches=2,
-        percent_t=0.1,
-    )
+    cfg = SMALL_V1.replace(percent_t=0.1)
     x = torch.randn(2, 1, 512, 320)
     k = top_t_count(16, 10, 0.1)
     for pooling, cells in (("max", 1), ("top_t", k)):
