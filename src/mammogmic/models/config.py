@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ SALIENCY_GRIDS = ("native", "fine_at_inference")
 INFERENCE_SETTINGS = ("saliency_symmetry", "saliency_grid")
 
 
-def check_inference_settings(settings: dict[str, Any] | Any) -> None:
+def check_inference_settings(settings: Mapping[str, Any]) -> None:
     """Refuse any key of ``settings`` that is not one of :data:`INFERENCE_SETTINGS` (values are checked when a
     config is built with them)."""
     unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))

@@ -91,6 +91,11 @@ def _variants(base: TrainConfig, s: AblationSettings) -> list[tuple[str, str, di
     return runs
 
 
+def _run_dir(out: Path, seed: int, name: str) -> Path:
+    """The folder of one row's run for one seed: ``OUT/seedS/runs/<row name, spaces as _, no =>``."""
+    return out / f"seed{seed}" / "runs" / name.replace(" ", "_").replace("=", "")
+
+
 def _manifest(out: Path, seed: int, settings: AblationSettings, data: str | Path | None) -> Path:
     """The seed's synthetic set: ``data`` when given, else ``OUT/seedS/data`` (generated once, like the demo's)."""
     from mammogmic.data.synth.dataset import generate_dataset
@@ -203,12 +208,11 @@ def reread_ablations(
     everything = AblationSettings(seeds=seeds)  # every variant the study may hold, in the study's order
     for group, name, _ in _variants(base, everything):
         for seed in seeds:
-            folder = name.replace(" ", "_").replace("=", "")
-            run = study / f"seed{seed}" / "runs" / folder
+            run = _run_dir(study, seed, name)
             if not (run / RESULT_FILE).is_file():
                 continue  # not part of this study
             kept = json.loads((run / RESULT_FILE).read_text())
-            target = out / f"seed{seed}" / "runs" / folder
+            target = _run_dir(out, seed, name)
             target.mkdir(parents=True, exist_ok=True)
             if "diverged" in kept:
                 result = kept
@@ -295,7 +299,7 @@ def run_ablations(
     for group, name, overrides in _variants(bases[settings.seeds[0]], settings):
         for seed in settings.seeds:
             cfg = bases[seed].replace(**overrides) if overrides else bases[seed]
-            run = out / f"seed{seed}" / "runs" / name.replace(" ", "_").replace("=", "")
+            run = _run_dir(out, seed, name)
             new = _seed_rows(group, name, seed, _train_and_evaluate(cfg, run, callback), settings)
             rows += new
             if on_run is not None:

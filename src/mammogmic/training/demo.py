@@ -296,8 +296,8 @@ def evaluate_with_localization(
 
     With ``heads`` the result also holds ``heads``: AUROCs of the global, local and fusion heads and of the
     global/local average, all from this one model. ``inference``: settings that change only how the model is read
-    in eval mode (:data:`mammogmic.models.config.INFERENCE_SETTINGS`), to score the same weights another way than they were selected with
-    (e.g. an older run with the demo's current maps).
+    in eval mode (:data:`mammogmic.models.config.INFERENCE_SETTINGS`), to score the same weights another way than
+    they were selected with (e.g. an older run with the demo's current maps).
     """
     from mammogmic.evaluation.localization import DiceResult, PeakOffsets, dice_scores, peak_offsets
     from mammogmic.evaluation.outputs import FLOAT_FORMAT
