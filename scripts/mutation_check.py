@@ -455,6 +455,25 @@ MUTATIONS: tuple[Mutation, ...] = (
         '    folders = [pickle_path.parent, pickle_path.parent / "images"]\n',
         ("tests/data/test_data_adapters.py::test_nyu_images_folder",),
     ),
+    Mutation(
+        "jemalloc-preload-leaks",
+        "the restarted process keeps jemalloc in LD_PRELOAD for the programs it starts",
+        "runtime.py",
+        '            os.environ.pop("LD_PRELOAD", None)\n',
+        "            pass\n",
+        ("tests/test_runtime.py::test_restarted_process_gives_children_the_users_preload",),
+    ),
+    Mutation(
+        "jemalloc-never-checked",
+        "the malloc in use is assumed from the profile instead of read from the process's maps",
+        "runtime.py",
+        '    names = ["/libjemalloc"] + ([os.path.realpath(chosen)] if chosen else [])\n',
+        '    names = [""]\n',
+        (
+            "tests/test_runtime.py::test_jemalloc_profile_restarts_the_command_on_jemalloc",
+            "tests/test_runtime.py::test_jemalloc_profile_says_what_is_wrong",
+        ),
+    ),
 )
 
 

@@ -94,6 +94,18 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 
 
 @pytest.fixture(scope="session")
+def jemalloc() -> str:
+    """The system's jemalloc (``mammogmic --allocator jemalloc``). Missing: fail when ``CI`` is set (``.ci/run``
+    installs it), skip otherwise."""
+    from mammogmic.runtime import jemalloc_library
+
+    library = jemalloc_library()
+    if library is None:
+        require_or_skip("jemalloc not installed (Debian: apt-get install -y libjemalloc2)")
+    return str(library)
+
+
+@pytest.fixture(scope="session")
 def chromium() -> str:
     """Path of Debian's ``chromium`` (the report's browser tests). Missing: fail when ``CI`` (or
     ``MAMMOGMIC_REQUIRE_CHROMIUM=1``, which ``.ci/run`` sets) is set, skip otherwise."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mammogmic.runtime import tune_allocator
+from mammogmic.runtime import allocator_in_use, tune_allocator
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -50,7 +50,7 @@ def test_profiles_set_huge_pages_and_mmap_threshold() -> None:
 
 
 def test_unknown_profile_is_refused() -> None:
-    with pytest.raises(ValueError, match="lean.*fast.*'quick'"):
+    with pytest.raises(ValueError, match="lean.*fast.*jemalloc.*'quick'"):
         tune_allocator("quick")
 
 
@@ -105,3 +105,79 @@ def test_bf16_inference_on_the_cpu_runs_the_fast_profile(monkeypatch: pytest.Mon
         "lean",
         "lean",  # with it: auto is bf16
     ]
+
+
+def _smoke(*options: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``mammogmic [options] smoke`` on a tiny input, in a process of its own (started as the console script
+    starts it, so that the jemalloc profile can restart it)."""
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MAMMOGMIC_JEMALLOC")}
+    full_env.update(env)
+    command = [sys.executable, "-m", "mammogmic.cli.main", *options, "smoke", "--input-size", "256", "192"]
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=300)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux-only")
+def test_jemalloc_profile_restarts_the_command_on_jemalloc(jemalloc: str) -> None:
+    import json
+
+    run = _smoke("--allocator", "jemalloc")
+    assert run.returncode == 0, run.stderr
+    # "malloc" is read from the process's own memory maps, after the restart
+    assert json.loads(run.stdout)["allocator"] == {"profile": "jemalloc", "malloc": "jemalloc"}
+    plain = _smoke()
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout)["allocator"] == {"profile": "lean", "malloc": "glibc"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux-only")
+def test_restarted_process_gives_children_the_users_preload(jemalloc: str) -> None:
+    import os
+
+    code = (
+        "import os; from mammogmic.runtime import allocator_in_use, ensure_jemalloc; "
+        "print(repr(ensure_jemalloc()), allocator_in_use(), repr(os.environ.get('LD_PRELOAD')), "
+        "sorted(k for k in os.environ if k.startswith('MAMMOGMIC_PRELOAD')))"
+    )
+    for user in ("libm.so.6", None):  # a harmless preload of the user's own, and none
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MAMMOGMIC_JEMALLOC")}
+        if user:
+            env["LD_PRELOAD"] = user
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        problem, malloc, preload, marks = run.stdout.split(maxsplit=3)
+        assert (problem, malloc, preload, marks.strip()) == ("''", "jemalloc", repr(user), "[]")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux-only")
+def test_jemalloc_profile_says_what_is_wrong(tmp_path: Path) -> None:
+    missing = _smoke("--allocator", "jemalloc", MAMMOGMIC_JEMALLOC=str(tmp_path / "libjemalloc.so.2"))
+    assert missing.returncode == 2
+    assert f"MAMMOGMIC_JEMALLOC={tmp_path / 'libjemalloc.so.2'}: no such file" in missing.stderr
+    # A file the dynamic loader refuses: the restarted process sees no jemalloc and says so, once.
+    not_a_library = tmp_path / "notes.txt"
+    not_a_library.write_text("not a shared library")
+    refused = _smoke("--allocator", "jemalloc", MAMMOGMIC_JEMALLOC=str(not_a_library))
+    assert refused.returncode == 2
+    assert f"the dynamic loader did not load {not_a_library}" in refused.stderr
+    assert refused.stderr.count("error:") == 1 and refused.stdout == ""
+
+
+def test_jemalloc_profile_cannot_swap_a_running_interpreter(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``main(argv)`` called from Python cannot restart the caller's interpreter: it refuses instead."""
+    import os
+
+    from mammogmic.cli.main import main
+
+    if allocator_in_use() == "jemalloc":
+        pytest.skip("this test process itself runs on jemalloc")
+    monkeypatch.setattr("mammogmic.runtime.jemalloc_library", lambda: "libjemalloc.so.2")
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("main(argv) restarted the interpreter"))
+    assert main(["--allocator", "jemalloc", "smoke", "--input-size", "256", "192"]) == 2
+    err = capsys.readouterr().err
+    assert "must be loaded when the process starts" in err and "LD_PRELOAD=libjemalloc.so.2" in err

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from mammogmic.cli.main import main
+from mammogmic.runtime import allocator_in_use
 
 
 def _folder(root: Path, write_breast_png) -> Path:  # type: ignore[no-untyped-def]
@@ -97,6 +98,8 @@ def test_predict_folder_good_and_bad(tmp_path: Path, tiny_model: Path, breast_pn
     assert run["n_predicted"] == 6
     assert run["n_inputs"] == run["n_already_predicted"] + run["n_run"] == 11
     assert run["n_run"] == run["n_predicted_now"] + run["n_errors"]
+    # float32 predict's default profile, and the malloc this (test) process runs on
+    assert run["allocator"] == {"profile": "lean", "malloc": allocator_in_use()}
 
 
 def _four_view_manifest(root: Path, write_breast_png) -> Path:  # type: ignore[no-untyped-def]

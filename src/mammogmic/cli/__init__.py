@@ -131,6 +131,14 @@ def deprecated_alias(
     )
 
 
+def allocator_record(args: argparse.Namespace) -> dict[str, str]:
+    """For a command's JSON output: the allocator profile ``main`` applied (``--allocator`` or the command's
+    default) and the malloc this process really runs on (``"glibc"`` or ``"jemalloc"``, read from its maps)."""
+    from mammogmic.runtime import allocator_in_use
+
+    return {"profile": getattr(args, "allocator_profile_used", "not set"), "malloc": allocator_in_use()}
+
+
 def show_progress(no_progress: bool = False) -> bool:
     """Whether to draw progress bars: not with ``--no-progress``, and only when stderr is a terminal (never
     into log files or pipes)."""

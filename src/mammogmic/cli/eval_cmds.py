@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mammogmic.cli import deprecated_alias, progress_bar
+from mammogmic.cli import allocator_record, deprecated_alias, progress_bar
 from mammogmic.runtime import AMP_MODES, SCORING_AMP
 
 if TYPE_CHECKING:
@@ -869,6 +869,7 @@ def _run_inference(
         "dtype": dtype,
         "fused": not args.no_fuse,
         "compiled": args.compile,
+        "allocator": allocator_record(args),
         "tta": tta,
         "seed": args.seed,
         "n_inputs": len(items),

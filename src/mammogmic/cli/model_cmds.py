@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mammogmic.cli import deprecated_alias
+from mammogmic.cli import allocator_record, deprecated_alias
 
 if TYPE_CHECKING:
     import numpy as np
@@ -156,6 +156,7 @@ def run_smoke(args: argparse.Namespace) -> int:
         "patch_locations": out.patch_locations[0].tolist(),
         "patch_attention": out.patch_attention[0].tolist(),
         "forward_seconds": round(seconds, 3),
+        "allocator": allocator_record(args),
     }
     print(json.dumps(report, indent=2))
     return 0
