@@ -8,7 +8,8 @@ torchvision, which does not install beside this CPU torch build): our plain mode
 (equal outputs to float32 rounding, tests/models/test_conformance.py). Then what ``mammogmic predict`` runs:
 float32 (BN folded, channels-last, lean allocator), bf16 autocast on that model and ``--amp bf16`` (bf16
 backbone weights cast once, :func:`mammogmic.models.cast_for_bf16`), each with both allocator profiles, and
-``--amp bf16`` as it runs by default (fast profile on 4 KiB pages: ``mammogmic.runtime.default_allocator``); then
+``--amp bf16`` as it runs by default (fast profile on 4 KiB pages: ``mammogmic.runtime.default_allocator``), and
+with ``--jemalloc`` float32 and ``--amp bf16`` under ``mammogmic --allocator jemalloc``; then
 one training step at batch 1 (float32, and bf16 autocast as ``mammogmic train`` runs it with
 ``runtime.amp: bf16``, channels-last, fast allocator). Each configuration is its own process, which runs
 ``--warmup`` untimed passes (3: the first two bf16 passes are 10-40% slower than the rest) and ``--repeats``
@@ -27,7 +28,14 @@ from bench_model import measure, print_table
 
 
 def _spec(
-    mode: str, dtype: str, fast_layout: bool, tune: bool, repeats: int, warmup: int, thp: bool = True
+    mode: str,
+    dtype: str,
+    fast_layout: bool,
+    tune: bool,
+    repeats: int,
+    warmup: int,
+    thp: bool = True,
+    jemalloc: bool = False,
 ) -> dict[str, object]:
     return {
         "model_name": "gmic",
@@ -40,6 +48,7 @@ def _spec(
         "thp": thp,
         "tune": tune,
         "fuse": fast_layout and mode == "infer",
+        "jemalloc": jemalloc,
     }
 
 
@@ -54,6 +63,11 @@ def main() -> int:
         help="untimed passes first (3): the bf16 path takes two or three passes to reach its steady speed",
     )
     p.add_argument("--no-train", action="store_true", help="inference rows only")
+    p.add_argument(
+        "--jemalloc",
+        action="store_true",
+        help="also the inference rows under `mammogmic --allocator jemalloc` (needs the system's jemalloc)",
+    )
     p.add_argument("--json", help="also write the rows as JSON to this path")
     args = p.parse_args()
     r = (args.repeats, args.warmup)
@@ -67,6 +81,11 @@ def main() -> int:
         # predict --amp bf16 as it comes: fast on 4 KiB pages (mammogmic.runtime.default_allocator)
         _spec("infer", "bf16-cast", True, False, *r, thp=False),
     ]
+    if args.jemalloc:  # mammogmic --allocator jemalloc predict [--amp bf16]
+        infer += [
+            _spec("infer", "fp32", True, False, *r, jemalloc=True),
+            _spec("infer", "bf16-cast", True, False, *r, jemalloc=True),
+        ]
     rows = measure(infer, args.rounds)
     if not args.no_train:
         train = [

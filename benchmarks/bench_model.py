@@ -89,15 +89,21 @@ def run_single(
     mmap_threshold_mib: float = 1.0,
     warmup: int = 1,
     thp: bool = True,
+    jemalloc: bool = False,
 ) -> dict[str, Any]:
     import torch
 
-    from mammogmic.runtime import tune_allocator
+    from mammogmic.runtime import allocator_in_use, tune_allocator
 
     # What the mammogmic command-line tools do: huge pages always; "lean" also fixes glibc's mmap threshold.
     if not thp:  # glibc as it comes: tune_allocator leaves a THP_MEM_ALLOC_ENABLE it finds set
         os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
-    tune_allocator("lean" if tune else "fast", int(mmap_threshold_mib * 2**20))
+    if jemalloc:  # `mammogmic --allocator jemalloc`: measure() started this process with jemalloc preloaded
+        if allocator_in_use() != "jemalloc":
+            raise SystemExit("jemalloc was asked for but is not loaded")
+        tune_allocator("jemalloc")
+    else:
+        tune_allocator("lean" if tune else "fast", int(mmap_threshold_mib * 2**20))
 
     torch.manual_seed(0)
     model = _build(model_name)
@@ -157,7 +163,9 @@ def run_single(
         "stages_per_image": stages,
         "peak_rss_mib": round(_peak_mib(), 1),
         "threads": torch.get_num_threads(),
-        "allocator": ("lean" if tune else "fast") + ("" if thp else ", 4 KiB pages"),
+        "allocator": "jemalloc"
+        if jemalloc
+        else ("lean" if tune else "fast") + ("" if thp else ", 4 KiB pages"),
         "mmap_threshold_mib": mmap_threshold_mib if tune else None,
         "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "fused": fuse,
@@ -223,8 +231,16 @@ def measure(specs: list[dict[str, Any]], rounds: int = 1) -> list[dict[str, Any]
     runs: list[list[dict[str, Any]]] = [[] for _ in specs]
     for _ in range(rounds):
         for spec, done in zip(specs, runs, strict=True):
+            env = dict(os.environ)
+            if spec.get("jemalloc"):
+                from mammogmic.runtime import jemalloc_library
+
+                env["LD_PRELOAD"] = jemalloc_library() or "libjemalloc.so.2"
             res = subprocess.run(
-                [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True
+                [sys.executable, __file__, "--single", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                env=env,
             )
             if res.returncode != 0:
                 print(f"failed: {spec}: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
