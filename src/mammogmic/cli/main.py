@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory profile: lean (less resident memory; the default of float32 inference), fast "
         "(measured 10-50%% quicker full-size passes for ~30-300 MiB more; the default of training and of bf16 "
         "inference on the CPU) or jemalloc (the command restarts itself on the system's jemalloc, "
-        "apt-get install libjemalloc2; measured: float32 about 20%% quicker than lean for ~40 MiB more). See mammogmic.runtime",
+        "apt-get install libjemalloc2; measured: float32 about 20%% quicker than lean for ~40 MiB more). "
+        "See mammogmic.runtime",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
