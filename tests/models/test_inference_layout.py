@@ -101,3 +101,83 @@ def test_only_the_inference_copy_swaps_atens_max_pool() -> None:
         x = torch.randn(1, 1, 128, 96)
         with torch.no_grad():
             assert torch.allclose(fused(x).y_fusion, net(x).y_fusion, atol=1e-5)
+
+
+def _epilogues(model: torch.nn.Module, on: bool) -> torch.nn.Module:
+    for m in model.modules():
+        if hasattr(m, "fused_epilogues"):
+            m.fused_epilogues = on
+    return model
+
+
+def _randomize_batchnorms(model: torch.nn.Module) -> None:
+    """Non-trivial running statistics and affine parameters, so folding is tested on something."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("local_arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("global_arch", ["resnet22", "resnet10"])
+def test_fused_epilogues_run_and_give_the_eager_result(
+    global_arch: str, local_arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bf16 inference model runs its ReLUs and residual adds as convolution post-ops, within bf16 rounding of
+    the same model's plain operations, for every block kind (pre-activation, basic, bottleneck, the v1 stem),
+    also on the fine grid's dilated last stage; the float32 model keeps the plain operations, and the post-ops
+    give its result to float32 rounding when switched on."""
+    from mammogmic.models import resnet
+
+    torch.manual_seed(0)
+    cfg = TINY.replace(global_arch=global_arch, local_arch=local_arch, saliency_grid="fine_at_inference")
+    model = GMIC(cfg).eval()
+    _randomize_batchnorms(model)
+    calls: list[bool] = []
+    real = resnet.conv_epilogue
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(kwargs.get("residual") is not None)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(resnet, "conv_epilogue", spy)
+    x = torch.randn(2, 1, 160, 128).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fp32 = prepare_for_inference(model)
+        plain32 = fp32(x)
+        assert not calls, "the float32 model should keep the plain operations"
+        ours32 = _epilogues(fp32, True)(x)
+        assert calls and any(calls) and not all(calls)
+        assert torch.allclose(ours32.y_fusion, plain32.y_fusion, atol=1e-5)
+        assert torch.allclose(ours32.saliency, plain32.saliency, atol=1e-5)
+        assert torch.equal(ours32.patch_locations, plain32.patch_locations)
+
+        bf16 = prepare_for_inference(model, bf16=True)
+        calls.clear()
+        ours = bf16(x)
+        assert calls and any(calls) and not all(calls), "the bf16 model did not use its epilogues"
+        plain = _epilogues(bf16, False)(x)
+        assert torch.allclose(ours.y_fusion, plain.y_fusion, atol=0.02)
+        assert torch.allclose(ours.saliency, plain.saliency, atol=0.02)
+
+
+def test_epilogues_stay_out_of_training_autocast_and_tracing() -> None:
+    """Autograd, autocast, tracers and NCHW tensors get the plain operations (the post-op kernels have no
+    backward, no autocast rule and no ONNX symbolic, and NCHW bf16 add + ReLU fails inside oneDNN's fallback)."""
+    from mammogmic.models.resnet import epilogue_fusable
+
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert epilogue_fusable(x, conv)
+        assert not epilogue_fusable(x.contiguous(), conv)  # NCHW
+        assert not epilogue_fusable(x.bfloat16(), conv)  # dtypes differ
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not epilogue_fusable(x, conv)
+    assert not epilogue_fusable(x, conv)  # grad mode, trainable weights
+    conv.requires_grad_(False)
+    assert epilogue_fusable(x, conv)
+    assert not epilogue_fusable(x.requires_grad_(True), conv)
