@@ -474,6 +474,22 @@ MUTATIONS: tuple[Mutation, ...] = (
             "tests/test_runtime.py::test_jemalloc_profile_says_what_is_wrong",
         ),
     ),
+    Mutation(
+        "bf16-epilogues-never-on",
+        "the bf16 inference model keeps separate ReLU and residual-add passes",
+        "models/fuse.py",
+        "                    module.fused_epilogues = True\n",
+        "                    module.fused_epilogues = False\n",
+        ("tests/models/test_inference_layout.py::test_fused_epilogues_run_and_give_the_eager_result",),
+    ),
+    Mutation(
+        "epilogues-on-nchw",
+        "NCHW tensors take the post-op path (bf16 add + ReLU then fails inside oneDNN's fallback)",
+        "models/resnet.py",
+        "        and x.is_contiguous(memory_format=torch.channels_last)\n",
+        "        and True\n",
+        ("tests/models/test_inference_layout.py::test_epilogues_stay_out_of_training_autocast_and_tracing",),
+    ),
 )
 
 
