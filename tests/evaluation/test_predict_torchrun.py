@@ -45,7 +45,10 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 def _same_outputs(single: Path, merged: Path, *, resumed: bool = False) -> None:
     """The same files; after a resume the derived tables average the kept rows' CSV values (6 decimals), as a
-    resumed single run does, so they may differ from a fresh run's in the last decimal."""
+    resumed single run does, so they may differ from a fresh run's in the last decimal. The saved arrays' integers
+    (patch locations, crop size) are equal and their floats equal to rounding: each rank batches other
+    images together, and a matrix product over another batch may sum in another order (on a Xeon with AMX one
+    attention weight differed by 3e-8, 2026-12-02)."""
     for name in TABLES:
         if resumed and name.startswith(("breast_", "exam_")):
             pd.testing.assert_frame_equal(
@@ -55,7 +58,15 @@ def _same_outputs(single: Path, merged: Path, *, resumed: bool = False) -> None:
         assert (merged / name).read_text() == (single / name).read_text(), name
     for npz in sorted((single / "saliency").glob("*.npz")):
         a, b = np.load(npz), np.load(merged / "saliency" / npz.name)
-        assert set(a.files) == set(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
+        assert set(a.files) == set(b.files), npz.name
+        for k in a.files:
+            if np.issubdtype(a[k].dtype, np.integer):
+                assert np.array_equal(a[k], b[k]), (npz.name, k)
+            else:
+                atol = max(
+                    1e-6, float(np.finfo(a[k].dtype).eps)
+                )  # one rounding step of a float16 map in [0, 1]
+                np.testing.assert_allclose(b[k], a[k], rtol=0, atol=atol, err_msg=f"{npz.name}: {k}")
     assert len(list((merged / "saliency").glob("*.npz"))) == 6
 
 
