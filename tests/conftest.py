@@ -27,6 +27,25 @@ def official_fixtures() -> Path:
     return FIXTURES
 
 
+@pytest.fixture
+def randomize_batchnorms():  # type: ignore[no-untyped-def]
+    """A function that gives every BatchNorm of a model non-trivial running statistics and affine parameters
+    (seeded), so that folding them into convolutions has something to fold."""
+    import torch
+
+    def apply(model: torch.nn.Module, seed: int = 1) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)  # type: ignore[union-attr]
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)  # type: ignore[union-attr]
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+    return apply
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return official_fixtures()

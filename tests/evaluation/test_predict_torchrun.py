@@ -63,9 +63,8 @@ def _same_outputs(single: Path, merged: Path, *, resumed: bool = False) -> None:
             if np.issubdtype(a[k].dtype, np.integer):
                 assert np.array_equal(a[k], b[k]), (npz.name, k)
             else:
-                atol = max(
-                    1e-6, float(np.finfo(a[k].dtype).eps)
-                )  # one rounding step of a float16 map in [0, 1]
+                # one rounding step of a float16 map in [0, 1]; float32 to 1e-6
+                atol = max(1e-6, float(np.finfo(a[k].dtype).eps))
                 np.testing.assert_allclose(b[k], a[k], rtol=0, atol=atol, err_msg=f"{npz.name}: {k}")
     assert len(list((merged / "saliency").glob("*.npz"))) == 6
 

@@ -179,19 +179,14 @@ def test_channels_last_matches_default_layout() -> None:
     assert torch.equal(out.patch_locations, ref.patch_locations)
 
 
-def test_fused_inference_copy_matches_and_cannot_be_saved(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_fused_inference_copy_matches_and_cannot_be_saved(tmp_path, randomize_batchnorms) -> None:  # type: ignore[no-untyped-def]
     from mammogmic import save_model
     from mammogmic.errors import CheckpointError
     from mammogmic.models import fuse_for_inference
 
     torch.manual_seed(0)
     model = GMIC(TINY.replace(local_arch="resnet50"))
-    for m in model.modules():  # non-trivial BN statistics so folding has something to fold
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+    randomize_batchnorms(model)
     model.eval()
     fused = fuse_for_inference(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.local_net.modules())

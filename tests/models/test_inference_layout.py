@@ -110,21 +110,13 @@ def _epilogues(model: torch.nn.Module, on: bool) -> torch.nn.Module:
     return model
 
 
-def _randomize_batchnorms(model: torch.nn.Module) -> None:
-    """Non-trivial running statistics and affine parameters, so folding is tested on something."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("local_arch", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("global_arch", ["resnet22", "resnet10"])
 def test_fused_epilogues_run_and_give_the_eager_result(
-    global_arch: str, local_arch: str, monkeypatch: pytest.MonkeyPatch
+    global_arch: str,
+    local_arch: str,
+    monkeypatch: pytest.MonkeyPatch,
+    randomize_batchnorms,  # type: ignore[no-untyped-def]
 ) -> None:
     """The bf16 inference model runs its ReLUs and residual adds as convolution post-ops, within bf16 rounding of
     the same model's plain operations, for every block kind (pre-activation, basic, bottleneck, the v1 stem),
@@ -135,7 +127,7 @@ def test_fused_epilogues_run_and_give_the_eager_result(
     torch.manual_seed(0)
     cfg = TINY.replace(global_arch=global_arch, local_arch=local_arch, saliency_grid="fine_at_inference")
     model = GMIC(cfg).eval()
-    _randomize_batchnorms(model)
+    randomize_batchnorms(model)
     calls: list[bool] = []
     real = resnet.conv_epilogue
 

@@ -159,8 +159,9 @@ def prepare_for_inference(
     (:func:`compile_for_inference`). With ``fuse`` and ``bf16`` the blocks also run their ReLUs and residual adds
     as oneDNN post-ops of the convolutions (:func:`mammogmic.models.resnet.conv_epilogue`; the plain operations
     under autograd, autocast, tracing, ``torch.compile`` and off the CPU): 13-17% faster in bf16 on a 2-vCPU
-    Xeon with AMX, 0-2% slower in float32, which therefore keeps the plain operations (2026-12-02). The one recipe for ``predict`` and
-    ``benchmarks/bench_model.py``, so that the benchmark times the layouts ``predict`` gets.
+    Xeon with AMX, 0-2% slower in float32, which therefore keeps the plain operations (2026-12-02). The one
+    recipe for ``predict`` and ``benchmarks/bench_model.py``, so that the benchmark times the layouts ``predict``
+    gets.
     """
     model.eval()
     if fuse:

@@ -11,8 +11,9 @@ Both return the last feature map (no pooling, no classifier); ``forward(x, fine=
 twice as fine (:func:`finer_stage`).
 
 The bf16 inference model ``predict --amp bf16`` runs (:func:`mammogmic.models.prepare_for_inference`: folded,
-channels-last, cast) sets ``fused_epilogues`` on its blocks and ResNet-v1 stems: there each convolution that a ReLU or a residual add follows runs them as oneDNN post-ops of
-the convolution (:func:`conv_epilogue`), so the activation is written once instead of three times.
+channels-last, cast) sets ``fused_epilogues`` on its blocks and ResNet-v1 stems: there each convolution that a
+ReLU or a residual add follows runs them as oneDNN post-ops (:func:`conv_epilogue`), so the activation is
+written once instead of three times.
 """
 
 from __future__ import annotations
