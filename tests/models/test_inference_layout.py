@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mammogmic import GMIC, GMICConfig
 from mammogmic.models import fuse_for_inference, prepare_for_inference
-from mammogmic.models.resnet import MaxPool3x3s2
+from mammogmic.models.resnet import MaxPool3x3s2, with_aten_max_pools
 
 TINY = GMICConfig(global_width=4, local_width=8, crop_size=(32, 32), attention_dim=8, num_patches=2)
 
@@ -42,7 +42,9 @@ def test_strided_max_pool_equals_atens(padding: int, dtype: torch.dtype, channel
 
 
 def test_strided_max_pool_trains_through_atens_pooling() -> None:
-    x = torch.randn(1, 3, 9, 8, requires_grad=True)
+    # Ties (as after a ReLU, or in bf16): ATen's backward gives a window's gradient to its first maximum, a
+    # maximum of views would split it, so equal gradients show that a training step runs ATen's kernel.
+    x = torch.randint(0, 3, (1, 3, 9, 8)).float().requires_grad_(True)
     MaxPool3x3s2(1)(x).sum().backward()
     ref = x.detach().clone().requires_grad_(True)
     F.max_pool2d(ref, 3, 2, 1).sum().backward()
@@ -88,19 +90,26 @@ def test_prepare_for_inference_is_predicts_bf16_model() -> None:
         assert torch.allclose(prepared(x).y_fusion, model(x).y_fusion, atol=0.02)
 
 
-def test_only_the_inference_copy_swaps_atens_max_pool() -> None:
-    """The trainable model (and the benchmark's stand-in for the official release) pools as the official
-    code does; the fused copy uses the index-free pool."""
-    model = GMIC(TINY.replace(global_arch="resnet10")).eval()
-    for net in (GMIC(TINY).eval(), model):
-        pools = [m for m in net.modules() if isinstance(m, torch.nn.MaxPool2d)]
-        assert len(pools) == 2 and all(type(m) is torch.nn.MaxPool2d for m in pools)
-        fused = fuse_for_inference(net)
-        pools = [m for m in fused.modules() if isinstance(m, torch.nn.MaxPool2d)]
+@pytest.mark.parametrize("global_arch", ["resnet22", "resnet10"])
+def test_every_backbone_pools_with_the_strided_max_and_trains_as_before(global_arch: str) -> None:
+    """Trainable and fused models pool with MaxPool3x3s2: evaluation gives ATen's values bit for bit, and a
+    training step the same gradients."""
+    torch.manual_seed(0)
+    net = GMIC(TINY.replace(global_arch=global_arch))
+    for model in (net, fuse_for_inference(net)):
+        pools = [m for m in model.modules() if isinstance(m, torch.nn.MaxPool2d)]
         assert len(pools) == 2 and all(type(m) is MaxPool3x3s2 for m in pools)
-        x = torch.randn(1, 1, 128, 96)
-        with torch.no_grad():
-            assert torch.allclose(fused(x).y_fusion, net(x).y_fusion, atol=1e-5)
+    aten = with_aten_max_pools(net)
+    x = torch.randn(2, 1, 128, 96)
+    with torch.no_grad():
+        ours, theirs = net.eval()(x), aten.eval()(x)
+    assert torch.equal(ours.saliency, theirs.saliency) and torch.equal(ours.y_fusion, theirs.y_fusion)
+    for model in (net.train(), aten.train()):
+        out = model(x)
+        (out.y_fusion + out.y_global + out.y_local).sum().backward()
+    for (name, p), q in zip(net.named_parameters(), aten.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        assert torch.equal(p.grad, q.grad), name
 
 
 def _epilogues(model: torch.nn.Module, on: bool) -> torch.nn.Module:

@@ -10,10 +10,9 @@ act on residual sums and stay. Every BN of the local ResNet folds, and for 1-cha
 kernel is summed over its three (identical) input channels. Results agree with the unfused model to float32
 rounding (measured on the fixture checkpoint: y_fusion 1.5e-7, saliency 3e-7, h_crops 1.5e-5).
 
-The fused copy also pools without computing argmax indices (:class:`mammogmic.models.resnet.MaxPool3x3s2`:
-the same values, faster). :func:`prepare_for_inference`, which also makes it channels-last, has the blocks of
-its bf16 copy run each ReLU and residual add that follows a convolution as a oneDNN post-op of that
-convolution on the CPU (:func:`mammogmic.models.resnet.conv_epilogue`).
+:func:`prepare_for_inference`, which also makes the fused copy channels-last, has the blocks of its bf16 copy
+run each ReLU and residual add that follows a convolution as a oneDNN post-op of that convolution on the CPU
+(:func:`mammogmic.models.resnet.conv_epilogue`).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from torch import nn
 
 from mammogmic.errors import MammogmicError
 from mammogmic.models.gmic import GMIC, ResNetBaseline
-from mammogmic.models.resnet import BasicBlock, Bottleneck, MaxPool3x3s2, PreActBlock, ResNet22, ResNetV1
+from mammogmic.models.resnet import BasicBlock, Bottleneck, PreActBlock, ResNetV1
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -93,11 +92,6 @@ def fuse_for_inference(model: GMIC | ResNetBaseline) -> GMIC | ResNetBaseline:
             fused.local_net.conv1 = one
     else:
         _fold_v1(fused.backbone)
-    for module in fused.modules():
-        if isinstance(module, ResNet22):
-            module.stem_pool = MaxPool3x3s2()
-        elif isinstance(module, ResNetV1):
-            module.maxpool = MaxPool3x3s2(padding=1)
     object.__setattr__(fused, "inference_only", True)
     for p in fused.parameters():
         p.requires_grad_(False)

@@ -132,9 +132,10 @@ class MaxPool3x3s2(nn.MaxPool2d):
     columns) instead of ATen's pooling kernel, which also computes the argmax indices.
 
     Same values, bit for bit (a max involves no rounding); on a 2-vCPU Zen 5, bf16 channels-last, 1.5-2.3x faster
-    (GMIC's stem at 2944x1920 and the local network's stem; ``tests/models/test_inference_layout.py``).
-    :func:`mammogmic.models.fuse_for_inference` puts it in place of the backbones' max pools; the trainable
-    models keep ATen's, as the official release runs them.
+    (GMIC's stem at 2944x1920 and the local network's stem; ``tests/models/test_inference_layout.py``); float32
+    NCHW, as validation runs the demo's model, 6-8x (a 2-vCPU Zen 4, 32x8x256x160: 6.4 against 49.6 ms). Every
+    backbone pools with it; a training step still runs ATen's kernel, whose indices its backward pass needs, so
+    training is unchanged.
     """
 
     def __init__(self, padding: int = 0) -> None:
@@ -147,6 +148,17 @@ class MaxPool3x3s2(nn.MaxPool2d):
         if exporting or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4:
             return super().forward(x)
         return _max3_stride2(_max3_stride2(x, 2, self.pad), 3, self.pad)
+
+
+def with_aten_max_pools(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose :class:`MaxPool3x3s2` pools are ATen's ``nn.MaxPool2d`` again, as the official
+    release pools (the same values; the benchmarks' stand-in for the release runs its operations)."""
+    aten = copy.deepcopy(model)
+    for module in aten.modules():
+        for name, child in module.named_children():
+            if isinstance(child, MaxPool3x3s2):
+                setattr(module, name, nn.MaxPool2d(3, 2, child.pad))
+    return aten
 
 
 class PreActBlock(nn.Module):
@@ -201,7 +213,7 @@ class ResNet22(nn.Module):
         self.stem_conv = nn.Conv2d(
             in_channels, width, kernel_size=7, stride=2, padding=stem_padding, bias=False
         )
-        self.stem_pool = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.stem_pool = MaxPool3x3s2()
         stages = []
         in_ch = width
         for i, (n_blocks, stride) in enumerate(zip(blocks, strides, strict=True)):
@@ -339,7 +351,7 @@ class ResNetV1(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = MaxPool3x3s2(padding=1)
         in_ch = width
         stages: list[nn.Sequential] = []
         for i, n_blocks in enumerate(layers):
