@@ -165,6 +165,46 @@ def test_fused_epilogues_run_and_give_the_eager_result(
         assert torch.allclose(ours.saliency, plain.saliency, atol=0.02)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_epilogue_into_the_residual_gives_the_same_values_in_its_buffer(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``into_residual`` writes relu(conv(x) + residual) into the residual's own memory, bit for bit the values
+    of the out-of-place post-op; the pre-activation block uses it for its projected shortcut only."""
+    from mammogmic.models import resnet
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=True).to(dtype).eval().requires_grad_(False)
+    conv = conv.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 20, 12, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 16, 20, 12, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for relu in (False, True):
+            apart = resnet.conv_epilogue(conv, x, relu=relu, residual=residual)
+            target = residual.clone()
+            inside = resnet.conv_epilogue(conv, x, relu=relu, residual=target, into_residual=True)
+            assert inside.data_ptr() == target.data_ptr()
+            assert torch.equal(inside, apart) and torch.equal(target, apart)
+
+    calls: list[bool] = []
+    real = resnet.conv_epilogue
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(bool(kwargs.get("into_residual")))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(resnet, "conv_epilogue", spy)
+    for project in (False, True):
+        block = resnet.PreActBlock(8, 8, project=project).eval().to(dtype)
+        block = block.to(memory_format=torch.channels_last).requires_grad_(False)
+        block.fused_epilogues = True
+        x_in = x.clone()
+        with torch.no_grad():
+            block(x_in)
+        assert torch.equal(x_in, x), "the block's input was overwritten"
+    assert calls == [False, False, False, True]
+
+
 def test_epilogues_stay_out_of_training_autocast_and_tracing() -> None:
     """Autograd, autocast, tracers and NCHW tensors get the plain operations (the post-op kernels have no
     backward, no autocast rule and no ONNX symbolic, and NCHW bf16 add + ReLU fails inside oneDNN's fallback)."""
