@@ -490,6 +490,47 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        and True\n",
         ("tests/models/test_inference_layout.py::test_epilogues_stay_out_of_training_autocast_and_tracing",),
     ),
+    Mutation(
+        "pool-strided-under-autograd",
+        "the index-free max pool also runs in a training step, whose backward then splits a tie's gradient",
+        "models/resnet.py",
+        "        if exporting or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4:\n",
+        "        if exporting or x.dim() != 4:\n",
+        (
+            "tests/models/test_inference_layout.py::test_strided_max_pool_trains_through_atens_pooling",
+            "tests/models/test_inference_layout.py::test_every_backbone_pools_with_the_strided_max_and_trains_as_before",
+        ),
+    ),
+    Mutation(
+        "global-stem-pools-with-aten",
+        "the trainable global network pools with ATen's indexing kernel again (validation 20% slower)",
+        "models/resnet.py",
+        "        self.stem_pool = MaxPool3x3s2()\n",
+        "        self.stem_pool = nn.MaxPool2d(3, 2)\n",
+        (
+            "tests/models/test_inference_layout.py::test_every_backbone_pools_with_the_strided_max_and_trains_as_before",
+        ),
+    ),
+    Mutation(
+        "residual-overwrites-identity",
+        "a pre-activation block writes its sum into an identity shortcut, i.e. into its caller's input",
+        "models/resnet.py",
+        "                self.conv2, out, residual=shortcut, into_residual=self.downsample is not None\n",
+        "                self.conv2, out, residual=shortcut, into_residual=True\n",
+        (
+            "tests/models/test_inference_layout.py::test_epilogue_into_the_residual_gives_the_same_values_in_its_buffer",
+        ),
+    ),
+    Mutation(
+        "into-residual-ignored",
+        "into_residual allocates a new output anyway (the bf16 peak keeps its fifth activation)",
+        "models/resnet.py",
+        "    if into_residual:\n",
+        "    if False:\n",
+        (
+            "tests/models/test_inference_layout.py::test_epilogue_into_the_residual_gives_the_same_values_in_its_buffer",
+        ),
+    ),
 )
 
 
