@@ -41,15 +41,36 @@ def test_strided_max_pool_equals_atens(padding: int, dtype: torch.dtype, channel
                     assert ours.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_strided_max_pool_trains_through_atens_pooling() -> None:
-    # Ties (as after a ReLU, or in bf16): ATen's backward gives a window's gradient to its first maximum, a
-    # maximum of views would split it, so equal gradients show that a training step runs ATen's kernel.
-    x = torch.randint(0, 3, (1, 3, 9, 8)).float().requires_grad_(True)
-    MaxPool3x3s2(1)(x).sum().backward()
-    ref = x.detach().clone().requires_grad_(True)
-    F.max_pool2d(ref, 3, 2, 1).sum().backward()
-    assert x.grad is not None and ref.grad is not None
-    assert torch.equal(x.grad, ref.grad)
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_pool_trains_with_atens_values_and_gradients(
+    padding: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under autograd an NCHW input pools through ATen's channels-last kernel: the same values, and the same
+    gradients, as ATen's NCHW pooling, with ties (a window's gradient goes to its first maximum; a maximum of views
+    would split it), NaN (to the window's last NaN) and infinities."""
+    from mammogmic.models import resnet
+
+    calls = []
+    real = resnet._PoolChannelsLast.apply
+    monkeypatch.setattr(resnet._PoolChannelsLast, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    for h in range(3, 12):
+        for w in (3, 4, 7, 10):
+            x = torch.randint(0, 3, (2, 5, h, w)).float()  # ties, as after a ReLU or in bf16
+            x[0, 1, h // 2, w // 2] = float("nan")
+            x[1, 2, 0, :2] = float("nan")
+            x[1, 3] = -float("inf")
+            x[1, 4, h - 1, w - 1] = float("inf")
+            x = x.to(dtype).requires_grad_(True)
+            ref = x.detach().clone().requires_grad_(True)
+            ours, aten = MaxPool3x3s2(padding)(x), F.max_pool2d(ref, 3, 2, padding)
+            grad = torch.randn(aten.shape, dtype=dtype)
+            ours.backward(grad)
+            aten.backward(grad)
+            assert torch.equal(ours.nan_to_num(7.0), aten.nan_to_num(7.0)) and ours.is_contiguous(), (h, w)
+            assert torch.equal(x.grad.nan_to_num(7.0), ref.grad.nan_to_num(7.0)), (h, w)  # type: ignore[union-attr]
+    assert len(calls) == 9 * 4
 
 
 def _local_stem_output(model: torch.nn.Module) -> torch.Tensor:
@@ -90,10 +111,11 @@ def test_prepare_for_inference_is_predicts_bf16_model() -> None:
         assert torch.allclose(prepared(x).y_fusion, model(x).y_fusion, atol=0.02)
 
 
+@pytest.mark.parametrize("amp", ["none", "bf16"])
 @pytest.mark.parametrize("global_arch", ["resnet22", "resnet10"])
-def test_every_backbone_pools_with_the_strided_max_and_trains_as_before(global_arch: str) -> None:
+def test_every_backbone_pools_with_the_strided_max_and_trains_as_before(global_arch: str, amp: str) -> None:
     """Trainable and fused models pool with MaxPool3x3s2: evaluation gives ATen's values bit for bit, and a
-    training step the same gradients."""
+    training step (float32, or bf16 autocast as the demo trains) the same gradients."""
     torch.manual_seed(0)
     net = GMIC(TINY.replace(global_arch=global_arch))
     for model in (net, fuse_for_inference(net)):
@@ -105,8 +127,9 @@ def test_every_backbone_pools_with_the_strided_max_and_trains_as_before(global_a
         ours, theirs = net.eval()(x), aten.eval()(x)
     assert torch.equal(ours.saliency, theirs.saliency) and torch.equal(ours.y_fusion, theirs.y_fusion)
     for model in (net.train(), aten.train()):
-        out = model(x)
-        (out.y_fusion + out.y_global + out.y_local).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            out = model(x)
+        (out.y_fusion + out.y_global + out.y_local).float().sum().backward()
     for (name, p), q in zip(net.named_parameters(), aten.parameters(), strict=True):
         assert p.grad is not None and q.grad is not None
         assert torch.equal(p.grad, q.grad), name

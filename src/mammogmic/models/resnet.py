@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,15 +137,47 @@ def finer_stage(stage: nn.Module) -> nn.Module:
     return view(stage)
 
 
-class MaxPool3x3s2(nn.MaxPool2d):
-    """``nn.MaxPool2d(3, 2, padding)`` that, without autograd, takes the max of strided views (rows, then
-    columns) instead of ATen's pooling kernel, which also computes the argmax indices.
+class _PoolChannelsLast(torch.autograd.Function):
+    """ATen's max pool with argmax indices, run by its channels-last kernel for an NCHW input.
 
-    Same values, bit for bit (a max involves no rounding); on a 2-vCPU Zen 5, bf16 channels-last, 1.5-2.3x faster
-    (GMIC's stem at 2944x1920 and the local network's stem; ``tests/models/test_inference_layout.py``); float32
-    NCHW, as validation runs the demo's model, 6-8x (a 2-vCPU Zen 4, 32x8x256x160: 6.4 against 49.6 ms). Every
-    backbone pools with it; a training step still runs ATen's kernel, whose indices its backward pass needs, so
-    training is unchanged.
+    On a CPU, ATen's NCHW kernel walks one plane at a time without vectorizing across channels: the demo's global
+    stem (16x8x256x160, bf16) pools in 27 ms against 12 ms through channels-last, the conversions included, and its
+    local stem (64x16x32x32) in 5.4 against 1.2 ms (a 2-vCPU Zen 4). Both kernels scan a window in the same
+    order and keep its first maximum (its last NaN), so values and indices are the same bit for bit; the backward
+    pass is ATen's own kernel with those indices, so a training step's gradients are too
+    (``tests/models/test_inference_layout.py``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pad: int) -> torch.Tensor:
+        out, indices = torch.ops.aten.max_pool2d_with_indices(
+            x.contiguous(memory_format=torch.channels_last), [3, 3], [2, 2], [pad, pad]
+        )
+        ctx.save_for_backward(x, indices)
+        ctx.pad = pad
+        return out.contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, indices = ctx.saved_tensors
+        pad = ctx.pad
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(), x, [3, 3], [2, 2], [pad, pad], [1, 1], False, indices
+        )
+        return grad_x, None
+
+
+class MaxPool3x3s2(nn.MaxPool2d):
+    """``nn.MaxPool2d(3, 2, padding)`` with ATen's values and gradients, computed faster on a CPU.
+
+    - Without autograd, the max of strided views (rows, then columns) instead of ATen's pooling kernel, which also
+      computes the argmax indices. Same values, bit for bit (a max involves no rounding); on a 2-vCPU Zen 5, bf16
+      channels-last, 1.5-2.3x faster (GMIC's stem at 2944x1920 and the local network's stem;
+      ``tests/models/test_inference_layout.py``); float32 NCHW, as validation runs the demo's model, 6-8x (a
+      2-vCPU Zen 4, 32x8x256x160: 6.4 against 49.6 ms).
+    - Under autograd, ATen's kernel, whose indices the backward pass needs; an NCHW input on a CPU goes through
+      its channels-last kernel (:class:`_PoolChannelsLast`), 2.3-4.5x faster with the same values and gradients.
     """
 
     def __init__(self, padding: int = 0) -> None:
@@ -154,7 +187,12 @@ class MaxPool3x3s2(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Traced and exported graphs keep one MaxPool node.
         exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        if exporting or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4:
+        if exporting or x.dim() != 4:
+            return super().forward(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            nchw = x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+            if nchw and x.device.type == "cpu" and not torch.compiler.is_compiling():
+                return _PoolChannelsLast.apply(x, self.pad)
             return super().forward(x)
         return _max3_stride2(_max3_stride2(x, 2, self.pad), 3, self.pad)
 
