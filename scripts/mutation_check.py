@@ -494,10 +494,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         "pool-strided-under-autograd",
         "the index-free max pool also runs in a training step, whose backward then splits a tie's gradient",
         "models/resnet.py",
-        "        if exporting or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4:\n",
-        "        if exporting or x.dim() != 4:\n",
+        "        if torch.is_grad_enabled() and x.requires_grad:\n",
+        "        if False:\n",
         (
-            "tests/models/test_inference_layout.py::test_strided_max_pool_trains_through_atens_pooling",
+            "tests/models/test_inference_layout.py::test_max_pool_trains_with_atens_values_and_gradients",
             "tests/models/test_inference_layout.py::test_every_backbone_pools_with_the_strided_max_and_trains_as_before",
         ),
     ),
@@ -520,6 +520,42 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             "tests/models/test_inference_layout.py::test_epilogue_into_the_residual_gives_the_same_values_in_its_buffer",
         ),
+    ),
+    Mutation(
+        "training-pool-skips-channels-last",
+        "a training step pools NCHW inputs with ATen's NCHW kernel again (2.3-4.5x slower pooling)",
+        "models/resnet.py",
+        '            if nchw and x.device.type == "cpu" and not torch.compiler.is_compiling():\n',
+        "            if False:\n",
+        ("tests/models/test_inference_layout.py::test_max_pool_trains_with_atens_values_and_gradients",),
+    ),
+    Mutation(
+        "validation-scores-the-plain-model",
+        "validation ranks epochs on the unfused model, not on what predict runs",
+        "training/loop.py",
+        "            scoring_copy(model),\n",
+        "            model,\n",
+        (
+            "tests/training/test_train_predict_pipeline.py::test_validation_and_test_score_with_predicts_model",
+        ),
+    ),
+    Mutation(
+        "test-pass-scores-the-plain-model",
+        "the trainer's test pass scores the unfused model, not what predict runs",
+        "training/loop.py",
+        "            scoring_copy(r.model),\n",
+        "            r.model,\n",
+        (
+            "tests/training/test_train_predict_pipeline.py::test_validation_and_test_score_with_predicts_model",
+        ),
+    ),
+    Mutation(
+        "demo-scores-the-plain-model",
+        "the demo reports the unfused model's scores, not predict's",
+        "training/demo.py",
+        "    model = scoring_copy(model)  # what `mammogmic predict` runs for these weights\n",
+        "    model.eval()\n",
+        ("tests/training/test_training_demo.py::test_a_bf16_demo_scores_its_test_split_as_predict_does",),
     ),
     Mutation(
         "into-residual-ignored",

@@ -33,12 +33,14 @@ def test_demo_writes_metrics_figures_and_keeps_data_inside(tmp_path: Path) -> No
 
 
 def test_demo_dice_is_the_library_dice_of_the_dice_selected_model(tmp_path: Path) -> None:
-    """The reported Dice is recomputed outside the demo: Dice-selected model, test split, aligned upsampling."""
+    """The reported Dice is recomputed outside the demo: Dice-selected model as predict loads it, test split,
+    aligned upsampling."""
     import numpy as np
     import torch
 
+    from mammogmic.evaluation.inference import load_member
     from mammogmic.evaluation.localization import DiceResult, dice_scores
-    from mammogmic.models import load_model, read_model_metadata
+    from mammogmic.models import read_model_metadata
     from mammogmic.training.config import TrainConfig
     from mammogmic.training.data import split_dataset
 
@@ -51,7 +53,7 @@ def test_demo_dice_is_the_library_dice_of_the_dice_selected_model(tmp_path: Path
     assert path.is_file() and metrics["val"]["best_dice_epoch"] is not None
     config = TrainConfig.from_dict(read_model_metadata(path)["extra"]["training_config"])
     test = split_dataset(config, "test", masks=True)
-    model = load_model(path)
+    model = load_member(path).model  # what `mammogmic predict` runs for the model file
     parts = {"aligned": [], "nearest": []}
     with torch.inference_mode():
         for i in range(len(test)):
@@ -69,16 +71,29 @@ def test_demo_dice_is_the_library_dice_of_the_dice_selected_model(tmp_path: Path
         assert metrics["test_dice_selected_model"][key] == reported
 
 
-def test_a_bf16_demo_scores_its_test_split_as_predict_does(tmp_path: Path) -> None:
-    """Trained in bf16, the demo reports float32 scores (``runtime.eval_amp``), ``mammogmic predict``'s default."""
+def test_a_bf16_demo_scores_its_test_split_as_predict_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trained in bf16, the demo reports float32 scores (``runtime.eval_amp``), ``mammogmic predict``'s default,
+    computed by the model predict loads from the model file."""
     import numpy as np
     import pandas as pd
+    import torch
+    from test_train_predict_pipeline import scores_as_predict
 
+    import mammogmic.training.demo as demo
     from mammogmic.models import load_model, read_model_metadata
     from mammogmic.training.config import TrainConfig
     from mammogmic.training.data import split_dataset
     from mammogmic.training.loop import predict
 
+    scored: list[torch.nn.Module] = []
+
+    def spy(model: torch.nn.Module, images: object, **kwargs: object) -> object:
+        scored.append(model)
+        return predict(model, images, **kwargs)
+
+    monkeypatch.setattr(demo, "predict", spy)
     out = tmp_path / "demo"
     settings = DemoSettings(
         n_exams=12, size=(256, 160), epochs=2, workers=1, threads=1, amp="bf16", n_figures=0
@@ -95,6 +110,10 @@ def test_a_bf16_demo_scores_its_test_split_as_predict_does(tmp_path: Path) -> No
     np.testing.assert_allclose(ours, fp32, atol=1e-6)  # the file's six decimals
     bf16, _ = predict(model, test, amp="bf16")
     assert np.abs(bf16 - ours).max() > 2e-4  # the check can fail: bf16 scores are further off
+    x = torch.stack([test.load(i)["image"] for i in range(len(test))])
+    assert len(scored) == 2  # the AUROC-selected model, then the Dice-selected one
+    scores_as_predict(scored[0], path, x)
+    scores_as_predict(scored[1], out / "run" / "best_dice_model.safetensors", x)
 
 
 def test_saliency_scripts_read_a_demo_run(

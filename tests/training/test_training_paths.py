@@ -39,7 +39,6 @@ def test_activation_checkpointing_same_outputs_and_gradients() -> None:
     loss_fn = _build_loss(cfg)
     # Validation of a model that reads a finer grid in eval mode passes the backbone's own keyword through
     # (before training: recomputation updates the BN statistics a second time).
-    # (A deep copy would not do: the patched forward calls the original module's.)
     with torch.no_grad():
         native = plain.eval()(x).saliency
         for model in (plain, checkpointed):
@@ -69,6 +68,34 @@ def test_activation_checkpointing_same_outputs_and_gradients() -> None:
     assert grads_a.keys() == grads_b.keys() and len(grads_a) == len(list(plain.parameters()))
     for name, grad in grads_a.items():
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_copy_of_a_checkpointed_model_runs_its_own_weights() -> None:
+    """Validation scores a fused copy of the model being trained (``scoring_copy``): with activation checkpointing
+    on, the copy must compute with its own (folded) weights, and leave the trained model's mode and batch-norm
+    statistics alone."""
+    from mammogmic.models import scoring_copy
+
+    torch.manual_seed(0)
+    plain = build_model(tiny_config())
+    checkpointed = copy.deepcopy(plain)
+    enable_activation_checkpointing(checkpointed)
+    data = BlobImages(4)
+    x = torch.stack([data.load(i)["image"] for i in range(4)])
+    with torch.no_grad():
+        plain.train()(x)  # batch statistics that differ from the initial running ones
+        checkpointed.train()(x)
+    buffers = {k: v.clone() for k, v in checkpointed.state_dict().items()}
+    with torch.inference_mode():
+        ours, theirs = scoring_copy(checkpointed)(x), scoring_copy(plain)(x)
+        twin = copy.deepcopy(checkpointed)
+        for p in twin.parameters():
+            p.mul_(0.5)
+        halved, original = twin.eval()(x), checkpointed.eval()(x)
+    assert torch.equal(ours.saliency, theirs.saliency) and torch.equal(ours.y_fusion, theirs.y_fusion)
+    assert all(torch.equal(v, checkpointed.state_dict()[k]) for k, v in buffers.items())
+    assert not torch.equal(halved.saliency, original.saliency)  # the copy's backbones use the copy's weights
+    assert checkpointed.global_net.checkpointed and type(twin.global_net) is type(checkpointed.global_net)
 
 
 def _one_step(run_dir: Path, **overrides: Any) -> tuple[torch.nn.Module, float]:

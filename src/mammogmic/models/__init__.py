@@ -19,6 +19,7 @@ from mammogmic.models.fuse import (
     compile_for_inference,
     fuse_for_inference,
     prepare_for_inference,
+    scoring_copy,
 )
 from mammogmic.models.gmic import GMIC, BaselineOutput, GatedAttention, GMICOutput, ResNetBaseline
 from mammogmic.models.patch import PatchClassifier, PatchConfig
@@ -43,6 +44,7 @@ __all__ = [
     "cast_for_bf16",
     "fuse_for_inference",
     "prepare_for_inference",
+    "scoring_copy",
     "load_model",
     "load_official_checkpoint",
     "load_official_dmv_checkpoint",

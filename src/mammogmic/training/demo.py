@@ -301,7 +301,7 @@ def evaluate_with_localization(
     """
     from mammogmic.evaluation.localization import DiceResult, PeakOffsets, dice_scores, peak_offsets
     from mammogmic.evaluation.outputs import FLOAT_FORMAT
-    from mammogmic.models import GMIC, load_model
+    from mammogmic.models import GMIC, load_model, scoring_copy
     from mammogmic.training.checkpoint import load_checkpoint
 
     model: Any
@@ -313,7 +313,7 @@ def evaluate_with_localization(
     if inference:
         check_inference_settings(inference)
         model.config = model.config.replace(**inference)
-    model.eval()
+    model = scoring_copy(model)  # what `mammogmic predict` runs for these weights
     d = config.data
     images = split_dataset(config, split, masks=True)
     if len(images) == 0:

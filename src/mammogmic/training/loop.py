@@ -248,25 +248,31 @@ def _amp_context(device: torch.device, amp: str) -> contextlib.AbstractContextMa
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute the global and local backbones' activations in backward (state-dict keys are unchanged).
 
-    Batch-norm running statistics are updated again during recomputation (PyTorch's usual caveat), which only
-    changes their momentum average slightly.
+    Each backbone becomes an instance of a subclass of its own class whose ``forward`` checkpoints the class's
+    (:func:`_checkpointed`), so a copy of the model (``copy.deepcopy``, the fused model that validation scores)
+    runs its own weights, not the original's. Batch-norm running statistics are updated again during
+    recomputation (PyTorch's usual caveat), which only changes their momentum average slightly.
     """
-    from torch.utils.checkpoint import checkpoint
-
     for name in ("global_net", "local_net"):
         sub = getattr(model, name, None)
-        if sub is None:
-            continue
-        original = sub.forward
+        if sub is not None and not getattr(type(sub), "checkpointed", False):
+            sub.__class__ = _checkpointed(type(sub))  # type: ignore[arg-type]
 
-        def wrapped(
-            x: torch.Tensor, _f: Callable[..., torch.Tensor] = original, **kwargs: Any
-        ) -> torch.Tensor:  # kwargs: the backbones' own (fine=, for a finer grid in eval mode)
-            if torch.is_grad_enabled() and x.requires_grad is not None:
-                return checkpoint(_f, x, use_reentrant=False, **kwargs)
-            return _f(x, **kwargs)
 
-        sub.forward = functools.update_wrapper(wrapped, original)
+@functools.cache
+def _checkpointed(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` whose forward pass is recomputed in backward (:func:`enable_activation_checkpointing`)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def forward(self: nn.Module, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        # kwargs: the backbones' own (fine=, for a finer grid in eval mode)
+        if torch.is_grad_enabled():
+            return checkpoint(cls.forward, self, x, use_reentrant=False, **kwargs)
+        return cls.forward(self, x, **kwargs)
+
+    return type(
+        cls.__name__, (cls,), {"forward": forward, "checkpointed": True, "__module__": cls.__module__}
+    )
 
 
 def _freeze_batchnorm(model: nn.Module) -> None:
@@ -1098,6 +1104,7 @@ class Trainer:
         all images.
         """
         from mammogmic.evaluation.localization import DiceResult, dice_scores
+        from mammogmic.models import scoring_copy
 
         cfg = self.config
         info = dist or DistInfo()
@@ -1119,7 +1126,7 @@ class Trainer:
             sums[1] += len(y)
 
         res = evaluate(
-            model,
+            scoring_copy(model),
             images,
             label_level=cfg.data.label_level,
             batch_size=cfg.data.eval_batch_size,
@@ -1148,6 +1155,8 @@ class Trainer:
 
     def test(self, r: _Run) -> dict[str, float]:
         """Metrics of the best checkpoint on the test split (with the configured TTA); ``{}`` without one."""
+        from mammogmic.models import scoring_copy
+
         cfg = self.config
         test_images = self.test_images
         if test_images is None and cfg.data.test_split and cfg.data.manifest:
@@ -1163,7 +1172,7 @@ class Trainer:
         else:
             broadcast_state(r.model, r.info, buffers_only=True)
         res = evaluate(
-            r.model,
+            scoring_copy(r.model),
             test_images,
             label_level=cfg.data.label_level,
             batch_size=cfg.data.eval_batch_size,
