@@ -558,6 +558,16 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/training/test_training_demo.py::test_a_bf16_demo_scores_its_test_split_as_predict_does",),
     ),
     Mutation(
+        "dice-only-first-lesion-class",
+        "Dice skips the second class of an image whose two classes both have a lesion",
+        "evaluation/localization.py",
+        "        classes = np.flatnonzero(wanted[i])\n",
+        "        classes = np.flatnonzero(wanted[i])[:1]\n",
+        (
+            "tests/evaluation/test_localization.py::test_dice_of_the_classes_with_a_lesion_only_equals_dice_of_every_class",
+        ),
+    ),
+    Mutation(
         "into-residual-ignored",
         "into_residual allocates a new output anyway (the bf16 peak keeps its fifth activation)",
         "models/resnet.py",

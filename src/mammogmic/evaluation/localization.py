@@ -176,6 +176,16 @@ def _dice(pred: NDArray[np.float32], target: NDArray[np.bool_]) -> NDArray[np.fl
         return np.where(total > 0, 2.0 * inter / np.where(total > 0, total, 1.0), np.nan)
 
 
+def _hard_dice(pred: NDArray[np.bool_], target: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """:func:`_dice` of binary maps, from pixel counts (the same values: the sums are exact integers)."""
+    inter = np.count_nonzero(pred & target, axis=(-2, -1)).astype(np.float64)
+    total = (np.count_nonzero(pred, axis=(-2, -1)) + np.count_nonzero(target, axis=(-2, -1))).astype(
+        np.float64
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 2.0 * inter / np.where(total > 0, total, 1.0), np.nan)
+
+
 def dice_scores(
     saliency: Any,
     masks: Any,
@@ -211,17 +221,18 @@ def dice_scores(
             f"saliency (N, C, h, w) and masks (N, C, H, W) must agree in N and C, got {sal.shape} and {mask.shape}"
         )
     size = mask.shape[-2:]
-    soft = np.empty(sal.shape[:2])
-    hard = np.empty(sal.shape[:2])
-    # One image at a time: the upsampled maps of a full-size batch would take gigabytes.
+    soft = np.full(sal.shape[:2], np.nan)
+    hard = np.full(sal.shape[:2], np.nan)
+    wanted = mask.any(axis=(-2, -1)) if skip_empty_masks else np.ones(sal.shape[:2], dtype=bool)
+    # One image at a time (the upsampled maps of a full-size batch would take gigabytes), and only the classes
+    # that count: most images of a screening set have no lesion of a given class.
     for i in range(sal.shape[0]):
-        up = upsample_maps(sal[i], size, upsample)
-        soft[i] = _dice(up, mask[i])
-        hard[i] = _dice((up >= threshold).astype(np.float32), mask[i])
-    if skip_empty_masks:
-        empty = ~mask.any(axis=(-2, -1))
-        soft[empty] = np.nan
-        hard[empty] = np.nan
+        classes = np.flatnonzero(wanted[i])
+        if classes.size == 0:
+            continue
+        up = upsample_maps(sal[i, classes], size, upsample)
+        soft[i, classes] = _dice(up, mask[i, classes])
+        hard[i, classes] = _hard_dice(up >= threshold, mask[i, classes])
     return DiceResult(soft, hard, _nanmean(soft), _nanmean(hard), float(threshold), upsample)
 
 
