@@ -147,9 +147,10 @@ def cast_for_bf16(model: GMIC | ResNetBaseline) -> GMIC | ResNetBaseline:
 def prepare_for_inference(
     model: nn.Module, fuse: bool = True, bf16: bool = False, compile: bool = False
 ) -> nn.Module:
-    """The model ``predict`` runs: put in eval mode (with ``fuse``, an eval-mode copy); with ``fuse``, BatchNorms folded
-    (:func:`fuse_for_inference`) and weights channels-last; with ``bf16``, a GMIC or baseline model's backbones
-    cast to bfloat16 (:func:`cast_for_bf16`; other models stay float32); with ``compile``, then compiled
+    """The model ``predict`` runs, in eval mode: with ``fuse``, a copy with BatchNorms folded
+    (:func:`fuse_for_inference`) and weights channels-last (the caller's model keeps its mode), else the model;
+    with ``bf16``, a GMIC or baseline model's backbones cast to bfloat16 (:func:`cast_for_bf16`; other models stay
+    float32); with ``compile``, then compiled
     (:func:`compile_for_inference`). With ``fuse`` and ``bf16`` the blocks also run their ReLUs and residual adds
     as oneDNN post-ops of the convolutions (:func:`mammogmic.models.resnet.conv_epilogue`; the plain operations
     under autograd, autocast, tracing, ``torch.compile`` and off the CPU): 13-17% faster in bf16 on a 2-vCPU
