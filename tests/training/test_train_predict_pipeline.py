@@ -272,8 +272,8 @@ def test_label_level_breast(trained: tuple[Path, Path], tmp_path: Path) -> None:
 
 
 def scores_as_predict(model: torch.nn.Module, path: Path, x: torch.Tensor) -> None:
-    """``model`` gives, bit for bit, what ``mammogmic predict`` computes with the model file ``path``, and the
-    plain (unfused) model with the same weights does not."""
+    """On the batch ``x``, ``model`` gives, bit for bit, what ``mammogmic predict``'s model from the file ``path``
+    gives, and the plain (unfused) model with the same weights does not."""
     from mammogmic.evaluation.inference import load_member
 
     member = load_member(path)
@@ -319,7 +319,7 @@ def test_validation_and_test_score_with_predicts_model(
 def test_a_bf16_run_reports_what_predict_gives(tmp_path: Path) -> None:
     """``runtime.amp: bf16`` trains in bf16, but validation and test are scored as ``mammogmic predict`` scores
     by default (float32, ``runtime.eval_amp``, predict's fused model): the run's test predictions are predict's,
-    row for row and digit for digit, and the epoch it selected was ranked on float32 scores."""
+    row for row, and the epoch it selected was ranked on float32 scores."""
     manifest = write_blob_manifest(tmp_path / "data", n_exams=8)
     run = tmp_path / "run"
     args = ["train", "tiny_cpu", "--set", f"data.manifest={manifest}", "--set", "schedule.epochs=2"]
@@ -341,9 +341,10 @@ def test_a_bf16_run_reports_what_predict_gives(tmp_path: Path) -> None:
     preds = pd.read_csv(out / "image_predictions.csv", dtype={"image_index": str}).set_index("image_index")
     assert sorted(preds.index) == sorted(reported.index)
     for col in ("benign_pred", "malignant_pred"):
-        # The trainer scores with predict's own (fused, channels-last) model: the same figures, not within
-        # rounding of them.
-        assert (preds.loc[reported.index, col] == reported[col]).all(), col
+        # The trainer scores with predict's own (fused, channels-last) model; batches of another size round
+        # differently in oneDNN (~1e-7), which can move the sixth decimal. Bit for bit on one batch: the test
+        # above.
+        assert (preds.loc[reported.index, col] - reported[col]).abs().max() <= 1.5e-6, col
 
     # The check can fail: scored in bf16, the same model's test predictions are further off than that.
     model = load_model(path)
