@@ -343,3 +343,13 @@ def test_summary_once_no_info_logs_and_no_bar_in_a_log(tmp_path: Path) -> None:
     verbose = _synth(tmp_path / "b", "-v")
     assert "INFO mammogmic.data.synth.dataset: wrote 4 images" in verbose.stderr
     assert "DEBUG" not in verbose.stderr and "exam/s" not in verbose.stderr
+
+
+def test_help_texts_render_their_percent_signs() -> None:
+    """argparse %-formats option help but not descriptions, so a ``%%`` written for one shows up doubled in the
+    other (ablate's description once said "top-t%%")."""
+    texts = {"mammogmic": build_parser().format_help()}
+    texts.update({name: parser.format_help() for name, parser in COMMANDS.items()})
+    doubled = {name: re.findall(r".{0,20}%%.{0,20}", text) for name, text in texts.items()}
+    assert not {name: hits for name, hits in doubled.items() if hits}
+    assert "top-t% vs GAP" in " ".join(texts["ablate"].split())
