@@ -8,7 +8,8 @@ torchvision, which does not install beside this CPU torch build): our plain mode
 (equal outputs to float32 rounding, tests/models/test_conformance.py). Then what ``mammogmic predict`` runs:
 float32 (BN folded, channels-last, lean allocator), bf16 autocast on that model and ``--amp bf16`` (bf16
 backbone weights cast once, :func:`mammogmic.models.cast_for_bf16`), each with both allocator profiles, and
-``--amp bf16`` as it runs by default (fast profile on 4 KiB pages: ``mammogmic.runtime.default_allocator``), and
+``--amp bf16`` on 4 KiB pages, then as it runs by default (fast profile on 4 KiB pages, the heap kept once the
+model is prepared: ``mammogmic.runtime.default_allocator``), and
 with ``--jemalloc`` float32 and ``--amp bf16`` under ``mammogmic --allocator jemalloc``; then
 one training step at batch 1 (float32, and bf16 autocast as ``mammogmic train`` runs it with
 ``runtime.amp: bf16``, channels-last, fast allocator). Each configuration is its own process, which runs
@@ -36,6 +37,7 @@ def _spec(
     warmup: int,
     thp: bool = True,
     jemalloc: bool = False,
+    keep_heap: bool = False,
 ) -> dict[str, object]:
     return {
         "model_name": "gmic",
@@ -49,6 +51,7 @@ def _spec(
         "tune": tune,
         "fuse": fast_layout and mode == "infer",
         "jemalloc": jemalloc,
+        "keep_heap": keep_heap,
     }
 
 
@@ -78,8 +81,10 @@ def main() -> int:
         _spec("infer", "bf16", True, False, *r),  # ... with mammogmic --allocator fast
         _spec("infer", "bf16-cast", True, True, *r),  # mammogmic --allocator lean predict --amp bf16
         _spec("infer", "bf16-cast", True, False, *r),  # mammogmic --allocator fast predict --amp bf16
-        # predict --amp bf16 as it comes: fast on 4 KiB pages (mammogmic.runtime.default_allocator)
-        _spec("infer", "bf16-cast", True, False, *r, thp=False),
+        _spec("infer", "bf16-cast", True, False, *r, thp=False),  # ... on 4 KiB pages
+        # predict --amp bf16 as it comes: fast on 4 KiB pages, the heap kept once the model is prepared
+        # (mammogmic.runtime.default_allocator)
+        _spec("infer", "bf16-cast", True, False, *r, thp=False, keep_heap=True),
     ]
     if args.jemalloc:  # mammogmic --allocator jemalloc predict [--amp bf16]
         infer += [

@@ -90,10 +90,11 @@ def run_single(
     warmup: int = 1,
     thp: bool = True,
     jemalloc: bool = False,
+    keep_heap: bool = False,
 ) -> dict[str, Any]:
     import torch
 
-    from mammogmic.runtime import allocator_in_use, tune_allocator
+    from mammogmic.runtime import allocator_in_use, keep_freed_heap, tune_allocator
 
     # What the mammogmic command-line tools do: huge pages always; "lean" also fixes glibc's mmap threshold.
     if not thp:  # glibc as it comes: tune_allocator leaves a THP_MEM_ALLOC_ENABLE it finds set
@@ -124,6 +125,8 @@ def run_single(
         x = x.contiguous(memory_format=torch.channels_last)
     elif channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if keep_heap and not keep_freed_heap():  # once the model is prepared, as `predict` does
+        raise SystemExit("keep_heap: glibc's mallopt is not available here")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     labels = torch.rand(batch, 2).round()
     stages: dict[str, float] = {}
@@ -171,7 +174,9 @@ def run_single(
         "threads": torch.get_num_threads(),
         "allocator": "jemalloc"
         if jemalloc
-        else ("lean" if tune else "fast") + ("" if thp else ", 4 KiB pages"),
+        else ("lean" if tune else "fast")
+        + ("" if thp else ", 4 KiB pages")
+        + (", heap kept" if keep_heap else ""),
         "mmap_threshold_mib": mmap_threshold_mib if tune else None,
         "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "fused": fuse,

@@ -49,6 +49,42 @@ def test_profiles_set_huge_pages_and_mmap_threshold() -> None:
     assert (env, huge) == ("0", "False")
 
 
+HEAP_PROBE = """
+import ctypes, sys
+from mammogmic.runtime import keep_freed_heap
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mib():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) >> 10
+kept = keep_freed_heap() if sys.argv[1] == "keep" else None
+blocks = [libc.malloc(8 << 20) for _ in range(12)]  # 96 MiB in 8 MiB blocks, each touched
+for b in blocks:
+    ctypes.memset(b, 1, 8 << 20)
+before = rss_mib()
+for b in reversed(blocks):
+    libc.free(b)
+print(kept, before - rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_a_kept_heap_keeps_what_is_freed() -> None:
+    """glibc as it comes maps 8 MiB blocks of their own and unmaps them when freed; with keep_freed_heap they
+    come from the heap and stay, ready for the next pass."""
+
+    def freed_mib(mode: str) -> tuple[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True
+        ).stdout.split()
+        return out[0], int(out[1])
+
+    kept, returned = freed_mib("keep")
+    assert kept == "True" and returned < 8
+    kept, returned = freed_mib("plain")
+    assert kept == "None" and returned >= 90
+
+
 def test_unknown_profile_is_refused() -> None:
     with pytest.raises(ValueError, match="lean.*fast.*jemalloc.*'quick'"):
         tune_allocator("quick")
@@ -66,7 +102,8 @@ def test_cli_picks_fast_for_training_and_lean_otherwise() -> None:
 
 
 def test_bf16_inference_on_the_cpu_runs_the_fast_profile(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What ``main`` hands to ``tune_allocator`` for a command line: the profile the benchmark's bf16 row runs."""
+    """What ``main`` hands to ``tune_allocator`` for a command line, and what it leaves for the model loaders:
+    the profile the benchmark's bf16 row runs."""
     import mammogmic.cli.main as cli
     import mammogmic.runtime as runtime
 
@@ -81,6 +118,7 @@ def test_bf16_inference_on_the_cpu_runs_the_fast_profile(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(cli, "tune_allocator", record)
     predict = ["predict", "--manifest", "a.csv", "--model", "m.safetensors", "--out", "o"]
+    kept: list[bool] = []
     for fast_cpu in (False, True):
         monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda fast=fast_cpu: fast)
         for argv in (
@@ -92,6 +130,7 @@ def test_bf16_inference_on_the_cpu_runs_the_fast_profile(monkeypatch: pytest.Mon
         ):
             with pytest.raises(Stop):
                 cli.main(argv)
+            kept.append(cli.allocator_choice(cli.build_parser().parse_args(argv)).keep_heap)
     bf16 = "fast, 4 KiB pages"
     assert chosen == [
         "lean",
@@ -105,6 +144,8 @@ def test_bf16_inference_on_the_cpu_runs_the_fast_profile(monkeypatch: pytest.Mon
         "lean",
         "lean",  # with it: auto is bf16
     ]
+    assert kept == [label == bf16 for label in chosen]  # the bf16 profile, and only it, keeps the heap
+    assert runtime.AllocatorChoice("fast", False, True).label == "fast, 4 KiB pages, heap kept"
 
 
 def _smoke(*options: str, **env: str) -> subprocess.CompletedProcess[str]:

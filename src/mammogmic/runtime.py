@@ -16,8 +16,10 @@ Two things decide how fast and how big a full-size GMIC run is on the CPU, both 
 ``benchmarks/README.md`` has the measured trade-off (inference: ``lean`` meets the 450 MiB target, ``fast`` is
 about 25% quicker at ~580 MiB). The CLI uses ``lean`` for float32 inference, ``fast`` for training, and ``fast``
 on 4 KiB pages for bf16 inference on the CPU (bf16 activations are half the size, so ``fast`` stays at
-float32's ``lean`` footprint, and huge pages there only made run-to-run times vary: :func:`default_allocator`);
-the global ``--allocator`` option overrides it (with huge pages).
+float32's ``lean`` footprint, and huge pages there only made run-to-run times vary: :func:`default_allocator`),
+which also keeps its heap once the models are loaded (:func:`keep_freed_heap`: no page is faulted in twice;
+0.32-0.33x the official stand-in instead of 0.36-0.38x on a 2-vCPU Zen 4, at 433-452 MiB); the global
+``--allocator`` option overrides it (with huge pages, heap as glibc manages it).
 
 A third profile, ``"jemalloc"``, swaps glibc's allocator for jemalloc (a system library, not a Python package:
 Debian/Ubuntu ``libjemalloc2``). It must be in place before the process allocates anything, so the command
@@ -33,12 +35,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ALLOCATOR_PROFILES",
+    "AllocatorChoice",
     "AMP_MODES",
     "SCORING_AMP",
     "allocator_in_use",
@@ -46,11 +49,12 @@ __all__ = [
     "default_allocator",
     "ensure_jemalloc",
     "jemalloc_library",
+    "keep_freed_heap",
     "resolve_amp",
     "tune_allocator",
 ]
 
-_M_MMAP_THRESHOLD = -3  # from <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
 ALLOCATOR_PROFILES = ("lean", "fast", "jemalloc")
 # Set on the process that ensure_jemalloc starts: the LD_PRELOAD the user had (restored for children).
 _PRELOAD_MARK: Final = "MAMMOGMIC_PRELOAD_BEFORE"
@@ -113,6 +117,13 @@ def tune_allocator(profile: str = "lean", mmap_threshold: int = 1 << 20, huge_pa
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1" if huge_pages else "0")
     if profile != "lean":
         return False
+    return _mallopt({_M_MMAP_THRESHOLD: mmap_threshold})
+
+
+def _mallopt(settings: dict[int, int]) -> bool:
+    """glibc's ``mallopt`` for each (parameter, value); False where there is no glibc or one call failed."""
+    if not sys.platform.startswith("linux"):
+        return False
     # Imported here: ctypes.util pulls in subprocess and friends, ~40 ms of every `mammogmic --help`.
     import ctypes
     import ctypes.util
@@ -122,11 +133,21 @@ def tune_allocator(profile: str = "lean", mmap_threshold: int = 1 << 20, huge_pa
         return False
     try:
         libc = ctypes.CDLL(name)
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))
+        ok = all([bool(libc.mallopt(param, int(value))) for param, value in settings.items()])
     except (OSError, AttributeError):
         return False
-    logger.debug("mallopt(M_MMAP_THRESHOLD, %d) -> %s", mmap_threshold, ok)
+    logger.debug("mallopt(%s) -> %s", settings, ok)
     return ok
+
+
+def keep_freed_heap(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Let glibc keep the heap it frees (no ``madvise``/``brk`` shrinking below ``trim_threshold``), and carve
+    blocks below ``mmap_threshold`` out of it, so that a loop of equal passes faults no page in twice.
+
+    Call it once the model is built and prepared: set before, the heap keeps the build's freed blocks too
+    (measured on Zen 4: 473-495 MiB peak instead of ~420). Returns whether both settings took.
+    """
+    return _mallopt({_M_MMAP_THRESHOLD: mmap_threshold, _M_TRIM_THRESHOLD: trim_threshold})
 
 
 def jemalloc_library() -> str | None:
@@ -198,15 +219,35 @@ def ensure_jemalloc(restart: bool = True) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def default_allocator(command_default: str, amp: str | None) -> tuple[str, bool]:
-    """The allocator profile, and whether to use huge pages, for a command run without ``--allocator``: the
-    command's own profile with huge pages, except that an inference command whose ``--amp`` gives bf16 on the
-    CPU runs ``fast`` on 4 KiB pages.
+class AllocatorChoice(NamedTuple):
+    """What ``main`` applies to a command's process: a profile (:data:`ALLOCATOR_PROFILES`), whether PyTorch
+    may back tensors with huge pages, and whether the heap is kept once the models are loaded
+    (:func:`keep_freed_heap`)."""
+
+    profile: str
+    huge_pages: bool = True
+    keep_heap: bool = False
+
+    @property
+    def label(self) -> str:
+        """The choice in words, as ``run.json`` records it: ``"lean"``, ``"fast, 4 KiB pages, heap kept"``..."""
+        return ", ".join(
+            [self.profile]
+            + ([] if self.huge_pages else ["4 KiB pages"])
+            + (["heap kept"] if self.keep_heap else [])
+        )
+
+
+def default_allocator(command_default: str, amp: str | None) -> AllocatorChoice:
+    """The allocator choice of a command run without ``--allocator``: the command's own profile with huge
+    pages, except that an inference command whose ``--amp`` gives bf16 on the CPU runs ``fast`` on 4 KiB pages
+    and keeps its heap once the models are loaded.
 
     Measured at 2944x1920 on a 2-vCPU Zen 5 (``python benchmarks/bench_bf16.py``, three runs): bf16 ``fast``
     without huge pages 0.098-0.102 s per image at 416 MiB peak, with them 0.094-0.109 s at 441-458 MiB (huge
     pages vary from run to run), ``lean`` 0.142-0.143 s at 415 MiB; float32 ``lean`` 0.25-0.26 s at 418 MiB.
+    Keeping the heap: see ``benchmarks/README.md``.
     """
     if amp is not None and amp in AMP_MODES and resolve_amp(amp, "cpu") == "bf16":
-        return "fast", False
-    return command_default, True
+        return AllocatorChoice("fast", huge_pages=False, keep_heap=True)
+    return AllocatorChoice(command_default)

@@ -124,8 +124,14 @@ def _four_view_manifest(root: Path, write_breast_png) -> Path:  # type: ignore[n
 
 
 def test_predict_manifest_labels_ensemble_tta(
-    tmp_path: Path, tiny_model: Path, tiny_model_b: Path, breast_png, size_args
+    tmp_path: Path, tiny_model: Path, tiny_model_b: Path, breast_png, size_args, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
+    import mammogmic.runtime as runtime
+
+    kept: list[
+        str
+    ] = []  # the bf16 profile keeps the heap once the models are loaded (not in this test process)
+    monkeypatch.setattr(runtime, "keep_freed_heap", lambda: kept.append("kept") is None)
     manifest = _four_view_manifest(tmp_path, breast_png)
     out = tmp_path / "out"
     rc = main(
@@ -163,6 +169,9 @@ def test_predict_manifest_labels_ensemble_tta(
     bf16 = pd.read_csv(out_bf16 / "image_predictions.csv")
     np.testing.assert_allclose(bf16["malignant_pred"], preds["malignant_pred"], atol=0.05)
     assert not np.array_equal(bf16["malignant_pred"], preds["malignant_pred"])  # bf16 really ran
+    assert kept == ["kept"]  # once, for both models; the float32 run kept nothing
+    run = json.loads((out_bf16 / "run.json").read_text())
+    assert run["allocator"]["profile"] == "fast, 4 KiB pages, heap kept"
     assert (
         main(["predict", "--manifest", str(manifest), "--model", str(tiny_model), "--out", str(manifest)])
         == 2

@@ -136,7 +136,8 @@ def allocator_record(args: argparse.Namespace) -> dict[str, str]:
     default) and the malloc this process really runs on (``"glibc"`` or ``"jemalloc"``, read from its maps)."""
     from mammogmic.runtime import allocator_in_use
 
-    return {"profile": getattr(args, "allocator_profile_used", "not set"), "malloc": allocator_in_use()}
+    choice = getattr(args, "allocator_choice", None)
+    return {"profile": choice.label if choice else "not set", "malloc": allocator_in_use()}
 
 
 def show_progress(no_progress: bool = False) -> bool:

@@ -703,6 +703,7 @@ def _check_out_folder(args: argparse.Namespace, command: str, items: list[Any]) 
 def _load_members(args: argparse.Namespace, device: str, dtype: str = "fp32") -> list[Any]:
     from mammogmic.errors import MammogmicError
     from mammogmic.evaluation.inference import load_member
+    from mammogmic.runtime import keep_freed_heap
 
     official = [m for m in args.models if m.suffix == ".p"]
     if len(args.percent_t) > len(official):
@@ -722,6 +723,10 @@ def _load_members(args: argparse.Namespace, device: str, dtype: str = "fp32") ->
     for i, m in enumerate(members):
         if names.count(m.name) > 1:
             m.name = f"{m.name}_{i + 1}"
+    choice = getattr(args, "allocator_choice", None)
+    if choice is not None and choice.keep_heap and device == "cpu":
+        # Only now: kept from the start, the heap would also hold the blocks that loading and fusing freed.
+        keep_freed_heap()
     return members
 
 

@@ -23,7 +23,13 @@ from collections.abc import Sequence
 
 from mammogmic import __version__
 from mammogmic.errors import MissingExtraError
-from mammogmic.runtime import ALLOCATOR_PROFILES, default_allocator, ensure_jemalloc, tune_allocator
+from mammogmic.runtime import (
+    ALLOCATOR_PROFILES,
+    AllocatorChoice,
+    default_allocator,
+    ensure_jemalloc,
+    tune_allocator,
+)
 
 _VERBOSE_HELP = "more log output: -v info, -vv debug (default: warnings and errors only)"
 
@@ -72,21 +78,24 @@ def log_level(verbosity: int) -> int:
     return logging.WARNING - 10 * min(verbosity, 2)
 
 
+def allocator_choice(args: argparse.Namespace) -> AllocatorChoice:
+    """The allocator a parsed command line runs on: ``--allocator`` as given (huge pages on), else the
+    command's default (:func:`mammogmic.runtime.default_allocator`)."""
+    if args.allocator:
+        return AllocatorChoice(args.allocator)
+    return default_allocator(getattr(args, "allocator_profile", "lean"), getattr(args, "amp", None))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = ["mammogmic", *(sys.argv[1:] if argv is None else argv)]  # provenance (run.json)
-    command_default = getattr(args, "allocator_profile", "lean")
-    profile, huge_pages = (
-        (args.allocator, True)
-        if args.allocator
-        else default_allocator(command_default, getattr(args, "amp", None))
-    )
-    if profile == "jemalloc" and (problem := ensure_jemalloc(restart=argv is None)):
+    choice = allocator_choice(args)
+    if choice.profile == "jemalloc" and (problem := ensure_jemalloc(restart=argv is None)):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    tune_allocator(profile, huge_pages=huge_pages)
-    args.allocator_profile_used = profile if huge_pages else f"{profile}, 4 KiB pages"  # provenance
+    tune_allocator(choice.profile, huge_pages=choice.huge_pages)
+    args.allocator_choice = choice  # the model loaders apply keep_heap; run.json records the label
     level = log_level(args.verbose + getattr(args, "verbose_after", 0))
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
