@@ -172,3 +172,31 @@ def test_ablation_picture_has_a_dot_per_finite_seed_and_the_table_order() -> Non
             if math.isfinite(r[metric])
         )
         assert dots == expected
+
+
+def test_ablation_picture_legend_hides_no_dot() -> None:
+    """The seeds' legend once sat in the lower left of the AUROC panel, over the last row's lowest AUROC (the Zen 4
+    study's GMP seed 2): no dot may lie under it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mammogmic.visualization.ablation import plot_ablations
+
+    rows = [
+        *_runs("fusion (GMIC)", "base", [0.987, 0.994, 0.994], [0.354, 0.521, 0.558]),
+        *_runs("random patches", "patches", [0.996, 0.993, 0.997], [0.494, 0.517, 0.304]),
+        *_runs("GAP", "aggregation", [0.986, 0.993, 0.997], [0.094, 0.203, 0.115]),
+        *_runs("GMP", "aggregation", [0.984, 0.975, 0.963], [0.075, 0.000, 0.003]),
+    ]
+    fig = plot_ablations(rows)
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    assert len(legends) == 1 and [t.get_text() for t in legends[0].get_texts()] == [
+        "seed 0",
+        "seed 1",
+        "seed 2",
+    ]
+    box = legends[0].get_window_extent(renderer)
+    dots = [ax.transData.transform(c.get_offsets()) for ax in fig.axes for c in ax.collections]
+    hidden = [(x, y) for d in dots for x, y in d if box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1]
+    assert sum(len(d) for d in dots) == 24 and not hidden

@@ -52,6 +52,9 @@ def plot_ablations(runs: Sequence[dict[str, Any]]) -> Figure:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(order)), order)
     axes[0].invert_yaxis()
-    axes[0].legend(loc="lower left", fontsize=7)
-    fig.tight_layout()
+    # Below the panels, not in them: inside, the legend covered the dots of a row that sat under it.
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_height = 0.32 / fig.get_figheight()  # one row of markers, in figure fractions
+    fig.legend(handles, labels, loc="lower center", ncols=max(1, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0.0, legend_height, 1.0, 1.0))
     return fig
