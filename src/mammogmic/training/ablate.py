@@ -55,7 +55,7 @@ BASE_ROW = "fusion (GMIC)"
 
 @dataclass(frozen=True)
 class AblationSettings:
-    """Size of the ablation study (defaults: the demo's budget, three seeds; 7 minutes a run on 2 bf16 cores).
+    """Size of the ablation study (defaults: the demo's budget, three seeds; 7-12 minutes a run on 2 bf16 cores, by CPU kind).
 
     Attributes:
         n_exams: synthetic exams per seed.
