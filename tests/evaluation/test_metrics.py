@@ -156,6 +156,15 @@ def test_paired_difference() -> None:
     assert same.difference == 0 and same.ci == (0.0, 0.0)
 
 
+def test_p_values_never_print_as_zero() -> None:
+    assert m.format_p_value(0.4617) == "0.462" and m.format_p_value(0.4617, 2) == "0.46"
+    assert m.format_p_value(0.0542, 2) == "0.05" and m.format_p_value(1.0, 2) == "1.00"
+    # "0.00" would read as certainty:
+    assert m.format_p_value(0.0027, 2) == m.format_p_value(0.0027) == "0.003"
+    assert m.format_p_value(0.0004) == m.format_p_value(0.0, 2) == "<0.001"
+    assert m.format_p_value(float("nan")) == m.format_p_value(None) == "n/a"
+
+
 def test_sensitivity_specificity_by_hand() -> None:
     rows = m.sensitivity_specificity([1, 1, 0, 0, 0], [0.9, 0.4, 0.6, 0.2, 0.1], [0.5, 0.4])
     assert rows[0]["sensitivity"] == pytest.approx(0.5)

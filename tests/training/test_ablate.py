@@ -151,6 +151,29 @@ def test_summary_pairs_each_row_with_the_base_run_of_its_seed() -> None:
     assert "| base | fusion (GMIC) | 0 1 2 | 0.940 ± 0.036 |  |" in table
 
 
+def test_ablation_and_evaluation_tables_print_a_small_p_alike() -> None:
+    """Both markdown tables with a p column (``ablate``'s "vs base", ``evaluate --compare``'s comparisons) print
+    p by one rule: a p below their precision must not read "p 0.00" / "0.000"."""
+    from mammogmic.evaluation.table import markdown_summary
+
+    rows = [
+        *_runs("fusion (GMIC)", "base", [0.90, 0.95, 0.97], [0.50, 0.40, 0.60]),
+        # AUROC differences -0.0300, -0.0301, -0.0299: p far below 0.001; Dice -0.30, -0.30, -0.25: p 0.003.
+        *_runs("GMP", "aggregation", [0.8700, 0.9199, 0.9401], [0.20, 0.10, 0.35]),
+    ]
+    base, gmp = ablate.summarize_ablations(rows)
+    assert gmp["malignant_auroc_p"] < 0.001 and 0.001 < gmp["malignant_dice_p"] < 0.005
+    table = ablate._table([base, gmp])
+    assert "| -0.030 (p <0.001) |" in table and "| -0.283 (p 0.003) |" in table and "p 0.00)" not in table
+    comparison = {"a": "A", "b": "B", "n": 40, "auroc_a": 0.9, "auroc_b": 0.8, "difference": 0.1}
+    evaluation = {"label": "malignant", "group": "image", "n_rows": 40, "bootstrap": 2000, "seed": 0}
+    evaluation |= {
+        "metrics": {},
+        "comparisons": [comparison | {"difference_ci": [0.05, 0.15], "p_value": 0.0}],
+    }
+    assert "| 0.100 (0.050–0.150) | <0.001 |" in markdown_summary(evaluation)
+
+
 def test_ablation_picture_has_a_dot_per_finite_seed_and_the_table_order() -> None:
     from mammogmic.visualization.ablation import plot_ablations
 

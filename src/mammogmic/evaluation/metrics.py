@@ -46,6 +46,7 @@ __all__ = [
     "column_metrics",
     "ensemble_weights_grid",
     "fit_ensemble_weights",
+    "format_p_value",
     "hybrid_auroc",
     "paired_auroc_difference",
     "paired_t_test",
@@ -377,6 +378,20 @@ def paired_t_test(a: ArrayLike, b: ArrayLike) -> PairedTTest:
     # P(|T| >= |t|) = I_x(df/2, 1/2) with x = df / (df + t²).
     p = _regularized_beta(df / (df + t * t), df / 2.0, 0.5)
     return PairedTTest(mean, sd, float(t), float(min(1.0, max(0.0, p))), n)
+
+
+def format_p_value(p: float | None, decimals: int = 3) -> str:
+    """A p-value as the project's tables print it: ``decimals`` places, never a zero.
+
+    A p that would print as zero at ``decimals`` places is shown with three (``0.003``), and one below 0.001 as
+    ``<0.001``: "p 0.00" would read as certainty. ``n/a`` for None or NaN.
+    """
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    text = f"{p:.{decimals}f}"
+    if float(text) > 0.0:
+        return text
+    return f"{p:.3f}" if p >= 0.0005 else "<0.001"
 
 
 def _regularized_beta(x: float, a: float, b: float) -> float:

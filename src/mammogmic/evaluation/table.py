@@ -21,6 +21,7 @@ from mammogmic.evaluation.metrics import (
     auroc,
     column_metrics,
     fit_ensemble_weights,
+    format_p_value,
     hybrid_auroc,
     paired_auroc_difference,
     threshold_at,
@@ -371,7 +372,7 @@ def markdown_summary(result: dict[str, Any], title: str = "Evaluation") -> str:
         for c in result["comparisons"]:
             lines.append(
                 f"| {c['a']} | {c['b']} | {c['n']} | {_fmt(c['auroc_a'])} | {_fmt(c['auroc_b'])} | "
-                f"{_fmt(c['difference'], c['difference_ci'])} | {_fmt(c['p_value'])} |"
+                f"{_fmt(c['difference'], c['difference_ci'])} | {format_p_value(c['p_value'])} |"
             )
     if "ensemble" in result:
         e = result["ensemble"]

@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 
 from mammogmic.errors import ConfigError, ManifestError
-from mammogmic.evaluation.metrics import paired_t_test
+from mammogmic.evaluation.metrics import format_p_value, paired_t_test
 from mammogmic.models.config import check_inference_settings
 from mammogmic.training.config import TrainConfig
 from mammogmic.training.demo import DemoSettings, _best_or_last, demo_synth_config, demo_train_config
@@ -369,7 +369,7 @@ def _diff(s: dict[str, Any], m: str) -> str:
     d, p = s[f"{m}_diff"], s[f"{m}_p"]
     if not _finite(d):
         return ""
-    return f"{d:+.3f} (p {p:.2f})" if _finite(p) else f"{d:+.3f}"
+    return f"{d:+.3f} (p {format_p_value(p, 2)})" if _finite(p) else f"{d:+.3f}"
 
 
 def _table(summary: list[dict[str, Any]]) -> str:
