@@ -10,7 +10,8 @@ float32 (BN folded, channels-last, lean allocator), bf16 autocast on that model 
 backbone weights cast once, :func:`mammogmic.models.cast_for_bf16`), each with both allocator profiles, and
 ``--amp bf16`` on 4 KiB pages, then as it runs by default (fast profile on 4 KiB pages, the heap kept once the
 model is prepared: ``mammogmic.runtime.default_allocator``), and
-with ``--jemalloc`` float32 and ``--amp bf16`` under ``mammogmic --allocator jemalloc``; then
+with ``--jemalloc`` float32 (``predict``'s float32 default where jemalloc is installed) and ``--amp bf16`` under
+``mammogmic --allocator jemalloc``; then
 one training step at batch 1 (float32, and bf16 autocast as ``mammogmic train`` runs it with
 ``runtime.amp: bf16``, channels-last, fast allocator). Each configuration is its own process, which runs
 ``--warmup`` untimed passes (3: the first two bf16 passes are 10-40% slower than the rest) and ``--repeats``
@@ -69,14 +70,15 @@ def main() -> int:
     p.add_argument(
         "--jemalloc",
         action="store_true",
-        help="also the inference rows under `mammogmic --allocator jemalloc` (needs the system's jemalloc)",
+        help="also the inference rows under `mammogmic --allocator jemalloc` (needs the system's jemalloc; "
+        "float32 predict's default where it is installed)",
     )
     p.add_argument("--json", help="also write the rows as JSON to this path")
     args = p.parse_args()
     r = (args.repeats, args.warmup)
     infer = [
         _spec("infer", "fp32", False, False, *r),  # the official stand-in
-        _spec("infer", "fp32", True, True, *r),  # predict's default
+        _spec("infer", "fp32", True, True, *r),  # predict's float32 default without jemalloc (lean)
         _spec("infer", "bf16", True, True, *r),  # autocast
         _spec("infer", "bf16", True, False, *r),  # ... with mammogmic --allocator fast
         _spec("infer", "bf16-cast", True, True, *r),  # mammogmic --allocator lean predict --amp bf16
@@ -88,7 +90,7 @@ def main() -> int:
     ]
     if args.jemalloc:  # mammogmic --allocator jemalloc predict [--amp bf16]
         infer += [
-            _spec("infer", "fp32", True, False, *r, jemalloc=True),
+            _spec("infer", "fp32", True, False, *r, jemalloc=True),  # predict's float32 default with it
             _spec("infer", "bf16-cast", True, False, *r, jemalloc=True),
         ]
     rows = measure(infer, args.rounds)

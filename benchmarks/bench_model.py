@@ -243,10 +243,11 @@ def measure(specs: list[dict[str, Any]], rounds: int = 1) -> list[dict[str, Any]
     for _ in range(rounds):
         for spec, done in zip(specs, runs, strict=True):
             env = dict(os.environ)
-            if spec.get("jemalloc"):
-                from mammogmic.runtime import jemalloc_library
+            if spec.get("jemalloc"):  # as mammogmic.runtime.ensure_jemalloc restarts a command
+                from mammogmic.runtime import JEMALLOC_CONF, jemalloc_library
 
                 env["LD_PRELOAD"] = jemalloc_library() or "libjemalloc.so.2"
+                env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
             res = subprocess.run(
                 [sys.executable, __file__, "--single", json.dumps(spec)],
                 capture_output=True,

@@ -101,6 +101,43 @@ def test_cli_picks_fast_for_training_and_lean_otherwise() -> None:
     assert parser.parse_args(["--allocator", "fast", "smoke"]).allocator == "fast"
 
 
+def test_float32_inference_runs_jemalloc_where_the_command_can_restart_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``default_allocator``: float32 inference commands (``lean`` ones with ``--amp``) run jemalloc when it can
+    be had, asked only for them; ``main(argv)`` called from Python never can (it cannot restart)."""
+    import mammogmic.cli.main as cli
+    import mammogmic.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    asked: list[tuple[str, str | None]] = []
+
+    def choices(available: bool) -> list[str]:
+        found = []
+        for command in [("lean", "none"), ("lean", "bf16"), ("lean", None), ("fast", "none"), ("fast", None)]:
+
+            def jemalloc(command: tuple[str, str | None] = command) -> bool:
+                asked.append(command)
+                return available
+
+            found.append(runtime.default_allocator(*command, jemalloc=jemalloc).label)
+        return found
+
+    bf16 = "fast, 4 KiB pages, heap kept"
+    assert choices(True) == ["jemalloc", bf16, "lean", "fast", "fast"]
+    assert choices(False) == ["lean", bf16, "lean", "fast", "fast"]
+    assert asked == [("lean", "none")] * 2  # asked only for float32 inference
+    monkeypatch.setattr(cli, "jemalloc_available", lambda: True)
+    parser = cli.build_parser()
+    for command in ("predict", "visualize", "heatmaps"):  # the inference commands, float32 by default
+        argv = [command, "DIR", "--model", "m.safetensors", "--out", "o"]
+        args = parser.parse_args(argv)
+        assert cli.allocator_choice(args, restartable=True).profile == "jemalloc"
+        assert cli.allocator_choice(args).profile == "lean"  # main(argv): cannot restart
+        assert cli.allocator_choice(parser.parse_args(["--allocator", "fast", *argv]), True).profile == "fast"
+    assert cli.allocator_choice(parser.parse_args(["smoke"]), restartable=True).profile == "lean"
+
+
 def test_bf16_inference_on_the_cpu_runs_the_fast_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     """What ``main`` hands to ``tune_allocator`` for a command line, and what it leaves for the model loaders:
     the profile the benchmark's bf16 row runs."""
@@ -191,6 +228,35 @@ def test_restarted_process_gives_children_the_users_preload(jemalloc: str) -> No
         assert run.returncode == 0, run.stderr
         problem, malloc, preload, marks = run.stdout.split(maxsplit=3)
         assert (problem, malloc, preload, marks.strip()) == ("''", "jemalloc", repr(user), "[]")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux-only")
+def test_restarted_process_runs_jemalloc_with_our_settings_unless_the_users(jemalloc: str) -> None:
+    """``MALLOC_CONF`` = ``JEMALLOC_CONF`` in the restarted process (read back from jemalloc itself), gone again
+    for its children; a ``MALLOC_CONF`` the user set is what jemalloc runs, and stays."""
+    import os
+
+    from mammogmic.runtime import JEMALLOC_CONF
+
+    assert JEMALLOC_CONF == "oversize_threshold:0"
+    code = (
+        "import ctypes, os; from mammogmic.runtime import ensure_jemalloc; problem = ensure_jemalloc(); "
+        "value, size = ctypes.c_size_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t)); "
+        "rc = ctypes.CDLL(None).mallctl(b'opt.oversize_threshold', ctypes.byref(value), ctypes.byref(size), "
+        "None, ctypes.c_size_t(0)); "
+        "print(repr(problem), rc, value.value, repr(os.environ.get('MALLOC_CONF')), "
+        "sorted(k for k in os.environ if k.startswith('MAMMOGMIC_')))"
+    )
+    for user, threshold in ((None, "0"), ("oversize_threshold:1048576", "1048576")):
+        mine = ("LD_PRELOAD", "MAMMOGMIC_JEMALLOC", "MALLOC_CONF")
+        env = {k: v for k, v in os.environ.items() if k not in mine and not k.startswith("MAMMOGMIC_")}
+        if user:
+            env["MALLOC_CONF"] = user
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["''", "0", threshold, repr(user), "[]"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux-only")

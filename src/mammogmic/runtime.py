@@ -23,10 +23,14 @@ which also keeps its heap once the models are loaded (:func:`keep_freed_heap`: n
 
 A third profile, ``"jemalloc"``, swaps glibc's allocator for jemalloc (a system library, not a Python package:
 Debian/Ubuntu ``libjemalloc2``). It must be in place before the process allocates anything, so the command
-starts itself again with it preloaded (:func:`ensure_jemalloc`). jemalloc reuses freed activations without
-glibc's fragmentation: float32 inference at 2944x1920 took 0.21-0.23 s per image at 456 MiB peak, against
-``lean``'s 0.25-0.29 s at 418 MiB (``benchmarks/README.md``, 2-vCPU Zen 5); bf16 gains nothing. It is opt-in,
-since it depends on a library outside the Python environment.
+starts itself again with it preloaded (:func:`ensure_jemalloc`), with ``MALLOC_CONF`` set to
+:data:`JEMALLOC_CONF` unless the user set it. jemalloc reuses freed activations without glibc's fragmentation:
+float32 inference at 2944x1920 ran at 0.59-0.60x the official stand-in's time at 439-442 MiB peak, where
+``lean`` ran at 0.73-0.78x at 418 MiB (batch 1), and ``predict`` on 24 full-size images took 7% less time
+(``benchmarks/README.md``, 2-vCPU Zen 5). Float32 inference commands (``predict``, ``visualize``,
+``heatmaps``) therefore run on it by default where it is installed and the command can restart itself;
+elsewhere they run ``lean`` (:func:`default_allocator`). bf16 stays on glibc's ``fast``: under jemalloc its
+passes at ``predict``'s batch of 4 were slower.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -42,12 +47,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ALLOCATOR_PROFILES",
     "AllocatorChoice",
+    "JEMALLOC_CONF",
     "AMP_MODES",
     "SCORING_AMP",
     "allocator_in_use",
     "cpu_has_fast_bf16",
     "default_allocator",
     "ensure_jemalloc",
+    "jemalloc_available",
     "jemalloc_library",
     "keep_freed_heap",
     "resolve_amp",
@@ -56,8 +63,15 @@ __all__ = [
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
 ALLOCATOR_PROFILES = ("lean", "fast", "jemalloc")
-# Set on the process that ensure_jemalloc starts: the LD_PRELOAD the user had (restored for children).
+# Set on the process that ensure_jemalloc starts: the LD_PRELOAD the user had (restored for children), and
+# whether MALLOC_CONF was ours (then removed for children).
 _PRELOAD_MARK: Final = "MAMMOGMIC_PRELOAD_BEFORE"
+_CONF_MARK: Final = "MAMMOGMIC_MALLOC_CONF_SET"
+# jemalloc's settings for the restarted process (unless the user set MALLOC_CONF): no separate arena for
+# blocks of 8 MiB and more, so the activations of a full-size pass are reused from the arenas' freed extents
+# like smaller blocks. Float32 inference at 2944x1920 on Zen 5: 442 MiB peak instead of 460, within a few
+# percent of the time (benchmarks/README.md, "jemalloc by default").
+JEMALLOC_CONF: Final = "oversize_threshold:0"
 AMP_MODES = ("auto", "bf16", "none")  # every command's --amp
 # The precision a model is scored in unless the user asks otherwise: ``mammogmic predict``'s default, and the
 # trainer's and the demo's for validation and test whatever they train in, so that the figures a run reports
@@ -161,6 +175,15 @@ def jemalloc_library() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
+def jemalloc_available() -> bool:
+    """Whether :func:`ensure_jemalloc` can restart a command on jemalloc: Linux, and a library found (a path in
+    ``$MAMMOGMIC_JEMALLOC`` must exist)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    library = jemalloc_library()
+    return library is not None and (os.sep not in library or Path(library).is_file())
+
+
 def allocator_in_use() -> str:
     """``"jemalloc"`` when this process runs on jemalloc (a ``libjemalloc`` mapping in ``/proc/self/maps``, or the
     library ``$MAMMOGMIC_JEMALLOC`` names), else ``"glibc"`` (also off Linux, where nothing is checked)."""
@@ -176,12 +199,13 @@ def allocator_in_use() -> str:
 def ensure_jemalloc(restart: bool = True) -> str:
     """Make this process run on jemalloc: nothing to do when it already does, else (``restart``) replace it by
     the same command started again with jemalloc preloaded (``os.execve``: the same process id, arguments and
-    environment, plus ``LD_PRELOAD``). Call it before torch is imported.
+    environment, plus ``LD_PRELOAD``, and ``MALLOC_CONF`` = :data:`JEMALLOC_CONF` unless the user set one).
+    Call it before torch is imported.
 
     Returns ``""`` when jemalloc is in use, else the reason it is not, for the user: not Linux, no jemalloc
     found, ``restart`` False (a library call cannot swap the allocator of a running interpreter), or, in the
     restarted process, the dynamic loader did not load it. The restarted process gets the user's own
-    ``LD_PRELOAD`` back, so that programs it starts see what the user gave.
+    ``LD_PRELOAD`` (and ``MALLOC_CONF``) back, so that programs it starts see what the user gave.
     """
     before = os.environ.pop(_PRELOAD_MARK, None)
     if before is not None:  # the restarted process
@@ -189,6 +213,8 @@ def ensure_jemalloc(restart: bool = True) -> str:
             os.environ["LD_PRELOAD"] = before
         else:
             os.environ.pop("LD_PRELOAD", None)
+        if os.environ.pop(_CONF_MARK, None) is not None:  # jemalloc has read it by now
+            os.environ.pop("MALLOC_CONF", None)
     if allocator_in_use() == "jemalloc":
         return ""
     library = jemalloc_library()
@@ -213,6 +239,8 @@ def ensure_jemalloc(restart: bool = True) -> str:
         )
     user = os.environ.get("LD_PRELOAD", "")
     env = {**os.environ, _PRELOAD_MARK: user, "LD_PRELOAD": f"{library} {user}".strip()}
+    if "MALLOC_CONF" not in env:
+        env.update({"MALLOC_CONF": JEMALLOC_CONF, _CONF_MARK: "1"})
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
@@ -238,16 +266,25 @@ class AllocatorChoice(NamedTuple):
         )
 
 
-def default_allocator(command_default: str, amp: str | None) -> AllocatorChoice:
+def default_allocator(
+    command_default: str, amp: str | None, jemalloc: Callable[[], bool] = lambda: False
+) -> AllocatorChoice:
     """The allocator choice of a command run without ``--allocator``: the command's own profile with huge
-    pages, except that an inference command whose ``--amp`` gives bf16 on the CPU runs ``fast`` on 4 KiB pages
-    and keeps its heap once the models are loaded.
+    pages, except that a command whose ``--amp`` gives bf16 on the CPU runs ``fast`` on 4 KiB pages and keeps its
+    heap once the models are loaded, and a float32 inference command (a ``lean`` one with ``--amp``) runs
+    ``jemalloc`` when ``jemalloc()`` says it can be had (asked only then: :func:`jemalloc_available` for a
+    command that can restart itself).
 
-    Measured at 2944x1920 on a 2-vCPU Zen 5 (``python benchmarks/bench_bf16.py``, three runs): bf16 ``fast``
-    without huge pages 0.098-0.102 s per image at 416 MiB peak, with them 0.094-0.109 s at 441-458 MiB (huge
-    pages vary from run to run), ``lean`` 0.142-0.143 s at 415 MiB; float32 ``lean`` 0.25-0.26 s at 418 MiB.
-    Keeping the heap: see ``benchmarks/README.md``.
+    Measured at 2944x1920 on a 2-vCPU Zen 5 (``python benchmarks/bench_bf16.py --jemalloc``, three runs,
+    2026-12-03), against the official stand-in's float32 time and peak RSS at batch 1: float32 ``jemalloc``
+    0.59-0.60x at 439-442 MiB, ``lean`` 0.73-0.78x at 418 MiB. bf16 ``jemalloc`` was as quick at batch 1
+    (0.27-0.33x against 0.28-0.38x) but its full-size passes at ``predict``'s batch of 4 took 15-40% longer
+    than ``fast`` with the heap kept, so bf16 stays on glibc. See ``benchmarks/README.md``.
     """
-    if amp is not None and amp in AMP_MODES and resolve_amp(amp, "cpu") == "bf16":
+    if amp is None or amp not in AMP_MODES:
+        return AllocatorChoice(command_default)
+    if resolve_amp(amp, "cpu") == "bf16":
         return AllocatorChoice("fast", huge_pages=False, keep_heap=True)
+    if command_default == "lean" and jemalloc():
+        return AllocatorChoice("jemalloc")
     return AllocatorChoice(command_default)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +103,60 @@ def test_predict_folder_good_and_bad(tmp_path: Path, tiny_model: Path, breast_pn
     assert run["n_run"] == run["n_predicted_now"] + run["n_errors"]
     # float32 predict's default profile, and the malloc this (test) process runs on
     assert run["allocator"] == {"profile": "lean", "malloc": allocator_in_use()}
+
+
+def _predict_process(
+    args: list[str], options: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``mammogmic [options] predict [args]`` in a process of its own, started as the console script starts it
+    (so that it can restart itself on jemalloc), without this process's allocator settings, plus ``env``."""
+    mine = ("LD_PRELOAD", "MAMMOGMIC_JEMALLOC", "MALLOC_CONF")
+    full_env = {k: v for k, v in os.environ.items() if k not in mine} | env
+    command = [sys.executable, "-m", "mammogmic.cli.main", *options, "predict", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=300)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux-only")
+def test_float32_predict_runs_on_jemalloc_where_it_is_installed(  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_model: Path, breast_png, size_args, jemalloc: str
+) -> None:
+    """The float32 default of a console ``predict`` (mammogmic.runtime.default_allocator): jemalloc, with the
+    same predictions as lean; where jemalloc cannot be loaded, a warning and lean, not a failed run."""
+    scans = tmp_path / "scans"
+    for i, name in enumerate(["0_L-CC", "0_L-MLO", "0_R-CC"]):
+        breast_png(scans / f"{name}.png", name[2], i)
+    not_a_library = {"MAMMOGMIC_JEMALLOC": str(scans / "0_L-CC.png")}  # the dynamic loader refuses it
+    runs = {}
+    for name, options, env in [
+        ("default", [], {}),
+        ("lean", ["--allocator", "lean"], {}),
+        ("refused", [], not_a_library),
+    ]:
+        out = tmp_path / name
+        run = _predict_process(
+            [str(scans), "--model", str(tiny_model), "--out", str(out), *size_args], options, env
+        )
+        assert run.returncode == 0, run.stderr
+        runs[name] = (
+            run.stderr,
+            json.loads((out / "run.json").read_text()),
+            pd.read_csv(out / "image_predictions.csv"),
+        )
+    assert runs["default"][1]["allocator"] == {"profile": "jemalloc", "malloc": "jemalloc"}
+    assert (
+        runs["lean"][1]["allocator"]
+        == runs["refused"][1]["allocator"]
+        == {"profile": "lean", "malloc": "glibc"}
+    )
+    assert "warning" not in runs["default"][0] + runs["lean"][0]
+    refused = runs["refused"][0]
+    assert (
+        refused.count("warning: jemalloc: the dynamic loader did not load") == 1
+        and "running on lean" in refused
+    )
+    columns = ["benign_pred", "malignant_pred"]
+    for name in ("lean", "refused"):
+        np.testing.assert_allclose(runs[name][2][columns], runs["default"][2][columns], rtol=0, atol=1e-6)
 
 
 def _four_view_manifest(root: Path, write_breast_png) -> Path:  # type: ignore[no-untyped-def]

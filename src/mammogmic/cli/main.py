@@ -28,6 +28,7 @@ from mammogmic.runtime import (
     AllocatorChoice,
     default_allocator,
     ensure_jemalloc,
+    jemalloc_available,
     tune_allocator,
 )
 
@@ -55,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allocator",
         choices=ALLOCATOR_PROFILES,
         default=None,
-        help="memory profile: lean (less resident memory; the default of float32 inference), fast "
-        "(measured 10-50%% quicker full-size passes for ~30-300 MiB more; the default of training and of bf16 "
-        "inference on the CPU) or jemalloc (the command restarts itself on the system's jemalloc, "
-        "apt-get install libjemalloc2; measured: float32 about 20%% quicker than lean for ~40 MiB more). "
-        "See mammogmic.runtime",
+        help="memory profile: jemalloc (the default of float32 inference where the system's jemalloc is "
+        "installed, apt-get install libjemalloc2: the command restarts itself on it; measured: full-size "
+        "float32 passes about 20%% quicker than lean for ~25 MiB more), lean (less resident memory; float32 "
+        "inference without jemalloc) or fast (measured 10-50%% quicker full-size passes for ~30-300 MiB more; "
+        "the default of training and of bf16 inference on the CPU). See mammogmic.runtime",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -78,22 +79,31 @@ def log_level(verbosity: int) -> int:
     return logging.WARNING - 10 * min(verbosity, 2)
 
 
-def allocator_choice(args: argparse.Namespace) -> AllocatorChoice:
+def allocator_choice(args: argparse.Namespace, restartable: bool = False) -> AllocatorChoice:
     """The allocator a parsed command line runs on: ``--allocator`` as given (huge pages on), else the
-    command's default (:func:`mammogmic.runtime.default_allocator`)."""
+    command's default (:func:`mammogmic.runtime.default_allocator`; jemalloc only where the command can
+    restart itself on it: ``restartable``)."""
     if args.allocator:
         return AllocatorChoice(args.allocator)
-    return default_allocator(getattr(args, "allocator_profile", "lean"), getattr(args, "amp", None))
+    return default_allocator(
+        getattr(args, "allocator_profile", "lean"),
+        getattr(args, "amp", None),
+        jemalloc=lambda: restartable and jemalloc_available(),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = ["mammogmic", *(sys.argv[1:] if argv is None else argv)]  # provenance (run.json)
-    choice = allocator_choice(args)
+    choice = allocator_choice(args, restartable=argv is None)
     if choice.profile == "jemalloc" and (problem := ensure_jemalloc(restart=argv is None)):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        if args.allocator:  # asked for: say why it cannot be had
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        # Chosen by default: the command runs on glibc, as where jemalloc is not installed.
+        print(f"warning: jemalloc: {problem.split(': ', 1)[-1]}; running on lean instead", file=sys.stderr)
+        choice = AllocatorChoice("lean")
     tune_allocator(choice.profile, huge_pages=choice.huge_pages)
     args.allocator_choice = choice  # the model loaders apply keep_heap; run.json records the label
     level = log_level(args.verbose + getattr(args, "verbose_after", 0))
