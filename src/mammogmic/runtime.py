@@ -281,10 +281,9 @@ def default_allocator(
     (0.27-0.33x against 0.28-0.38x) but its full-size passes at ``predict``'s batch of 4 took 15-40% longer
     than ``fast`` with the heap kept, so bf16 stays on glibc. See ``benchmarks/README.md``.
     """
-    if amp is None or amp not in AMP_MODES:
-        return AllocatorChoice(command_default)
-    if resolve_amp(amp, "cpu") == "bf16":
-        return AllocatorChoice("fast", huge_pages=False, keep_heap=True)
-    if command_default == "lean" and jemalloc():
-        return AllocatorChoice("jemalloc")
+    if amp is not None and amp in AMP_MODES:
+        if resolve_amp(amp, "cpu") == "bf16":
+            return AllocatorChoice("fast", huge_pages=False, keep_heap=True)
+        if command_default == "lean" and jemalloc():
+            return AllocatorChoice("jemalloc")
     return AllocatorChoice(command_default)
