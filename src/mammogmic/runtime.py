@@ -26,8 +26,8 @@ Debian/Ubuntu ``libjemalloc2``). It must be in place before the process allocate
 starts itself again with it preloaded (:func:`ensure_jemalloc`), with ``MALLOC_CONF`` set to
 :data:`JEMALLOC_CONF` unless the user set it. jemalloc reuses freed activations without glibc's fragmentation:
 float32 inference at 2944x1920 ran at 0.59-0.60x the official stand-in's time at 439-442 MiB peak, where
-``lean`` ran at 0.73-0.78x at 418 MiB (batch 1), and ``predict`` on 24 full-size images took 7% less time
-(``benchmarks/README.md``, 2-vCPU Zen 5). Float32 inference commands (``predict``, ``visualize``,
+``lean`` ran at 0.73-0.78x at 418 MiB (batch 1); ``predict`` on 24 full-size images took 4% less time (medians
+of nine runs, within the VM's spread; ``benchmarks/README.md``, 2-vCPU Zen 5). Float32 inference commands (``predict``, ``visualize``,
 ``heatmaps``) therefore run on it by default where it is installed and the command can restart itself;
 elsewhere they run ``lean`` (:func:`default_allocator`). bf16 stays on glibc's ``fast``: under jemalloc its
 passes at ``predict``'s batch of 4 were slower.
