@@ -220,21 +220,21 @@ def ensure_jemalloc(restart: bool = True) -> str:
     library = jemalloc_library()
     if before is not None:
         return (
-            f"--allocator jemalloc: the dynamic loader did not load {library} (its message is above); "
+            f"the dynamic loader did not load {library} (its message is above); "
             "set MAMMOGMIC_JEMALLOC to jemalloc's .so, or use --allocator lean or fast"
         )
     if not sys.platform.startswith("linux"):
-        return "--allocator jemalloc: preloading jemalloc is supported on Linux only"
+        return "preloading jemalloc is supported on Linux only"
     if library is None:
         return (
-            "--allocator jemalloc: jemalloc is not installed (Debian/Ubuntu: apt-get install libjemalloc2; "
+            "jemalloc is not installed (Debian/Ubuntu: apt-get install libjemalloc2; "
             "or set MAMMOGMIC_JEMALLOC to its .so), or use --allocator lean or fast"
         )
     if os.sep in library and not Path(library).is_file():
-        return f"--allocator jemalloc: MAMMOGMIC_JEMALLOC={library}: no such file"
+        return f"MAMMOGMIC_JEMALLOC={library}: no such file"
     if not restart:
         return (
-            "--allocator jemalloc: jemalloc must be loaded when the process starts: run the mammogmic "
+            "jemalloc must be loaded when the process starts: run the mammogmic "
             f"command, or start Python with LD_PRELOAD={library}"
         )
     user = os.environ.get("LD_PRELOAD", "")

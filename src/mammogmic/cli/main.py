@@ -99,10 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     choice = allocator_choice(args, restartable=argv is None)
     if choice.profile == "jemalloc" and (problem := ensure_jemalloc(restart=argv is None)):
         if args.allocator:  # asked for: say why it cannot be had
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: --allocator jemalloc: {problem}", file=sys.stderr)
             return 2
         # Chosen by default: the command runs on glibc, as where jemalloc is not installed.
-        print(f"warning: jemalloc: {problem.split(': ', 1)[-1]}; running on lean instead", file=sys.stderr)
+        print(f"warning: jemalloc: {problem}; running on lean instead", file=sys.stderr)
         choice = AllocatorChoice("lean")
     tune_allocator(choice.profile, huge_pages=choice.huge_pages)
     args.allocator_choice = choice  # the model loaders apply keep_heap; run.json records the label
