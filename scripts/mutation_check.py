@@ -464,6 +464,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_runtime.py::test_restarted_process_gives_children_the_users_preload",),
     ),
     Mutation(
+        "bf16-cast-copies-again",
+        "bf16 preparation casts a second float32 copy of the fused model (56 MiB more at predict's load peak)",
+        "models/fuse.py",
+        "        model = cast_for_bf16(model, copy_model=not fuse)",
+        "        model = cast_for_bf16(model)",
+        ("tests/models/test_inference_layout.py::test_bf16_preparation_copies_the_float32_model_once",),
+    ),
+    Mutation(
         "jemalloc-conf-dropped",
         "the command restarted on jemalloc runs jemalloc's own settings (a separate arena for big blocks)",
         "runtime.py",

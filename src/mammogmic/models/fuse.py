@@ -122,9 +122,10 @@ def compile_for_inference(model: GMIC | ResNetBaseline) -> Any:
     return torch.compile(model, options={"freezing": True}, dynamic=False)
 
 
-def cast_for_bf16(model: GMIC | ResNetBaseline) -> GMIC | ResNetBaseline:
+def cast_for_bf16(model: GMIC | ResNetBaseline, copy_model: bool = True) -> GMIC | ResNetBaseline:
     """A copy of an inference model whose convolutional backbones hold bfloat16 weights, for bf16 inference
-    without autocast.
+    without autocast (``copy_model=False``: the model itself, cast in place, for a caller that owns a copy
+    already and would otherwise hold a second float32 one while casting).
 
     Autocast re-casts every weight on every pass and returns to float32 around each layer it does not list;
     here the weights are cast once and the activations stay bfloat16 from the input of a backbone to its
@@ -135,7 +136,7 @@ def cast_for_bf16(model: GMIC | ResNetBaseline) -> GMIC | ResNetBaseline:
     Accuracy on the official fixture images:
     ``tests/models/test_conformance.py::test_bf16_inference_path_holds_accuracy``.
     """
-    cast = copy.deepcopy(model).eval()
+    cast = (copy.deepcopy(model) if copy_model else model).eval()
     nets = [cast.global_net, cast.local_net] if isinstance(cast, GMIC) else [cast.backbone]
     for net in nets:
         net.to(torch.bfloat16)
@@ -163,7 +164,7 @@ def prepare_for_inference(
     else:
         model.eval()
     if bf16 and isinstance(model, (GMIC, ResNetBaseline)):
-        model = cast_for_bf16(model)
+        model = cast_for_bf16(model, copy_model=not fuse)  # the fused model is our own copy: cast it in place
         if fuse:  # folded and channels-last: oneDNN takes the ReLUs and residual adds as post-ops
             for module in model.modules():
                 if isinstance(module, (PreActBlock, BasicBlock, Bottleneck, ResNetV1)):
