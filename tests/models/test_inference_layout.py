@@ -133,7 +133,9 @@ def test_bf16_preparation_copies_the_float32_model_once(fuse: bool, monkeypatch:
     assert len(copies) == 1
     assert prepared is not model
     assert next(prepared.global_net.parameters()).dtype == torch.bfloat16
-    assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(
+        v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items()
+    )
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
