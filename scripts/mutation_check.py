@@ -300,6 +300,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/models/test_gmic.py::test_top_t_fusion_pooling_trains_every_top_cell_of_a_feature",),
     ),
     Mutation(
+        "fusion-maps-detached",
+        "saliency_head: fusion reads the fusion weights without letting the maps' loss train them",
+        "models/gmic.py",
+        "        return fusion.weight[:, : self.global_dim, None, None]\n",
+        "        return fusion.weight[:, : self.global_dim, None, None].detach()\n",
+        (
+            "tests/models/test_gmic.py::"
+            "test_fusion_saliency_head_maps_are_the_fusion_heads_class_activation_maps",
+        ),
+    ),
+    Mutation(
         "official-export-any-option",
         "a model with top-t fusion pooling or centred patches written as an official .p again",
         "models/checkpoint.py",

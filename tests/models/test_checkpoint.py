@@ -75,6 +75,7 @@ def test_resnet10_global_network_round_trips_but_has_no_official_form(tmp_path: 
     ("field", "value"),
     [
         ("fusion_pooling", "top_t"),
+        ("saliency_head", "fusion"),
         ("patch_alignment", "centered"),
         ("saliency_symmetry", "point"),
         ("saliency_symmetry", "point_at_inference"),

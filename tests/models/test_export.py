@@ -200,3 +200,26 @@ def test_gmic_with_symmetric_maps_at_inference_exports(tmp_path: Path, symmetry:
         )  # the turned pass is in the graph
     else:
         assert got["saliency"].shape[-2:] == (32, 20) and without["saliency"].shape[-2:] == (16, 10)
+
+
+@pytest.mark.slow
+def test_gmic_whose_maps_are_the_fusion_heads_exports(tmp_path: Path) -> None:
+    # saliency_head: fusion reads the fusion layer's weights as a 1x1 convolution (a view, not a parameter of
+    # its own): the graph must hold them once and give the same maps, with the demo's inference settings.
+    torch.manual_seed(0)
+    cfg = GMICConfig(
+        global_arch="resnet10",
+        global_width=4,
+        local_width=4,
+        crop_size=(64, 64),
+        num_patches=2,
+        fusion_pooling="top_t",
+        saliency_head="fusion",
+        saliency_symmetry="flips_at_inference",
+        saliency_grid="fine_at_inference",
+    )
+    model = fuse_for_inference(GMIC(cfg).eval())
+    x = np.random.default_rng(0).standard_normal((2, 1, 512, 320)).astype(np.float32)
+    result = export_onnx(model, tmp_path / "g.onnx", (512, 320), check_inputs=[x])
+    assert result.check is not None and result.check.ok and result.check.same_locations
+    assert result.check.n_images == 2

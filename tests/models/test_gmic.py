@@ -485,3 +485,47 @@ def test_top_t_fusion_pooling_trains_every_top_cell_of_a_feature(tmp_path) -> No
     assert GMICConfig().fusion_pooling == "max"  # the released models
     with pytest.raises(ConfigError, match="fusion_pooling"):
         GMICConfig(fusion_pooling="mean")
+
+
+def test_fusion_saliency_head_maps_are_the_fusion_heads_class_activation_maps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``saliency_head: fusion``: each map is the fusion layer's weights for ``h_g`` applied cell by cell, the
+    global loss trains those weights, and copies (save/load, inference preparation) keep the tie."""
+    import copy
+
+    from mammogmic import load_model, save_model
+    from mammogmic.models.fuse import prepare_for_inference
+    from mammogmic.training.finetune import apply_freeze
+
+    torch.manual_seed(0)
+    cfg = SMALL_V1.replace(fusion_pooling="top_t", saliency_head="fusion")
+    model = GMIC(cfg).eval()
+    assert not any(k.startswith("saliency_head") for k in model.state_dict())
+    x = torch.randn(2, 1, 512, 320)
+    out = model(x)
+    d = cfg.global_dim
+    cam = torch.einsum("cd,ndhw->nchw", model.fusion.weight[:, :d], out.h_g)
+    assert torch.allclose(out.saliency, torch.sigmoid(cam), atol=1e-6)
+    # the maps' loss reaches the fusion layer's global columns, and only those
+    out.y_global.sum().backward()
+    grad = model.fusion.weight.grad
+    assert grad is not None and bool((grad[:, :d] != 0).any()) and bool((grad[:, d:] == 0).all())
+    # with a head of its own, the global loss never reaches the fusion layer
+    own = GMIC(cfg.replace(saliency_head="own")).eval()
+    own(x).y_global.sum().backward()
+    assert own.fusion.weight.grad is None and own.saliency_head.weight.grad is not None
+
+    loaded = load_model(save_model(model, tmp_path / "m.safetensors"))
+    assert loaded.config.saliency_head == "fusion"
+    with torch.no_grad():
+        assert torch.equal(loaded(x).saliency, model(x).saliency)
+        for copied in (copy.deepcopy(model), prepare_for_inference(model, bf16=True)):
+            assert copied.saliency_head.__dict__["_fusion"] is copied.fusion  # type: ignore[union-attr]
+            before = copied(x).saliency
+            model.fusion.weight.add_(1.0)  # the original's weights are not the copy's
+            assert torch.equal(copied(x).saliency, before)
+            copied.fusion.weight.mul_(-1.0)  # the copy's own are
+            assert not torch.allclose(copied(x).saliency, before)
+    with pytest.raises(ConfigError, match="no weights of its own.*freeze 'fusion'"):
+        apply_freeze(model, ["saliency"])
+    with pytest.raises(ConfigError, match="saliency_head"):
+        GMICConfig(saliency_head="shared")

@@ -542,6 +542,7 @@ _BEHAVIOUR_WITHOUT_OFFICIAL_FORM = (
     "attention",
     "prediction",
     "fusion_pooling",
+    "saliency_head",  # "fusion" also has no saliency head weights to write
 )
 
 
@@ -552,9 +553,9 @@ def official_state_dict(model: GMIC) -> dict[str, torch.Tensor]:
         CheckpointError: the architecture has no official equivalent (``global_arch: resnet10``,
             ``global_stride: 16``), or the model runs an option the official code does not have (a non-default
             ``aggregation``, ``patch_selection``, ``patch_alignment``, ``saliency_symmetry``, ``saliency_grid``,
-            ``attention``, ``prediction`` or ``fusion_pooling``): a ``.p`` file carries weights only, so the
-            official code, or :func:`load_official_checkpoint`, would run those weights another way than they were
-            trained.
+            ``attention``, ``prediction``, ``fusion_pooling`` or ``saliency_head``): a ``.p`` file carries
+            weights only, so the official code, or :func:`load_official_checkpoint`, would run those weights
+            another way than they were trained.
     """
     cfg = model.config
     released = GMICConfig()

@@ -44,6 +44,7 @@ def check_inference_settings(settings: Mapping[str, Any]) -> None:
 
 
 FUSION_POOLINGS = ("max", "top_t")
+SALIENCY_HEADS = ("own", "fusion")
 
 
 #: Upper bounds of the size fields. Far above every published or tuned setting (paper: widths 16 and 64,
@@ -146,6 +147,12 @@ class GMICConfig:
             paper and the released models) or ``"top_t"``: each channel's mean over its ``t·h·w`` highest cells
             (:func:`mammogmic.models.roi.top_t_pool` with ``percent_t``), so that the fusion head's gradient
             reaches every cell that sees a lesion, not only each channel's argmax (docs/localization.md).
+        saliency_head: ``"own"`` (the paper: a 1x1 convolution of its own on ``h_g``) or ``"fusion"``: the
+            saliency maps are the fusion head's class-activation maps, its weights for the global features
+            applied to each cell's features (a 1x1 convolution sharing the fusion layer's weights; no parameters
+            of its own). The maps then show, cell by cell, the evidence the fusion head reads from ``h_g``, and
+            the fusion loss trains them from the first step: with a head of its own, the fusion head can learn
+            from ``h_g`` while the maps stay dark (docs/localization.md, "The fusion head's own maps").
 
     Every field is type- and range-checked on construction (the ``MAX_*`` bounds of this module), so a config
     read from an untrusted file is refused with the field named before anything is built from it.
@@ -171,6 +178,7 @@ class GMICConfig:
     attention_dim: int = 128
     prediction: str = "fusion"
     fusion_pooling: str = "max"
+    saliency_head: str = "own"
 
     def __post_init__(self) -> None:
         c = self.in_channels
@@ -187,6 +195,7 @@ class GMICConfig:
         _choice("attention", self.attention, ATTENTIONS)
         _choice("prediction", self.prediction, PREDICTIONS)
         _choice("fusion_pooling", self.fusion_pooling, FUSION_POOLINGS)
+        _choice("saliency_head", self.saliency_head, SALIENCY_HEADS)
         _positive_int("global_width", self.global_width, MAX_GLOBAL_WIDTH)
         stride = self.global_stride
         if stride is not None and (

@@ -4,7 +4,9 @@ Shapes for the paper's setting (input 2944x1920, K=6, 256x256 patches, ResNet-18
 
     x            (N, 1, 2944, 1920)
     h_g          (N, 256, 46, 30)      global network f_g (stride 64)
-    saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant (saliency_symmetry "point": its mean
+    saliency     (N, 2, 46, 30)        sigmoid(conv1x1(h_g)), benign / malignant (saliency_head "fusion": the 1x1
+                                       convolution is the fusion layer's weights for h_g; saliency_symmetry
+                                       "point": its mean
                                        with the maps of the input turned by 180 degrees; "point_at_inference":
                                        their geometric mean, in eval mode only; "flips_at_inference": the
                                        geometric mean over the input and its three mirrorings, eval mode only;
@@ -49,7 +51,28 @@ from mammogmic.models.roi import (
 )
 
 
-def _full_precision(layer: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+class FusionMaps(nn.Module):
+    """The saliency head of ``saliency_head: fusion``: a 1x1 convolution whose weights are the fusion layer's
+    weights for the global features (its first ``global_dim`` columns), so each map is the fusion head's
+    class-activation map. It holds no parameters: the fusion layer is referenced, not registered, so the state
+    dict and the optimizer see its weights once, as ``fusion.weight``."""
+
+    def __init__(self, fusion: nn.Linear, global_dim: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_fusion", fusion)  # not a submodule
+        self.global_dim = global_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``(C, global_dim, 1, 1)``: a view of the fusion layer's weights."""
+        fusion: nn.Linear = self.__dict__["_fusion"]
+        return fusion.weight[:, : self.global_dim, None, None]
+
+    def forward(self, h_g: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(h_g, self.weight)
+
+
+def _full_precision(layer: nn.Linear | nn.Conv2d | FusionMaps, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` computed in the layer's own dtype (float32 for a float32 model), outside any autocast.
 
     Without autocast this is exactly ``layer(x)`` (the cast is a no-op), so the float32 path is unchanged.
@@ -148,7 +171,9 @@ class GMIC(nn.Module):
         else:
             stride = cfg.global_stride or 32
             self.global_net = ResNetV1(cfg.global_arch, cfg.in_channels, cfg.global_width, stride)
-        self.saliency_head = nn.Conv2d(cfg.global_dim, cfg.num_classes, kernel_size=1, bias=False)
+        self.saliency_head: nn.Conv2d | FusionMaps = nn.Conv2d(
+            cfg.global_dim, cfg.num_classes, kernel_size=1, bias=False
+        )
         # The local network keeps the reference's 3-channel stem: a 1-channel patch is repeated (which also
         # lets ImageNet weights load unchanged); a 3-channel input passes its own 3 channels.
         self.local_net = ResNetV1(cfg.local_arch, 3, cfg.local_width)
@@ -157,6 +182,8 @@ class GMIC(nn.Module):
         )
         self.local_classifier = nn.Linear(cfg.feature_dim, cfg.num_classes, bias=False)
         self.fusion = nn.Linear(cfg.global_dim + cfg.feature_dim, cfg.num_classes)
+        if cfg.saliency_head == "fusion":
+            self.saliency_head = FusionMaps(self.fusion, cfg.global_dim)
 
     # -- stages -------------------------------------------------------------------------------------------
     def forward_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

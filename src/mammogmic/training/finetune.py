@@ -260,6 +260,13 @@ def _part_modules(model: nn.Module, parts: Iterable[str]) -> list[nn.Module]:
         module = getattr(model, FREEZE_PARTS[part], None)
         if not isinstance(module, nn.Module):
             raise ConfigError(f"finetune.freeze: the model has no {part!r} part ({FREEZE_PARTS[part]})")
+        if not any(True for _ in module.parameters()):
+            raise ConfigError(
+                f"finetune.freeze: the model's {part!r} part has no weights of its own "
+                f"(model.saliency_head: fusion reads the fusion head's); freeze 'fusion' instead"
+                if part == "saliency"
+                else f"finetune.freeze: the model's {part!r} part has no weights of its own"
+            )
         modules.append(module)
     return modules
 
