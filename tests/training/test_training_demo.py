@@ -154,6 +154,19 @@ def test_saliency_scripts_read_a_demo_run(
             agreed = maxima
     assert maxima != agreed  # the same weights read another way
 
+    import fusion_maps
+
+    assert fusion_maps.main([str(out / "run"), "--split", "train"]) == 0
+    cam = json.loads(capsys.readouterr().out)
+    assert (
+        cam["saliency_head"] == "fusion" and cam["normal_images"] > 0
+    )  # the demo's maps are the fusion head's
+    for name in ("benign", "malignant"):
+        if cam[name]["images"]:
+            assert cam[name]["cosine_saliency_head_fusion"] == pytest.approx(1.0, abs=1e-6)
+            for k in ("saliency", "fusion", "fusion_positive"):
+                assert 0 <= cam[name][k]["scaled_dice"] <= 1 and 0 <= cam[name][k]["auroc_of_maximum"] <= 1
+
     assert saliency_erf.main([str(out / "run"), "--split", "test", "--images", "2"]) == 0
     erf = json.loads(capsys.readouterr().out)
     assert erf["cells"] == 2 * 4 and erf["stride_px"] == 32

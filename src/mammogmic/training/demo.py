@@ -123,6 +123,11 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 # largest one: every cell that sees the lesion then learns from the fusion head, and the
                 # malignant maps land on the lesions on more seeds (docs/localization.md, "Fusion pooling").
                 "fusion_pooling": "top_t",
+                # The maps are the fusion head's class-activation maps (its weights for the global features,
+                # cell by cell), so the fusion loss trains them from the first step: with a saliency head of its
+                # own, the maps of some seeds never light up while the fusion head learns, though its own map
+                # finds the lesions on every seed (docs/localization.md, "The fusion head's own maps").
+                "saliency_head": "fusion",
                 # Validation, test and predict read the geometric mean of the maps of the image and of its
                 # left-right, top-bottom and 180-degree mirror images: a mark leaning to one side of the lesion
                 # is mirrored to the others, and only the lesion's cell is high in all four
