@@ -182,7 +182,8 @@ class GMIC(nn.Module):
         )
         self.local_classifier = nn.Linear(cfg.feature_dim, cfg.num_classes, bias=False)
         self.fusion = nn.Linear(cfg.global_dim + cfg.feature_dim, cfg.num_classes)
-        if cfg.saliency_head == "fusion":
+        if cfg.saliency_head == "fusion":  # the own head is built first all the same, so that every other
+            # part draws the same initial weights whichever head a seed trains (docs/localization.md's runs)
             self.saliency_head = FusionMaps(self.fusion, cfg.global_dim)
 
     # -- stages -------------------------------------------------------------------------------------------
