@@ -8,7 +8,9 @@ import pytest
 from mammogmic.evaluation.localization import (
     DiceResult,
     PeakOffsets,
+    all_image_dice,
     dice_scores,
+    negative_marks,
     peak_offsets,
     upsample_aligned,
     upsample_nearest,
@@ -53,6 +55,43 @@ def test_dice_batch_skips_empty_masks() -> None:
     assert np.isnan(kept.soft[0, 0])  # both empty: undefined
     d = res.to_dict()
     assert d["malignant"]["n_images"] == 1
+
+
+def test_negative_marks_and_all_image_dice_by_hand() -> None:
+    """Four images, malignant class: a lesion found (Dice 1), a negative with a dark map (1), a negative whose map
+    marks a pixel (0), and one labelled positive without a mask (left out); the benign class has no negatives."""
+    sal = np.zeros((4, 2, 2, 2), dtype=np.float32)
+    masks = np.zeros((4, 2, 4, 4), dtype=bool)
+    labels = np.array([[1, 1], [1, 0], [1, 0], [np.nan, 1]], dtype=np.float32)
+    sal[0, 1] = 0.9
+    masks[0, 1] = True  # a lesion over the whole image, found exactly: Dice 1 with either upsampling
+    sal[1, 1] = 0.49  # dark everywhere: below the threshold
+    sal[2, 1, 1, 1] = 0.5  # reaches the threshold in one cell
+    sal[3, 1] = 1.0  # positive, no mask
+    for upsample in ("nearest", "aligned"):
+        marks = negative_marks(sal, masks, labels, upsample=upsample)
+        np.testing.assert_array_equal(marks[:, 1], [np.nan, 0.0, 1.0, np.nan])
+        assert np.isnan(marks[:, 0]).all()  # every image is labelled benign (or unknown)
+        lesion = dice_scores(sal, masks, upsample=upsample)
+        every = all_image_dice(lesion, marks)
+        np.testing.assert_array_equal(every[:, 1], [1.0, 1.0, 0.0, np.nan])
+        assert float(np.nanmean(every[:, 1])) == pytest.approx(2 / 3)
+        assert float(lesion.mean_hard[1]) == pytest.approx(1.0)  # the lesion images alone cannot see image 2
+    with pytest.raises(ValueError, match="labels"):
+        negative_marks(sal, masks, labels[:3])
+    with pytest.raises(ValueError, match="same images"):
+        all_image_dice(dice_scores(sal[:3], masks[:3]), marks)
+
+
+def test_a_map_marked_only_between_cells_is_marked_as_it_is_upsampled() -> None:
+    """``aligned`` interpolates: a cell at the threshold whose neighbours are dark is reached at its centre pixel,
+    so the image is marked; a map whose maximum is below the threshold never is."""
+    sal = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    sal[0, 0, 1, 1] = 0.6
+    masks = np.zeros((1, 1, 6, 6), dtype=bool)
+    labels = np.zeros((1, 1), dtype=np.float32)
+    assert negative_marks(sal, masks, labels, upsample="aligned")[0, 0] == 1.0
+    assert negative_marks(sal * 0.8, masks, labels, upsample="aligned")[0, 0] == 0.0
 
 
 @pytest.mark.parametrize("upsample", ["nearest", "aligned"])

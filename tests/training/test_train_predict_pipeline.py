@@ -151,18 +151,20 @@ def test_convert_and_predict_agree_on_an_official_files_t(tmp_path: Path, fixtur
     torch.manual_seed(0)
 
 
-def test_dice_selection_keeps_the_dice_best_model(tmp_path: Path) -> None:
-    """Validation Dice is the library's Dice on the validation split; the best-Dice model is kept beside it."""
+@pytest.mark.parametrize("best_dice_metric", ["malignant_dice", "malignant_dice_all"])
+def test_dice_selection_keeps_the_dice_best_model(tmp_path: Path, best_dice_metric: str) -> None:
+    """Validation Dice is the library's Dice on the validation split; the best-Dice model is kept beside it,
+    selected on the images with a lesion or on every image."""
     from mammogmic.data.manifest import load_manifest
     from mammogmic.data.sample import demo_contract
     from mammogmic.data.synth import SynthConfig
     from mammogmic.data.synth.dataset import generate_dataset
-    from mammogmic.evaluation.localization import DiceResult, dice_scores
+    from mammogmic.evaluation.localization import all_image_dice, dice_scores, negative_marks
 
     size = (256, 160)
     raw = generate_dataset(tmp_path / "synth", 6, size, 1, SynthConfig.demo(malignant_rate=0.6), 1)
     rows = [
-        dict(r.to_record(), split=("val" if i % 3 == 0 else "train"))
+        dict(r.to_record(), split=("val" if i % 3 == 2 else "train"))  # 3 of the 8 without malignancy
         for i, r in enumerate(load_manifest(raw))
     ]
     manifest = tmp_path / "synth" / "split.csv"
@@ -179,6 +181,7 @@ def test_dice_selection_keeps_the_dice_best_model(tmp_path: Path) -> None:
         "schedule.epochs": 2,
         "schedule.val_metric": "malignant_dice",
         "schedule.keep_best_dice": "true",
+        "schedule.best_dice_metric": best_dice_metric,
         "schedule.dice_upsample": "aligned",
     }.items():
         args += ["--set", f"{key}={value}"]
@@ -187,21 +190,30 @@ def test_dice_selection_keeps_the_dice_best_model(tmp_path: Path) -> None:
     assert epochs["val_malignant_dice"].notna().all()
     result = json.loads((run / "result.json").read_text())
     assert result["best_metric"] == pytest.approx(epochs["val_malignant_dice"].max())
-    assert result["best_dice"] == pytest.approx(epochs["val_malignant_dice"].max())
+    assert result["best_dice"] == pytest.approx(epochs[f"val_{best_dice_metric}"].max())
+    assert (
+        epochs["val_malignant_negatives_marked"].between(0, 1).all()
+    )  # NaN would fail: the split has negatives
     # the kept model's validation Dice, recomputed outside the trainer
     model = load_model(run / "best_dice_model.safetensors")
     config = TrainConfig.from_dict(
         read_model_metadata(run / "best_dice_model.safetensors")["extra"]["training_config"]
     )
     val = split_dataset(config, "val", masks=True)
-    parts = []
+    lesion, every = [], []
     with torch.inference_mode():
         for i in range(len(val)):
             sample = val.load(i)
-            parts.append(
-                dice_scores(model(sample["image"][None]).saliency, sample["masks"][None], upsample="aligned")
+            saliency, masks = model(sample["image"][None]).saliency, sample["masks"][None]
+            dice = dice_scores(saliency, masks, upsample="aligned")
+            lesion.append(dice.hard[:, 1])
+            every.append(
+                all_image_dice(
+                    dice, negative_marks(saliency, masks, sample["labels"][None], upsample="aligned")
+                )[:, 1]
             )
-    assert float(DiceResult.concatenate(parts).mean_hard[1]) == pytest.approx(result["best_dice"], abs=1e-6)
+    kept = every if best_dice_metric == "malignant_dice_all" else lesion
+    assert float(np.nanmean(np.concatenate(kept))) == pytest.approx(result["best_dice"], abs=1e-6)
 
 
 def test_training_tta_is_predicts_tta(tmp_path: Path) -> None:

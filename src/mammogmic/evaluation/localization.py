@@ -16,6 +16,12 @@ Two variants per class (0 = benign, 1 = malignant): soft Dice ``2·Σ(s·m) / (�
 such entries are NaN and left out of the means. Images whose mask for a class is empty are also left out of
 that class's mean by default, because Dice there only measures false positives (``skip_empty_masks=False``
 keeps them).
+
+A map that lights up on every image finds every lesion: Dice over the images with a lesion cannot see it.
+:func:`negative_marks` says which maps mark an image labelled negative for the class (any pixel of the upsampled
+map at or above the threshold), and :func:`all_image_dice` scores every image: its Dice where it has a lesion, 1
+where it is negative and unmarked, 0 where it is negative and marked (the convention of segmentation benchmarks
+that score empty masks: an empty prediction of an empty mask is perfect).
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ __all__ = [
     "UPSAMPLING",
     "DiceResult",
     "PeakOffsets",
+    "all_image_dice",
     "dice_scores",
+    "negative_marks",
     "peak_offsets",
     "upsample_aligned",
     "upsample_maps",
@@ -234,6 +242,49 @@ def dice_scores(
         soft[i, classes] = _dice(up, mask[i, classes])
         hard[i, classes] = _hard_dice(up >= threshold, mask[i, classes])
     return DiceResult(soft, hard, _nanmean(soft), _nanmean(hard), float(threshold), upsample)
+
+
+def negative_marks(
+    saliency: Any, masks: Any, labels: Any, threshold: float = 0.5, upsample: str = "nearest"
+) -> NDArray[np.float64]:
+    """Which maps mark an image labelled negative for their class: ``(N, C)`` 1.0 where some pixel of the
+    upsampled map (as :func:`dice_scores` upsamples it) is at or above ``threshold``, 0.0 where none is, NaN
+    where the image is not a negative of the class (its label is not 0, or its mask holds a lesion).
+
+    Args:
+        saliency: ``(N, C, h, w)`` maps in [0, 1]; masks: ``(N, C, H, W)``; labels: ``(N, C)`` with NaN unknown.
+
+    Raises:
+        ValueError: the shapes disagree, or an unknown ``upsample``.
+    """
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {upsample!r}")
+    sal = _to_numpy(saliency).astype(np.float32, copy=False)
+    mask = _to_numpy(masks) != 0
+    lab = _to_numpy(labels).astype(np.float64, copy=False)
+    if sal.ndim != 4 or mask.ndim != 4 or sal.shape[:2] != mask.shape[:2] or lab.shape != sal.shape[:2]:
+        raise ValueError(
+            "saliency (N, C, h, w), masks (N, C, H, W) and labels (N, C) must agree in N and C, got "
+            f"{sal.shape}, {mask.shape} and {lab.shape}"
+        )
+    out = np.full(sal.shape[:2], np.nan)
+    negative = (lab == 0) & ~mask.any(axis=(-2, -1))
+    for i, c in zip(*np.nonzero(negative), strict=True):
+        # Interpolation never exceeds the map's maximum: only a map that reaches the threshold is upsampled.
+        marked = sal[i, c].max() >= threshold and bool(
+            (upsample_maps(sal[i, c], mask.shape[-2:], upsample) >= threshold).any()
+        )
+        out[i, c] = float(marked)
+    return out
+
+
+def all_image_dice(lesion: DiceResult, marks: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``(N, C)`` Dice of every image: ``lesion.hard`` (from :func:`dice_scores` with its default
+    ``skip_empty_masks``) where the image has a lesion of the class, ``1 - marks`` (:func:`negative_marks`)
+    where it is a negative, NaN elsewhere."""
+    if lesion.hard.shape != marks.shape:
+        raise ValueError(f"Dice {lesion.hard.shape} and marks {marks.shape} must cover the same images")
+    return np.where(np.isfinite(lesion.hard), lesion.hard, 1.0 - marks)
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,17 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 AmpMode = Literal["none", "bf16", "fp16"]
 LabelLevel = Literal["image", "breast"]
 ValMetric = Literal[
-    "malignant_auroc", "benign_auroc", "mean_auroc", "val_loss", "malignant_dice", "benign_dice"
+    "malignant_auroc",
+    "benign_auroc",
+    "mean_auroc",
+    "val_loss",
+    "malignant_dice",
+    "benign_dice",
+    "malignant_dice_all",
+    "benign_dice_all",
 ]
+#: What ``schedule.keep_best_dice`` selects on: Dice over the images with a lesion (the paper), or over every image.
+DiceMetric = Literal["malignant_dice", "malignant_dice_all"]
 
 #: Parts of GMIC that ``finetune.freeze`` accepts -> the GMIC submodule each one names.
 FREEZE_PARTS: dict[str, str] = {
@@ -223,9 +232,14 @@ class ScheduleConfig:
         patience: stop after this many validations without improvement of ``val_metric`` (``None`` = never).
         val_metric: validation metric used for early stopping and best-checkpoint selection; ``malignant_dice`` /
             ``benign_dice`` select on the saliency Dice of validation images with lesion masks (the paper's model
-            selection for localization).
-        keep_best_dice: also keep the model with the best validation malignant Dice
+            selection for localization); ``malignant_dice_all`` / ``benign_dice_all`` on the Dice of every
+            validation image, where an image labelled negative for the class scores 1 if its map marks nothing and
+            0 if it marks anything (:func:`mammogmic.evaluation.localization.all_image_dice`).
+        keep_best_dice: also keep the model with the best validation ``best_dice_metric``
             (``best_dice_model.safetensors``) beside the one selected by ``val_metric``, as the paper does.
+        best_dice_metric: ``malignant_dice`` (the paper: the images with a lesion) or ``malignant_dice_all``
+            (every image, so that a map that also marks the negative images is not the one kept;
+            docs/localization.md, "Selecting the maps on every image").
         dice_upsample: saliency upsampling of the validation Dice: ``nearest`` (the paper) or ``aligned``
             (:mod:`mammogmic.evaluation.localization`).
         val_every: validate every this many epochs.
@@ -245,6 +259,7 @@ class ScheduleConfig:
     patience: int | None = 10
     val_metric: ValMetric = "malignant_auroc"
     keep_best_dice: bool = False
+    best_dice_metric: DiceMetric = "malignant_dice"
     dice_upsample: Literal["nearest", "aligned"] = "nearest"
     val_every: int = 1
     max_steps_per_epoch: int | None = None

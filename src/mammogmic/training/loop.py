@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from numpy.typing import NDArray
 from torch import nn
 
 from mammogmic.errors import MammogmicError
@@ -564,6 +565,8 @@ _HIGHER_IS_BETTER = {
     "val_loss": False,
     "malignant_dice": True,
     "benign_dice": True,
+    "malignant_dice_all": True,
+    "benign_dice_all": True,
 }
 
 
@@ -634,7 +637,7 @@ class Trainer:
 
     def _needs_dice(self) -> bool:
         s = self.config.schedule
-        return s.keep_best_dice or s.val_metric in ("malignant_dice", "benign_dice")
+        return s.keep_best_dice or s.val_metric.endswith(("_dice", "_dice_all"))
 
     # .. setup ..
     def _setup_runtime(self) -> tuple[DistInfo, torch.device]:
@@ -1040,7 +1043,7 @@ class Trainer:
                 state["bad_validations"] += 1
             self._update_top_k(r.model, state, metric, epoch, higher, write=info.is_main)
             if cfg.schedule.keep_best_dice:
-                dice = val.get("malignant_dice", float("nan"))
+                dice = val.get(cfg.schedule.best_dice_metric, float("nan"))
                 best_dice = state.get("best_dice")
                 if math.isfinite(dice) and (best_dice is None or dice > best_dice):
                     state["best_dice"], state["best_dice_epoch"] = dice, epoch
@@ -1103,17 +1106,22 @@ class Trainer:
         same with any number of ranks). Under ``dist`` every rank predicts its share and returns the metrics of
         all images.
         """
-        from mammogmic.evaluation.localization import DiceResult, dice_scores
+        from mammogmic.evaluation.localization import all_image_dice, dice_scores, negative_marks
         from mammogmic.models import scoring_copy
 
         cfg = self.config
         info = dist or DistInfo()
         sums = np.zeros(2)  # loss summed over fully-labelled images, their count
-        dice: list[DiceResult] = []
+        dice: list[NDArray[np.float64]] = []  # (n, 4): Dice of the images with a lesion, then of every image
+        marks: list[NDArray[np.float64]] = []
 
         def collect(out: Any, batch: dict[str, Any]) -> None:
             if "masks" in batch:
-                dice.append(dice_scores(out.saliency, batch["masks"], upsample=cfg.schedule.dice_upsample))
+                up = cfg.schedule.dice_upsample
+                lesion = dice_scores(out.saliency, batch["masks"], upsample=up)
+                marked = negative_marks(out.saliency, batch["masks"], batch["labels"], upsample=up)
+                dice.append(np.concatenate([lesion.hard, all_image_dice(lesion, marked)], axis=1))
+                marks.append(marked)
             y = batch["labels"].to(device)
             known = ~torch.isnan(y).any(dim=1)
             if not bool(known.any()):
@@ -1143,14 +1151,18 @@ class Trainer:
         loss_sum, count = all_reduce_sum(sums, info, device)
         metrics["val_loss"] = float(loss_sum / count) if count else float("nan")
         if self._needs_dice():
-            # Mean Dice over every rank's images with a lesion: sums and counts per class, added over ranks.
-            hard = DiceResult.concatenate(dice).hard if dice else np.full((0, 2), np.nan)
-            totals = np.concatenate([np.nansum(hard, axis=0), np.isfinite(hard).sum(axis=0)]).astype(
-                np.float64
-            )
-            totals = all_reduce_sum(totals, info, device)
+            # Means over every rank's images: sums and counts per column, added over ranks. Columns: Dice of
+            # the images with a lesion, Dice of every image, share of the negative images marked (per class).
+            values = np.concatenate([np.concatenate(dice), np.concatenate(marks)], axis=1) if dice else None
+            if values is None:
+                values = np.full((0, 6), np.nan)
+            totals = np.concatenate([np.nansum(values, axis=0), np.isfinite(values).sum(axis=0)])
+            totals = all_reduce_sum(totals.astype(np.float64), info, device)
+            means = [float(totals[j] / totals[6 + j]) if totals[6 + j] else float("nan") for j in range(6)]
             for c, name in enumerate(("benign", "malignant")):
-                metrics[f"{name}_dice"] = float(totals[c] / totals[2 + c]) if totals[2 + c] else float("nan")
+                metrics[f"{name}_dice"] = means[c]
+                metrics[f"{name}_dice_all"] = means[2 + c]
+                metrics[f"{name}_negatives_marked"] = means[4 + c]
         return metrics
 
     def test(self, r: _Run) -> dict[str, float]:
