@@ -34,12 +34,12 @@ def test_demo_writes_metrics_figures_and_keeps_data_inside(tmp_path: Path) -> No
 
 def test_demo_dice_is_the_library_dice_of_the_dice_selected_model(tmp_path: Path) -> None:
     """The reported Dice is recomputed outside the demo: Dice-selected model as predict loads it, test split,
-    aligned upsampling."""
+    aligned upsampling; so are the Dice of every image and the share of the negative images the map marks."""
     import numpy as np
     import torch
 
     from mammogmic.evaluation.inference import load_member
-    from mammogmic.evaluation.localization import DiceResult, dice_scores
+    from mammogmic.evaluation.localization import DiceResult, all_image_dice, dice_scores, negative_marks
     from mammogmic.models import read_model_metadata
     from mammogmic.training.config import TrainConfig
     from mammogmic.training.data import split_dataset
@@ -55,12 +55,23 @@ def test_demo_dice_is_the_library_dice_of_the_dice_selected_model(tmp_path: Path
     test = split_dataset(config, "test", masks=True)
     model = load_member(path).model  # what `mammogmic predict` runs for the model file
     parts = {"aligned": [], "nearest": []}
+    marks = []
     with torch.inference_mode():
         for i in range(len(test)):
             sample = test.load(i)
             saliency = model(sample["image"][None]).saliency
             for mode, found in parts.items():
                 found.append(dice_scores(saliency, sample["masks"][None], upsample=mode))
+            marks.append(
+                negative_marks(saliency, sample["masks"][None], sample["labels"][None], upsample="aligned")
+            )
+    marked = np.concatenate(marks)[:, 1]
+    assert np.isfinite(marked).any()  # the test split has images without malignancy
+    every = all_image_dice(DiceResult.concatenate(parts["aligned"]), np.concatenate(marks))[:, 1]
+    assert metrics["test"]["malignant_negatives_marked"] == pytest.approx(np.nanmean(marked), abs=1e-12)
+    assert metrics["test"]["malignant_dice_all"] == pytest.approx(np.nanmean(every), abs=1e-12)
+    for key in ("malignant_negatives_marked", "malignant_dice_all"):  # the localization model's, as the Dice
+        assert metrics["test_dice_selected_model"][key] == metrics["test"][key]
     for key, mode in (("malignant_dice", "aligned"), ("malignant_dice_nearest", "nearest")):
         expected = float(DiceResult.concatenate(parts[mode]).mean_hard[1])
         reported = metrics["test"][key]

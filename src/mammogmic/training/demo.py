@@ -161,6 +161,11 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 "patience": None,
                 "log_every": 5,
                 "keep_best_dice": True,
+                # The localization model is the one whose maps score best on every validation image, a negative
+                # one scoring 1 when its map marks nothing: over the images with a lesion only, the best Dice
+                # can be an early epoch whose maps mark every image (docs/localization.md, "Selecting the maps
+                # on every image").
+                "best_dice_metric": "malignant_dice_all",
                 "dice_upsample": "aligned",
                 # Two epochs from global average pooling down to t: with top-t% from the first step, the
                 # malignant maps of some seeds lock onto an image corner and never reach a lesion
@@ -228,7 +233,7 @@ def run_demo(
         # As in the paper: classification figures from the AUROC-selected model, localization figures from the
         # Dice-selected one; both models' full figures are kept below.
         for key, value in localization["test"].items():
-            if "dice" in key or key == "malignant_offsets":
+            if "dice" in key or key.endswith("_marked") or key == "malignant_offsets":
                 test[key] = value
     report = {
         "test": test,
@@ -304,7 +309,14 @@ def evaluate_with_localization(
     in eval mode (:data:`mammogmic.models.config.INFERENCE_SETTINGS`), to score the same weights another way than
     they were selected with (e.g. an older run with the demo's current maps).
     """
-    from mammogmic.evaluation.localization import DiceResult, PeakOffsets, dice_scores, peak_offsets
+    from mammogmic.evaluation.localization import (
+        DiceResult,
+        PeakOffsets,
+        all_image_dice,
+        dice_scores,
+        negative_marks,
+        peak_offsets,
+    )
     from mammogmic.evaluation.outputs import FLOAT_FORMAT
     from mammogmic.models import GMIC, load_model, scoring_copy
     from mammogmic.training.checkpoint import load_checkpoint
@@ -325,6 +337,7 @@ def evaluate_with_localization(
         raise MammogmicError(f"{d.manifest}: split {split!r} is empty")
     n = len(images)
     dice: dict[str, list[DiceResult]] = {"aligned": [], "nearest": []}
+    marks: list[np.ndarray] = []  # negative_marks, aligned
     order: list[np.ndarray] = []
     keep: dict[int, dict[str, Any]] = {}
     head_probs = {h: np.zeros((n, 2)) for h in ("fusion", "global", "local")}
@@ -336,6 +349,7 @@ def evaluate_with_localization(
         order.append(idx)
         for mode, parts in dice.items():
             parts.append(dice_scores(o.saliency, batch["masks"], threshold=0.5, upsample=mode))
+        marks.append(negative_marks(o.saliency, batch["masks"], batch["labels"], upsample="aligned"))
         offsets.append(
             peak_offsets(
                 o.saliency,
@@ -370,6 +384,8 @@ def evaluate_with_localization(
     aligned, nearest = (DiceResult.concatenate(dice[m]) for m in ("aligned", "nearest"))
     hard = np.full((n, 2), np.nan)
     hard[rows] = aligned.hard
+    marked = np.concatenate(marks)
+    every = all_image_dice(aligned, marked)
     test: dict[str, Any] = {
         "malignant_auroc": cls["malignant_auroc"],
         "benign_auroc": cls["benign_auroc"],
@@ -379,6 +395,9 @@ def evaluate_with_localization(
         "malignant_soft_dice_nearest": float(nearest.mean_soft[1]),
         "benign_dice": float(aligned.mean_hard[0]),
         "benign_dice_nearest": float(nearest.mean_hard[0]),
+        "malignant_dice_all": float(np.nanmean(every[:, 1])),
+        "malignant_negatives_marked": float(np.nanmean(marked[:, 1])),
+        "benign_negatives_marked": float(np.nanmean(marked[:, 0])),
         "n_images": n,
         "n_malignant": int(np.nansum(labels[:, 1])),
         "n_benign": int(np.nansum(labels[:, 0])),
