@@ -8,10 +8,10 @@ import pytest
 from mammogmic.evaluation.localization import (
     DiceResult,
     PeakOffsets,
-    all_image_dice,
     dice_scores,
     negative_marks,
     peak_offsets,
+    specific_dice,
     upsample_aligned,
     upsample_nearest,
 )
@@ -57,9 +57,9 @@ def test_dice_batch_skips_empty_masks() -> None:
     assert d["malignant"]["n_images"] == 1
 
 
-def test_negative_marks_and_all_image_dice_by_hand() -> None:
-    """Four images, malignant class: a lesion found (Dice 1), a negative with a dark map (1), a negative whose map
-    marks a pixel (0), and one labelled positive without a mask (left out); the benign class has no negatives."""
+def test_negative_marks_and_specific_dice_by_hand() -> None:
+    """Four images, malignant class: a lesion found (Dice 1), a negative with a dark map, a negative whose map
+    marks a pixel, and one labelled positive without a mask (left out); the benign class has no negatives."""
     sal = np.zeros((4, 2, 2, 2), dtype=np.float32)
     masks = np.zeros((4, 2, 4, 4), dtype=bool)
     labels = np.array([[1, 1], [1, 0], [1, 0], [np.nan, 1]], dtype=np.float32)
@@ -72,15 +72,14 @@ def test_negative_marks_and_all_image_dice_by_hand() -> None:
         marks = negative_marks(sal, masks, labels, upsample=upsample)
         np.testing.assert_array_equal(marks[:, 1], [np.nan, 0.0, 1.0, np.nan])
         assert np.isnan(marks[:, 0]).all()  # every image is labelled benign (or unknown)
-        lesion = dice_scores(sal, masks, upsample=upsample)
-        every = all_image_dice(lesion, marks)
-        np.testing.assert_array_equal(every[:, 1], [1.0, 1.0, 0.0, np.nan])
-        assert float(np.nanmean(every[:, 1])) == pytest.approx(2 / 3)
-        assert float(lesion.mean_hard[1]) == pytest.approx(1.0)  # the lesion images alone cannot see image 2
+        dice = float(dice_scores(sal, masks, upsample=upsample).mean_hard[1])
+        assert dice == pytest.approx(1.0)  # the images with a lesion alone cannot see image 2
+        assert specific_dice(dice, float(np.nanmean(marks[:, 1]))) == pytest.approx(0.5)
+    assert specific_dice(0.4, 1.0) == 0.0  # maps that mark every negative image
+    assert specific_dice(0.0, 0.0) == 0.0  # maps that mark nothing
+    assert specific_dice(0.4, float("nan")) == 0.4  # no negative images: the Dice
     with pytest.raises(ValueError, match="labels"):
         negative_marks(sal, masks, labels[:3])
-    with pytest.raises(ValueError, match="same images"):
-        all_image_dice(dice_scores(sal[:3], masks[:3]), marks)
 
 
 def test_a_map_marked_only_between_cells_is_marked_as_it_is_upsampled() -> None:

@@ -19,9 +19,8 @@ keeps them).
 
 A map that lights up on every image finds every lesion: Dice over the images with a lesion cannot see it.
 :func:`negative_marks` says which maps mark an image labelled negative for the class (any pixel of the upsampled
-map at or above the threshold), and :func:`all_image_dice` scores every image: its Dice where it has a lesion, 1
-where it is negative and unmarked, 0 where it is negative and marked (the convention of segmentation benchmarks
-that score empty masks: an empty prediction of an empty mask is perfect).
+map at or above the threshold), and :func:`specific_dice` weighs the Dice by the share of negative images left
+unmarked: 0 for maps that mark every image and for maps that mark none.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ __all__ = [
     "UPSAMPLING",
     "DiceResult",
     "PeakOffsets",
-    "all_image_dice",
     "dice_scores",
     "negative_marks",
+    "specific_dice",
     "peak_offsets",
     "upsample_aligned",
     "upsample_maps",
@@ -278,13 +277,11 @@ def negative_marks(
     return out
 
 
-def all_image_dice(lesion: DiceResult, marks: NDArray[np.float64]) -> NDArray[np.float64]:
-    """``(N, C)`` Dice of every image: ``lesion.hard`` (from :func:`dice_scores` with its default
-    ``skip_empty_masks``) where the image has a lesion of the class, ``1 - marks`` (:func:`negative_marks`)
-    where it is a negative, NaN elsewhere."""
-    if lesion.hard.shape != marks.shape:
-        raise ValueError(f"Dice {lesion.hard.shape} and marks {marks.shape} must cover the same images")
-    return np.where(np.isfinite(lesion.hard), lesion.hard, 1.0 - marks)
+def specific_dice(dice: float, marked: float) -> float:
+    """The Dice of the images with a lesion (:func:`dice_scores`' mean) times the share of the negative images
+    that the maps leave unmarked (``1 - marked``, ``marked`` the mean of :func:`negative_marks`): the maps must
+    find the lesions and stay dark elsewhere. Without negative images (``marked`` NaN) it is the Dice."""
+    return dice if math.isnan(marked) else dice * (1.0 - marked)
 
 
 @dataclass(frozen=True)

@@ -62,11 +62,12 @@ ValMetric = Literal[
     "val_loss",
     "malignant_dice",
     "benign_dice",
-    "malignant_dice_all",
-    "benign_dice_all",
+    "malignant_specific_dice",
+    "benign_specific_dice",
 ]
-#: What ``schedule.keep_best_dice`` selects on: Dice over the images with a lesion (the paper), or over every image.
-DiceMetric = Literal["malignant_dice", "malignant_dice_all"]
+#: What ``schedule.keep_best_dice`` selects on: Dice of the images with a lesion (the paper), or that Dice times
+#: the share of negative images whose maps stay dark.
+DiceMetric = Literal["malignant_dice", "malignant_specific_dice"]
 
 #: Parts of GMIC that ``finetune.freeze`` accepts -> the GMIC submodule each one names.
 FREEZE_PARTS: dict[str, str] = {
@@ -232,14 +233,14 @@ class ScheduleConfig:
         patience: stop after this many validations without improvement of ``val_metric`` (``None`` = never).
         val_metric: validation metric used for early stopping and best-checkpoint selection; ``malignant_dice`` /
             ``benign_dice`` select on the saliency Dice of validation images with lesion masks (the paper's model
-            selection for localization); ``malignant_dice_all`` / ``benign_dice_all`` on the Dice of every
-            validation image, where an image labelled negative for the class scores 1 if its map marks nothing and
-            0 if it marks anything (:func:`mammogmic.evaluation.localization.all_image_dice`).
+            selection for localization); ``malignant_specific_dice`` / ``benign_specific_dice`` on that Dice times
+            the share of the validation images labelled negative for the class whose map marks no pixel at 0.5
+            (:func:`mammogmic.evaluation.localization.specific_dice`).
         keep_best_dice: also keep the model with the best validation ``best_dice_metric``
             (``best_dice_model.safetensors``) beside the one selected by ``val_metric``, as the paper does.
-        best_dice_metric: ``malignant_dice`` (the paper: the images with a lesion) or ``malignant_dice_all``
-            (every image, so that a map that also marks the negative images is not the one kept;
-            docs/localization.md, "Selecting the maps on every image").
+        best_dice_metric: ``malignant_dice`` (the paper: the images with a lesion) or
+            ``malignant_specific_dice`` (so that maps that also mark the negative images are not the ones kept;
+            docs/localization.md, "Selecting maps that stay dark on negative images").
         dice_upsample: saliency upsampling of the validation Dice: ``nearest`` (the paper) or ``aligned``
             (:mod:`mammogmic.evaluation.localization`).
         val_every: validate every this many epochs.

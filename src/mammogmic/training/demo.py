@@ -161,11 +161,10 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 "patience": None,
                 "log_every": 5,
                 "keep_best_dice": True,
-                # The localization model is the one whose maps score best on every validation image, a negative
-                # one scoring 1 when its map marks nothing: over the images with a lesion only, the best Dice
-                # can be an early epoch whose maps mark every image (docs/localization.md, "Selecting the maps
-                # on every image").
-                "best_dice_metric": "malignant_dice_all",
+                # The localization model is the one whose Dice times the share of negative validation images its
+                # maps leave dark is best: by Dice alone, the best epoch can be an early one whose maps mark
+                # every image (docs/localization.md, "Selecting maps that stay dark on negative images").
+                "best_dice_metric": "malignant_specific_dice",
                 "dice_upsample": "aligned",
                 # Two epochs from global average pooling down to t: with top-t% from the first step, the
                 # malignant maps of some seeds lock onto an image corner and never reach a lesion
@@ -312,10 +311,10 @@ def evaluate_with_localization(
     from mammogmic.evaluation.localization import (
         DiceResult,
         PeakOffsets,
-        all_image_dice,
         dice_scores,
         negative_marks,
         peak_offsets,
+        specific_dice,
     )
     from mammogmic.evaluation.outputs import FLOAT_FORMAT
     from mammogmic.models import GMIC, load_model, scoring_copy
@@ -384,8 +383,8 @@ def evaluate_with_localization(
     aligned, nearest = (DiceResult.concatenate(dice[m]) for m in ("aligned", "nearest"))
     hard = np.full((n, 2), np.nan)
     hard[rows] = aligned.hard
-    marked = np.concatenate(marks)
-    every = all_image_dice(aligned, marked)
+    found = np.concatenate(marks)
+    marked = [float(np.nanmean(col)) if np.isfinite(col).any() else math.nan for col in found.T]
     test: dict[str, Any] = {
         "malignant_auroc": cls["malignant_auroc"],
         "benign_auroc": cls["benign_auroc"],
@@ -395,9 +394,9 @@ def evaluate_with_localization(
         "malignant_soft_dice_nearest": float(nearest.mean_soft[1]),
         "benign_dice": float(aligned.mean_hard[0]),
         "benign_dice_nearest": float(nearest.mean_hard[0]),
-        "malignant_dice_all": float(np.nanmean(every[:, 1])),
-        "malignant_negatives_marked": float(np.nanmean(marked[:, 1])),
-        "benign_negatives_marked": float(np.nanmean(marked[:, 0])),
+        "malignant_negatives_marked": marked[1],
+        "malignant_specific_dice": specific_dice(float(aligned.mean_hard[1]), marked[1]),
+        "benign_negatives_marked": marked[0],
         "n_images": n,
         "n_malignant": int(np.nansum(labels[:, 1])),
         "n_benign": int(np.nansum(labels[:, 0])),

@@ -565,8 +565,8 @@ _HIGHER_IS_BETTER = {
     "val_loss": False,
     "malignant_dice": True,
     "benign_dice": True,
-    "malignant_dice_all": True,
-    "benign_dice_all": True,
+    "malignant_specific_dice": True,
+    "benign_specific_dice": True,
 }
 
 
@@ -637,7 +637,7 @@ class Trainer:
 
     def _needs_dice(self) -> bool:
         s = self.config.schedule
-        return s.keep_best_dice or s.val_metric.endswith(("_dice", "_dice_all"))
+        return s.keep_best_dice or s.val_metric.endswith("_dice")
 
     # .. setup ..
     def _setup_runtime(self) -> tuple[DistInfo, torch.device]:
@@ -1106,22 +1106,20 @@ class Trainer:
         same with any number of ranks). Under ``dist`` every rank predicts its share and returns the metrics of
         all images.
         """
-        from mammogmic.evaluation.localization import all_image_dice, dice_scores, negative_marks
+        from mammogmic.evaluation.localization import dice_scores, negative_marks, specific_dice
         from mammogmic.models import scoring_copy
 
         cfg = self.config
         info = dist or DistInfo()
         sums = np.zeros(2)  # loss summed over fully-labelled images, their count
-        dice: list[NDArray[np.float64]] = []  # (n, 4): Dice of the images with a lesion, then of every image
-        marks: list[NDArray[np.float64]] = []
+        dice: list[NDArray[np.float64]] = []  # (n, 4): Dice of the images with a lesion, negative_marks
 
         def collect(out: Any, batch: dict[str, Any]) -> None:
             if "masks" in batch:
                 up = cfg.schedule.dice_upsample
-                lesion = dice_scores(out.saliency, batch["masks"], upsample=up)
+                lesion = dice_scores(out.saliency, batch["masks"], upsample=up).hard
                 marked = negative_marks(out.saliency, batch["masks"], batch["labels"], upsample=up)
-                dice.append(np.concatenate([lesion.hard, all_image_dice(lesion, marked)], axis=1))
-                marks.append(marked)
+                dice.append(np.concatenate([lesion, marked], axis=1))
             y = batch["labels"].to(device)
             known = ~torch.isnan(y).any(dim=1)
             if not bool(known.any()):
@@ -1152,17 +1150,15 @@ class Trainer:
         metrics["val_loss"] = float(loss_sum / count) if count else float("nan")
         if self._needs_dice():
             # Means over every rank's images: sums and counts per column, added over ranks. Columns: Dice of
-            # the images with a lesion, Dice of every image, share of the negative images marked (per class).
-            values = np.concatenate([np.concatenate(dice), np.concatenate(marks)], axis=1) if dice else None
-            if values is None:
-                values = np.full((0, 6), np.nan)
+            # the images with a lesion, then the share of the negative images marked (per class).
+            values = np.concatenate(dice) if dice else np.full((0, 4), np.nan)
             totals = np.concatenate([np.nansum(values, axis=0), np.isfinite(values).sum(axis=0)])
             totals = all_reduce_sum(totals.astype(np.float64), info, device)
-            means = [float(totals[j] / totals[6 + j]) if totals[6 + j] else float("nan") for j in range(6)]
+            means = [float(totals[j] / totals[4 + j]) if totals[4 + j] else float("nan") for j in range(4)]
             for c, name in enumerate(("benign", "malignant")):
                 metrics[f"{name}_dice"] = means[c]
-                metrics[f"{name}_dice_all"] = means[2 + c]
-                metrics[f"{name}_negatives_marked"] = means[4 + c]
+                metrics[f"{name}_negatives_marked"] = means[2 + c]
+                metrics[f"{name}_specific_dice"] = specific_dice(means[c], means[2 + c])
         return metrics
 
     def test(self, r: _Run) -> dict[str, float]:
