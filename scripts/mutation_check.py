@@ -311,6 +311,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "negative-never-marked",
+        "negative_marks calls every negative image unmarked, so specific_dice is the Dice whatever the maps mark",
+        "evaluation/localization.py",
+        "        out[i, c] = float(marked)\n",
+        "        out[i, c] = 0.0\n",
+        ("tests/evaluation/test_localization.py::test_negative_marks_and_specific_dice_by_hand",),
+    ),
+    Mutation(
+        "best-dice-metric-ignored",
+        "keep_best_dice keeps the Dice-best model whatever schedule.best_dice_metric says",
+        "training/loop.py",
+        '                dice = val.get(cfg.schedule.best_dice_metric, float("nan"))\n',
+        '                dice = val.get("malignant_dice", float("nan"))\n',
+        ("tests/training/test_training_loop.py::test_keep_best_dice_selects_on_best_dice_metric",),
+    ),
+    Mutation(
         "official-export-any-option",
         "a model with top-t fusion pooling or centred patches written as an official .p again",
         "models/checkpoint.py",

@@ -246,3 +246,33 @@ def test_t_warm_up_falls_from_gap_to_the_models_t_then_stops(
         tiny_config(**{"schedule.t_warmup_epochs": 1, "model.aggregation": "gap"})
     with pytest.raises(ConfigError, match="t_warmup_epochs"):
         tiny_config(**{"schedule.t_warmup_epochs": -1})
+
+
+@pytest.mark.parametrize(("metric", "kept_epoch"), [("malignant_dice", 0), ("malignant_specific_dice", 1)])
+def test_keep_best_dice_selects_on_best_dice_metric(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metric: str, kept_epoch: int
+) -> None:
+    """Epoch 0's maps find more of the lesions but mark 90 % of the negative images; epoch 1's mark none. The
+    paper's Dice keeps epoch 0, Dice times the unmarked share keeps epoch 1."""
+    from mammogmic.evaluation.localization import specific_dice
+
+    scripted = iter([(0.6, 0.9), (0.5, 0.0)])
+
+    def validate(*args: Any, **kwargs: Any) -> dict[str, float]:
+        dice, marked = next(scripted)
+        return {
+            "malignant_auroc": 0.5,
+            "malignant_dice": dice,
+            "malignant_negatives_marked": marked,
+            "malignant_specific_dice": specific_dice(dice, marked),
+        }
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    cfg = tiny_config(
+        **{"schedule.epochs": 2, "schedule.keep_best_dice": True, "schedule.best_dice_metric": metric}
+    )
+    trainer = Trainer(cfg, tmp_path, train_images=BlobImages(8), val_images=BlobImages(4), tensorboard=False)
+    result = trainer.fit()
+    assert result.best_dice_epoch == kept_epoch
+    assert result.best_dice == pytest.approx([0.6, 0.5][kept_epoch])
+    assert (tmp_path / "best_dice_model.safetensors").is_file()
