@@ -327,6 +327,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/training/test_training_loop.py::test_keep_best_dice_selects_on_best_dice_metric",),
     ),
     Mutation(
+        "ablate-reads-dice-alone",
+        "an ablation row takes only the Dice from the Dice-selected model, its other map figures from the AUROC one",
+        "training/ablate.py",
+        '        test = with_localization_figures(test, localization["test"])\n',
+        '        test["malignant_dice"] = localization["test"]["malignant_dice"]\n',
+        ("tests/training/test_ablate.py::test_a_row_reads_the_saliency_figures_of_the_dice_selected_model",),
+    ),
+    Mutation(
+        "ablate-reuses-results-without-negatives",
+        "a kept ablation result from before the negatives column is reused, so the column is the AUROC model's",
+        "training/ablate.py",
+        '        if "diverged" in result or _CURRENT_RESULT_KEY in result["test"]:\n',
+        "        if True:\n",
+        ("tests/training/test_ablate.py::test_a_row_reads_the_saliency_figures_of_the_dice_selected_model",),
+    ),
+    Mutation(
         "official-export-any-option",
         "a model with top-t fusion pooling or centred patches written as an official .p again",
         "models/checkpoint.py",

@@ -102,6 +102,83 @@ def test_ablation_rows_divergence_and_resume(tmp_path: Path, monkeypatch: pytest
         ablate.reread_ablations(tmp_path / "out", tmp_path / "k", {"num_patches": 2})
 
 
+def test_a_row_reads_the_saliency_figures_of_the_dice_selected_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scripted evaluations: classification from best.pt, every map figure from best_dice_model, as the demo's
+    metrics.json; a result kept from before the negatives column is evaluated again, not reused."""
+    import mammogmic.training.demo as demo
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "best_dice_model.safetensors", "last.pt"):
+        (run / name).write_bytes(b"")
+
+    def figures(offset: float) -> dict[str, Any]:
+        return {
+            "malignant_auroc": 0.9 + offset,
+            "benign_auroc": 0.8 + offset,
+            "malignant_dice": 0.3 + offset,
+            "malignant_dice_nearest": 0.2 + offset,
+            "malignant_negatives_marked": 0.4 + offset,
+            "benign_negatives_marked": 0.5 + offset,
+            "malignant_specific_dice": 0.1 + offset,
+            "malignant_offsets": {"median_peak_aligned_cells": 0.6 + offset},
+            "n_images": 10,
+        }
+
+    read: list[str] = []
+
+    def evaluate(cfg: Any, checkpoint: Path, out: Path, **kwargs: Any) -> dict[str, Any]:
+        read.append(Path(checkpoint).name)
+        dice_model = Path(checkpoint).name == "best_dice_model.safetensors"
+        return {"test": figures(0.01 if dice_model else 0.0), "heads": {"fusion": {}}}
+
+    monkeypatch.setattr(demo, "evaluate_with_localization", evaluate)
+    test = ablate._evaluate_run(None, run, tmp_path / "out")["test"]  # type: ignore[arg-type]
+    assert read == ["best.pt", "best_dice_model.safetensors"]
+    auroc_model, dice_model = figures(0.0), figures(0.01)
+    for key in ("malignant_auroc", "benign_auroc", "n_images"):
+        assert test[key] == auroc_model[key], key
+    for key in (
+        "malignant_dice",
+        "malignant_dice_nearest",
+        "malignant_negatives_marked",
+        "benign_negatives_marked",
+        "malignant_specific_dice",
+        "malignant_offsets",
+    ):
+        assert test[key] == dice_model[key], key
+    assert test["malignant_dice_auroc_model"] == auroc_model["malignant_dice"]
+    assert test["malignant_negatives_marked_auroc_model"] == auroc_model["malignant_negatives_marked"]
+    assert {
+        k: v for k, v in test.items() if not k.endswith("_auroc_model")
+    } == demo.with_localization_figures(auroc_model, dice_model)
+
+    # A result evaluated before the negatives column: read again (no training: fit resumes a finished run).
+    resumed: list[bool] = []
+
+    class Finished:  # the trainer of a finished run: resuming it trains nothing
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def fit(self, resume: bool, overwrite: bool) -> None:
+            resumed.append(resume)
+
+    monkeypatch.setattr(ablate, "Trainer", Finished)
+    monkeypatch.setattr(ablate, "_training_seconds", lambda run: 1.0)
+    old = {"test": {"malignant_dice": 0.3, "malignant_dice_auroc_model": 0.2}, "heads": {}}
+    kept = run / ablate.RESULT_FILE
+    kept.write_text(json.dumps(old))
+    read.clear()
+    again = ablate._train_and_evaluate(None, run, None)  # type: ignore[arg-type]
+    assert read == ["best.pt", "best_dice_model.safetensors"] and resumed == [True]
+    assert again["test"]["malignant_negatives_marked"] == dice_model["malignant_negatives_marked"]
+    read.clear()
+    assert ablate._train_and_evaluate(None, run, None) == json.loads(kept.read_text())  # type: ignore[arg-type]
+    assert read == []  # the current result is reused
+
+
 def test_data_with_several_seeds_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="single seed"):
         run_ablations(tmp_path / "out", AblationSettings(seeds=(0, 1)), data=tmp_path)
@@ -118,6 +195,7 @@ def _runs(variant: str, group: str, malignant: list[float], dice: list[float]) -
             "malignant_auroc": m,
             "benign_auroc": 0.8,
             "malignant_dice": d,
+            "malignant_negatives_marked": 0.1,
             "seconds": 60.0,
         }
         for seed, (m, d) in enumerate(zip(malignant, dice, strict=True))

@@ -82,6 +82,14 @@ def test_demo_dice_is_the_library_dice_of_the_dice_selected_model(tmp_path: Path
             assert reported == pytest.approx(expected, abs=1e-9)
         assert metrics["test_dice_selected_model"][key] == reported
 
+    # `ablate` reads a run as the demo reports it: every figure of the demo's `test`, the same model, the same value.
+    from mammogmic.training import ablate
+
+    (tmp_path / "ablate").mkdir()
+    row = ablate._evaluate_run(config, out / "run", tmp_path / "ablate")["test"]
+    for key, value in metrics["test"].items():
+        np.testing.assert_equal(row[key], value, err_msg=key)
+
 
 def test_a_bf16_demo_scores_its_test_split_as_predict_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

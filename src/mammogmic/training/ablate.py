@@ -11,7 +11,10 @@ Rows (each a separate training run unless noted; everything else equals the demo
 
 Every row is trained once per seed (default 0, 1, 2: the demo's budget and its three README seeds), each seed on
 its own synthetic set, generated like the demo's. The table gives mean ± sd over seeds and, per row, the paired
-t-test over seeds of the row against the base run (same seed, same data, same test images).
+t-test over seeds of the row against the base run (same seed, same data, same test images). Its figures are the
+demo's ``metrics.json → test`` figures of the run (:func:`mammogmic.training.demo.with_localization_figures`):
+malignant and benign AUROC of the AUROC-selected model; malignant Dice and the share of the test images without
+malignancy whose malignant map reaches 0.5 ("negatives marked") of the Dice-selected model.
 
 Outputs in ``OUT``: ``ablations.md`` (the table), ``ablations.csv`` (one row per table row: means, sds,
 differences, p-values), ``ablations_runs.csv`` (one row per seed and table row), ``ablations.json`` (both, and the
@@ -41,7 +44,13 @@ from mammogmic.errors import ConfigError, ManifestError
 from mammogmic.evaluation.metrics import format_p_value, paired_t_test
 from mammogmic.models.config import check_inference_settings
 from mammogmic.training.config import TrainConfig
-from mammogmic.training.demo import DemoSettings, _best_or_last, demo_synth_config, demo_train_config
+from mammogmic.training.demo import (
+    DemoSettings,
+    _best_or_last,
+    demo_synth_config,
+    demo_train_config,
+    with_localization_figures,
+)
 from mammogmic.training.loop import Callback, NonFiniteLossError, Trainer
 
 __all__ = ["AblationSettings", "reread_ablations", "run_ablations", "summarize_ablations"]
@@ -49,7 +58,11 @@ __all__ = ["AblationSettings", "reread_ablations", "run_ablations", "summarize_a
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "ablation_result.json"
-METRICS = ("malignant_auroc", "benign_auroc", "malignant_dice")
+METRICS = ("malignant_auroc", "benign_auroc", "malignant_dice", "malignant_negatives_marked")
+# Figures of the saliency map: the head rows read the base run's map, so these are the base's, not a test.
+MAP_METRICS = ("malignant_dice", "malignant_negatives_marked")
+# A kept result without this key predates the negatives column: it is evaluated again (no training).
+_CURRENT_RESULT_KEY = "malignant_negatives_marked_auroc_model"
 BASE_ROW = "fusion (GMIC)"
 
 
@@ -131,7 +144,8 @@ def _train_and_evaluate(cfg: TrainConfig, run: Path, callback: Callback | None) 
     kept, last = run / RESULT_FILE, run / "last.pt"
     if kept.exists() and (not last.exists() or kept.stat().st_mtime >= last.stat().st_mtime):
         result: dict[str, Any] = json.loads(kept.read_text())
-        return result
+        if "diverged" in result or _CURRENT_RESULT_KEY in result["test"]:
+            return result
     resume = last.exists()
     try:
         # A folder without last.pt was stopped before its first checkpoint: its logs are moved aside.
@@ -153,22 +167,23 @@ def _train_and_evaluate(cfg: TrainConfig, run: Path, callback: Callback | None) 
 def _evaluate_run(
     cfg: TrainConfig, run: Path, out: Path, inference: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """A trained run's test metrics and heads (AUROC-selected model), with ``malignant_dice`` from the
-    Dice-selected model as the demo reports it; predictions written under ``out``."""
+    """A trained run's test metrics and heads (AUROC-selected model), with the saliency maps' figures (Dice,
+    negatives marked, offsets) from the Dice-selected model as the demo reports them; predictions written under
+    ``out``. The AUROC-selected model's Dice and negatives marked are kept as ``*_auroc_model``."""
     from mammogmic.training.demo import evaluate_with_localization
 
     res = evaluate_with_localization(
         cfg, _best_or_last(run), out, n_figures=0, heads=True, inference=inference
     )
     test = dict(res["test"])
-    test["malignant_dice_auroc_model"] = test["malignant_dice"]
+    for key in ("malignant_dice", "malignant_negatives_marked"):
+        test[f"{key}_auroc_model"] = test[key]
     dice_model = run / "best_dice_model.safetensors"
     if dice_model.exists():  # localization from the Dice-selected model, as the demo reports it
         scratch = out / "dice_model"
         scratch.mkdir(parents=True, exist_ok=True)
-        test["malignant_dice"] = evaluate_with_localization(
-            cfg, dice_model, scratch, n_figures=0, inference=inference
-        )["test"]["malignant_dice"]
+        localization = evaluate_with_localization(cfg, dice_model, scratch, n_figures=0, inference=inference)
+        test = with_localization_figures(test, localization["test"])
     return {"test": test, "heads": res["heads"]}
 
 
@@ -255,6 +270,7 @@ def _seed_rows(
             "malignant_auroc": head["malignant_auroc"] if head else nan,
             "benign_auroc": head["benign_auroc"] if head else nan,
             "malignant_dice": result["test"]["malignant_dice"] if head else nan,
+            "malignant_negatives_marked": result["test"]["malignant_negatives_marked"] if head else nan,
             "seconds": result.get("seconds", nan),
         }
 
@@ -336,7 +352,7 @@ def summarize_ablations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             paired = [k for k in seeds if k in base]
             is_base = (group, variant) == ("base", BASE_ROW)
             # The head rows share the base run's saliency map: their Dice is the base's, not a test.
-            same_map = m == "malignant_dice" and group == "head"
+            same_map = m in MAP_METRICS and group == "head"
             if m != "benign_auroc" and not is_base and not same_map and paired:
                 test = paired_t_test([runs[k][m] for k in paired], [base[k][m] for k in paired])
                 s[f"{m}_diff"], s[f"{m}_p"] = test.mean_difference, test.p_value
@@ -374,14 +390,16 @@ def _diff(s: dict[str, Any], m: str) -> str:
 
 def _table(summary: list[dict[str, Any]]) -> str:
     lines = [
-        "| group | variant | seeds | malignant AUROC | vs base | benign AUROC | malignant Dice | vs base | minutes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| group | variant | seeds | malignant AUROC | vs base | benign AUROC | malignant Dice | vs base "
+        "| negatives marked | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
             f"| {s['group']} | {s['variant']} | {s['seeds']} | {_mean_sd(s, 'malignant_auroc')} | "
             f"{_diff(s, 'malignant_auroc')} | {_mean_sd(s, 'benign_auroc')} | {_mean_sd(s, 'malignant_dice')} | "
-            f"{_diff(s, 'malignant_dice')} | {_fmt1(s['minutes_mean'])} |"
+            f"{_diff(s, 'malignant_dice')} | {_mean_sd(s, 'malignant_negatives_marked')} | "
+            f"{_fmt1(s['minutes_mean'])} |"
         )
     return "\n".join(lines) + "\n"
 

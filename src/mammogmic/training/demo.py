@@ -227,13 +227,8 @@ def run_demo(
         scratch.mkdir(exist_ok=True)
         localization = evaluate_with_localization(config, dice_model, scratch, callback=callback, n_figures=0)
     timings["evaluate"] = time.perf_counter() - t2
-    test = dict(metrics["test"])
-    if localization is not None:
-        # As in the paper: classification figures from the AUROC-selected model, localization figures from the
-        # Dice-selected one; both models' full figures are kept below.
-        for key, value in localization["test"].items():
-            if "dice" in key or key.endswith("_marked") or key == "malignant_offsets":
-                test[key] = value
+    # Both models' full figures are kept below.
+    test = with_localization_figures(metrics["test"], None if localization is None else localization["test"])
     report = {
         "test": test,
         "test_auroc_selected_model": metrics["test"],
@@ -270,6 +265,26 @@ def run_demo(
     }
     (out / "metrics.json").write_text(json.dumps(_clean(report), indent=2) + "\n")
     return report
+
+
+def is_localization_figure(key: str) -> bool:
+    """Whether a test figure measures the saliency maps: its Dice, the negatives it marks, its peak offsets."""
+    return "dice" in key or key.endswith("_marked") or key == "malignant_offsets"
+
+
+def with_localization_figures(
+    test: Mapping[str, Any], localization: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The reported test figures, as in the paper: classification from the AUROC-selected model (``test``), the
+    saliency maps' figures from the Dice-selected one (``localization``; None when the run kept none).
+
+    The one rule the demo and ``ablate`` report by, so that a row of the ablation table and the demo's
+    ``metrics.json`` read the same model for the same figure.
+    """
+    merged = dict(test)
+    if localization is not None:
+        merged.update({k: v for k, v in localization.items() if is_localization_figure(k)})
+    return merged
 
 
 def _best_or_last(run: Path) -> Path:
