@@ -179,8 +179,9 @@ def add_parser(subparsers: Any) -> None:
         help="the paper's ablation table on synthetic data (heads, attention, patches, pooling, K)",
         description=(
             "Train the demo's reduced GMIC and its ablated variants once per seed (each seed its own synthetic "
-            "set) and write OUT/ablations.md (mean ± sd over seeds, paired t-test of each row against the base "
-            "run), ablations.csv, ablations_runs.csv (per seed) and ablations.json: fusion vs global vs local "
+            "set) and write OUT/ablations.md (AUROCs, and the Dice-selected model's malignant Dice and share of "
+            "negative test images its map marks, as the demo's metrics.json reports them: mean ± sd over seeds, "
+            "paired t-test of each row against the base run), ablations.csv, ablations_runs.csv (per seed) and ablations.json: fusion vs global vs local "
             "vs average heads, gated vs uniform attention, saliency vs random patches, top-t% vs GAP vs GMP, "
             "K=1..6. Rows run one after another, all seeds of a row first. Rerunning with the same --out "
             "resumes unfinished runs and reuses evaluated ones."
