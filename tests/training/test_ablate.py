@@ -186,7 +186,9 @@ def test_data_with_several_seeds_is_refused(tmp_path: Path) -> None:
         run_ablations(tmp_path / "out", AblationSettings(seeds=(1, 1)))
 
 
-def _runs(variant: str, group: str, malignant: list[float], dice: list[float]) -> list[dict[str, Any]]:
+def _runs(
+    variant: str, group: str, malignant: list[float], dice: list[float], marked: list[float] | None = None
+) -> list[dict[str, Any]]:
     return [
         {
             "group": group,
@@ -195,23 +197,25 @@ def _runs(variant: str, group: str, malignant: list[float], dice: list[float]) -
             "malignant_auroc": m,
             "benign_auroc": 0.8,
             "malignant_dice": d,
-            "malignant_negatives_marked": 0.1,
+            "malignant_negatives_marked": n,
             "seconds": 60.0,
         }
-        for seed, (m, d) in enumerate(zip(malignant, dice, strict=True))
+        for seed, (m, d, n) in enumerate(zip(malignant, dice, marked or [0.1] * len(dice), strict=True))
     ]
 
 
 def test_summary_pairs_each_row_with_the_base_run_of_its_seed() -> None:
     rows = [
         *_runs("fusion (GMIC)", "base", [0.90, 0.95, 0.97], [0.10, 0.50, 0.10]),
-        *_runs("GAP", "aggregation", [0.88, 0.94, 0.95], [0.00, 0.20, 0.05]),
+        *_runs("GAP", "aggregation", [0.88, 0.94, 0.95], [0.00, 0.20, 0.05], [0.3, 0.2, 0.4]),
         *_runs("uniform attention (diverged)", "attention", [math.nan] * 3, [math.nan] * 3),
-        *_runs("global only", "head", [0.91, 0.94, 0.96], [0.10, 0.50, 0.10]),
+        *_runs("global only", "head", [0.91, 0.94, 0.96], [0.10, 0.50, 0.10], [0.2, 0.0, 0.1]),
     ]
     base, gap, diverged, head = ablate.summarize_ablations(rows)
-    # A head row shares the base run's saliency map: its AUROC is tested, its Dice is not.
+    # A head row shares the base run's saliency map: its AUROC is tested, its Dice and negatives marked are not.
     assert head["malignant_auroc_p"] > 0 and math.isnan(head["malignant_dice_p"])
+    assert math.isnan(head["malignant_negatives_marked_p"])
+    assert gap["malignant_negatives_marked_diff"] == pytest.approx(0.2)  # paired with the base's 0.1
     assert base["seeds"] == "0 1 2" and math.isnan(base["malignant_auroc_p"])
     assert base["malignant_auroc_mean"] == pytest.approx(0.94)
     assert base["malignant_dice_sd"] == pytest.approx(np.std([0.10, 0.50, 0.10], ddof=1))
@@ -257,13 +261,17 @@ def test_ablation_picture_has_a_dot_per_finite_seed_and_the_table_order() -> Non
 
     rows = [
         *_runs("fusion (GMIC)", "base", [0.90, 0.95, 0.97], [0.10, 0.50, 0.10]),
-        *_runs("GAP", "aggregation", [0.88, math.nan, 0.95], [0.00, math.nan, 0.05]),
-        *_runs("GMP (diverged)", "aggregation", [math.nan] * 3, [math.nan] * 3),
+        *_runs("GAP", "aggregation", [0.88, math.nan, 0.95], [0.00, math.nan, 0.05], [0.3, math.nan, 0.2]),
+        *_runs("GMP (diverged)", "aggregation", [math.nan] * 3, [math.nan] * 3, [math.nan] * 3),
     ]
     fig = plot_ablations(rows)
-    auroc_ax, dice_ax = fig.axes
+    auroc_ax, dice_ax, marked_ax = fig.axes
     assert [t.get_text() for t in auroc_ax.get_yticklabels()] == ["fusion (GMIC)", "GAP", "GMP (diverged)"]
-    for ax, metric in ((auroc_ax, "malignant_auroc"), (dice_ax, "malignant_dice")):
+    for ax, metric in (
+        (auroc_ax, "malignant_auroc"),
+        (dice_ax, "malignant_dice"),
+        (marked_ax, "malignant_negatives_marked"),
+    ):
         dots = sorted(
             (round(float(x), 6), round(float(y), 6)) for c in ax.collections for x, y in c.get_offsets()
         )
@@ -300,4 +308,4 @@ def test_ablation_picture_legend_hides_no_dot() -> None:
     box = legends[0].get_window_extent(renderer)
     dots = [ax.transData.transform(c.get_offsets()) for ax in fig.axes for c in ax.collections]
     hidden = [(x, y) for d in dots for x, y in d if box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1]
-    assert sum(len(d) for d in dots) == 24 and not hidden
+    assert sum(len(d) for d in dots) == 36 and not hidden  # 4 rows, 3 seeds, 3 panels

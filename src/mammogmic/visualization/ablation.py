@@ -1,4 +1,4 @@
-"""The ablation table as a picture: one dot per seed and the mean, per row, for AUROC and Dice."""
+"""The ablation table as a picture: one dot per seed and the mean, per row, for AUROC, Dice and negatives marked."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ if TYPE_CHECKING:
 
 __all__ = ["plot_ablations"]
 
-PANELS = (("malignant_auroc", "malignant AUROC"), ("malignant_dice", "malignant Dice"))
+PANELS = (
+    ("malignant_auroc", "malignant AUROC"),
+    ("malignant_dice", "malignant Dice"),
+    ("malignant_negatives_marked", "negatives marked (malignant)"),
+)
 
 
 def plot_ablations(runs: Sequence[dict[str, Any]]) -> Figure:
@@ -21,6 +25,7 @@ def plot_ablations(runs: Sequence[dict[str, Any]]) -> Figure:
     base row's mean is a dashed line across the panel. Non-finite values (diverged runs) are left out.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     order: list[str] = []
     for r in runs:
@@ -28,7 +33,7 @@ def plot_ablations(runs: Sequence[dict[str, Any]]) -> Figure:
             order.append(r["variant"])
     seeds = sorted({int(r["seed"]) for r in runs})
     markers = "osD^v<>p*h"
-    fig = Figure(figsize=(9.0, 0.45 * len(order) + 1.4), dpi=120)
+    fig = Figure(figsize=(11.0, 0.45 * len(order) + 1.4), dpi=120)
     axes = fig.subplots(1, len(PANELS), sharey=True)
     for ax, (key, title) in zip(axes, PANELS, strict=True):
         for y, variant in enumerate(order):
@@ -49,6 +54,7 @@ def plot_ablations(runs: Sequence[dict[str, Any]]) -> Figure:
                 if y == 0:
                     ax.axvline(mean, color="grey", ls="--", lw=1)
         ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # AUROC ticks to 4 places ran into each other
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(order)), order)
     axes[0].invert_yaxis()
