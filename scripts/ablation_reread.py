@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mammogmic.models.config import INFERENCE_SETTINGS, SALIENCY_GRIDS, SYMMETRIES
-from mammogmic.training.ablate import reread_ablations
+from mammogmic.training.ablate import describe_row, reread_ablations
 from mammogmic.training.demo import demo_train_config
 
 
@@ -32,9 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     inference = dict(zip(INFERENCE_SETTINGS, (args.symmetry, args.grid), strict=True))
 
     def show(name: str, row: dict[str, Any]) -> None:
-        print(
-            f"{name}: malignant AUROC {row['malignant_auroc']:.3f}, malignant Dice {row['malignant_dice']:.3f}"
-        )
+        print(f"{name}: {describe_row(row)}")
 
     reread_ablations(args.study, args.out, inference, on_run=show)
     print(f"table: {args.out / 'ablations.md'} (read with {inference})")

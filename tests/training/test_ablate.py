@@ -38,6 +38,7 @@ def test_ablation_rows_divergence_and_resume(tmp_path: Path, monkeypatch: pytest
     assert names == ["fusion (GMIC)", "global only", "local only", "average", "uniform attention (diverged)"]
     diverged = rows[-1]
     assert math.isnan(diverged["malignant_auroc"]) and math.isnan(diverged["malignant_dice"])
+    assert ablate.describe_row(diverged).startswith("malignant AUROC n/a, benign AUROC n/a, malignant Dice n/a")
     # The head rows are one model's heads: the same Dice (one saliency map), different AUROCs possible.
     assert len({r["malignant_dice"] for r in rows[:4]} - {None}) <= 1
     table = pd.read_csv(tmp_path / "out" / "ablations.csv")
@@ -228,6 +229,9 @@ def test_summary_pairs_each_row_with_the_base_run_of_its_seed() -> None:
     assert gap["malignant_auroc_p"] < 0.05
     assert gap["minutes_mean"] == pytest.approx(1.0)
     assert math.isnan(diverged["malignant_auroc_mean"]) and math.isnan(diverged["malignant_dice_p"])
+    assert ablate.describe_row(rows[0]) == (
+        "malignant AUROC 0.900, benign AUROC 0.800, malignant Dice 0.100, negatives marked 0.100 (60 s)"
+    )
     table = ablate._table([base, gap, diverged])
     assert "| aggregation | GAP | 0 1 2 | 0.923 ± 0.038 | -0.017 (p 0.04) |" in table
     assert "| base | fusion (GMIC) | 0 1 2 | 0.940 ± 0.036 |  |" in table

@@ -491,7 +491,7 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
 def run_ablate(args: argparse.Namespace) -> int:
     from mammogmic._outdir import removed_if_unused
     from mammogmic.errors import MammogmicError
-    from mammogmic.training.ablate import AblationSettings, run_ablations
+    from mammogmic.training.ablate import AblationSettings, describe_row, run_ablations
 
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     valid = {"head", "attention", "patches", "aggregation", "k"}
@@ -508,12 +508,7 @@ def run_ablate(args: argparse.Namespace) -> int:
 
     def on_run(name: str, row: dict[str, Any]) -> None:
         progress.close()
-        print(
-            f"{name}: malignant AUROC {row['malignant_auroc']:.3f}, benign AUROC {row['benign_auroc']:.3f}, "
-            f"malignant Dice {row['malignant_dice']:.3f} ({row['seconds']:.0f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"{name}: {describe_row(row)}", file=sys.stderr, flush=True)
 
     try:
         settings = AblationSettings(seeds=seeds, groups=groups, ks=ks)

@@ -53,7 +53,7 @@ from mammogmic.training.demo import (
 )
 from mammogmic.training.loop import Callback, NonFiniteLossError, Trainer
 
-__all__ = ["AblationSettings", "reread_ablations", "run_ablations", "summarize_ablations"]
+__all__ = ["AblationSettings", "describe_row", "reread_ablations", "run_ablations", "summarize_ablations"]
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +284,15 @@ def _seed_rows(
     return [row("base" if h == "fusion" else "head", labels[h], heads[h]) for h in wanted]
 
 
+def describe_row(row: Mapping[str, Any]) -> str:
+    """One per-seed row as ``ablate`` and the re-read script print it after each run."""
+    return (
+        f"malignant AUROC {_fmt(row['malignant_auroc'])}, benign AUROC {_fmt(row['benign_auroc'])}, "
+        f"malignant Dice {_fmt(row['malignant_dice'])}, negatives marked {_fmt(row['malignant_negatives_marked'])} "
+        f"({_fmt0(row['seconds'])} s)"
+    )
+
+
 def run_ablations(
     out_dir: str | Path,
     settings: AblationSettings = AblationSettings(),
@@ -370,6 +379,10 @@ def _finite(v: Any) -> bool:
 
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if _finite(v) else "n/a"
+
+
+def _fmt0(v: Any) -> str:
+    return f"{v:.0f}" if _finite(v) else "n/a"
 
 
 def _fmt1(v: Any) -> str:
