@@ -38,7 +38,9 @@ def test_ablation_rows_divergence_and_resume(tmp_path: Path, monkeypatch: pytest
     assert names == ["fusion (GMIC)", "global only", "local only", "average", "uniform attention (diverged)"]
     diverged = rows[-1]
     assert math.isnan(diverged["malignant_auroc"]) and math.isnan(diverged["malignant_dice"])
-    assert ablate.describe_row(diverged).startswith("malignant AUROC n/a, benign AUROC n/a, malignant Dice n/a")
+    assert ablate.describe_row(diverged).startswith(
+        "malignant AUROC n/a, benign AUROC n/a, malignant Dice n/a"
+    )
     # The head rows are one model's heads: the same Dice (one saliency map), different AUROCs possible.
     assert len({r["malignant_dice"] for r in rows[:4]} - {None}) <= 1
     table = pd.read_csv(tmp_path / "out" / "ablations.csv")
