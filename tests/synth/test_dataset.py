@@ -75,6 +75,15 @@ def test_manifest_loads_with_project_loader(small_dataset: Path) -> None:
 
     m = load_manifest(small_dataset, check_files=True)
     assert len(m.rows) == 32
+    # the header is the manifest's own columns in the manifest's order (one list), plus the density extra
+    from mammogmic.data.manifest import COLUMNS
+
+    with small_dataset.open(newline="") as f:
+        header = next(csv.reader(f))
+    known = [c for c in header if c != "density"]
+    assert known == [c for c in COLUMNS if c in known] and set(known) <= set(COLUMNS)
+    assert {"image_id", "image_path", "malignant_mask_path", "split", "dataset"} <= set(known)
+    assert all(r.extra.get("density") for r in m.rows)
     assert {r.view for r in m.rows} == {"CC", "MLO"} and {r.laterality for r in m.rows} == {"L", "R"}
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mammogmic.data.manifest import COLUMNS, PREPROCESSING_COLUMNS
 from mammogmic.data.synth.anatomy import FULL_PIXEL_MM, FULL_SIZE
 from mammogmic.data.synth.config import SynthConfig
 from mammogmic.data.synth.exam import CLASSES, check_size, exam_plan, generate_exam
@@ -20,26 +21,9 @@ from mammogmic.errors import ConfigError, MammogmicError
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "image_id",
-    "image_path",
-    "patient_id",
-    "exam_id",
-    "laterality",
-    "view",
-    "breast_id",
-    "benign_label",
-    "malignant_label",
-    "breast_benign_label",
-    "breast_malignant_label",
-    "benign_mask_path",
-    "malignant_mask_path",
-    "boxes",
-    "split",
-    "horizontal_flip",
-    "dataset",
-    "density",
-)
+#: The manifest's columns (one list, in :mod:`mammogmic.data.manifest`), less those ``preprocess`` writes,
+#: plus the synthetic breast density.
+MANIFEST_COLUMNS: tuple[str, ...] = (*(c for c in COLUMNS if c not in PREPROCESSING_COLUMNS), "density")
 FINDING_COLUMNS: tuple[str, ...] = (
     "image_id",
     "exam_id",
