@@ -48,6 +48,7 @@ class _Evil:
         return (print, ("pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hand-written pickle is the point
 def test_unsafe_or_foreign_files_are_refused(tmp_path: Path) -> None:
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as fh:

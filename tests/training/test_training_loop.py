@@ -33,7 +33,7 @@ def test_loss_goes_down_on_a_fixed_batch() -> None:
         loss = loss_fn(model(x), y).total
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
 
 
