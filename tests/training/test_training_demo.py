@@ -163,6 +163,10 @@ def test_saliency_scripts_read_a_demo_run(
     assert (
         native["offsets"]["malignant"] != offsets["offsets"]["malignant"]
     )  # the same weights read another way
+    assert saliency_offsets.main([str(out / "run"), "--split", "test", "--subdivide", "2"]) == 0
+    finer = json.loads(capsys.readouterr().out)
+    assert finer["subdivide"] == 2 and finer["offsets"]["malignant"]["stride_px"] == 32.0
+    assert set(finer["dice"]) == {"aligned", "nearest"} and finer["images"] == offsets["images"]
     # The training split of 12 exams holds normal images (the test split's 2 exams may not).
     for symmetry in ("flips_at_inference", "none"):
         assert saliency_offsets.main([str(out / "run"), "--split", "train", "--symmetry", symmetry]) == 0
@@ -195,3 +199,37 @@ def test_saliency_scripts_read_a_demo_run(
             rows, cols = erf["offset_rows_cols_px"][name][stat]
             # a gradient centroid lies inside the 256x160 input, so within its size of the cell's centre
             assert math.isfinite(rows) and math.isfinite(cols) and abs(rows) < 256 and abs(cols) < 160
+
+
+def test_saliency_offsets_subdivision_is_the_finer_grid_by_other_means(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``scripts/saliency_offsets.py --subdivide 2`` on the network's own grid (the maps of the input shifted by
+    half a cell stitched in between) gives the model's ``saliency_grid: fine_at_inference`` maps (its last stage
+    dilated), away from the borders the shifted input moves: two computations of one grid."""
+    import torch
+
+    from mammogmic.models import GMIC, GMICConfig
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
+    import saliency_offsets
+
+    torch.manual_seed(0)
+    config = GMICConfig(global_arch="resnet10", global_width=4, local_width=4, crop_size=(64, 64))
+    native = GMIC(config).eval()
+    fine = GMIC(config.replace(saliency_grid="fine_at_inference")).eval()
+    fine.load_state_dict(native.state_dict())
+    x = torch.randn(2, 1, 512, 384)
+    with torch.no_grad():
+        own = native.forward_global(x)[1]
+        stitched = saliency_offsets.subdivided(native, x, own, 2)
+        dilated = fine.forward_global(x)[1]
+    assert own.shape[-2:] == (16, 12) and stitched.shape == dilated.shape == (2, 2, 32, 24)
+    assert torch.equal(stitched[..., ::2, ::2], own)
+    # 8 fine cells (128 pixels) from every border: the random-weight receptive field reaches about 7
+    inner = (slice(None), slice(None), slice(8, 24), slice(8, 16))
+    assert torch.allclose(stitched[inner], dilated[inner], atol=1e-5)
+    assert not torch.allclose(stitched[..., 1::2, 1::2], own, atol=1e-3)  # the cells in between are new
+    assert torch.equal(saliency_offsets.subdivided(native, x, own, 1), own)
+    with pytest.raises(SystemExit, match="does not divide"):
+        saliency_offsets.subdivided(native, x, own, 3)
