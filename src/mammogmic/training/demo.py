@@ -116,7 +116,11 @@ def demo_train_config(manifest: str | Path, settings: DemoSettings = DemoSetting
                 "global_width": 8,
                 "local_arch": "resnet18",
                 "local_width": 16,
-                "percent_t": 0.03,
+                # Top-t pools 2 of the 16x10 cells, about one lesion's area at 512x320, instead of 5 (t = 0.03):
+                # a map asked to hold 5 cells high spreads over a plateau around the lesion, whose maximum then
+                # falls on a neighbour of the lesion's cell as often as on it (docs/localization.md, "t to the
+                # lesion's size").
+                "percent_t": 0.0125,
                 "num_patches": 4,
                 "patch_alignment": "centered",
                 # The fusion head pools each global feature over its top-t cells instead of its single
