@@ -68,7 +68,7 @@ BASE_ROW = "fusion (GMIC)"
 
 @dataclass(frozen=True)
 class AblationSettings:
-    """Size of the ablation study (defaults: the demo's budget, three seeds; 7-12 minutes a run on 2 bf16 cores, by CPU kind).
+    """Size of the ablation study (defaults: the demo's budget, three seeds; 6-12 minutes a run on 2 bf16 cores, by CPU kind).
 
     Attributes:
         n_exams: synthetic exams per seed.
